@@ -1,0 +1,26 @@
+"""Dataset readers, by name. Each parses the dataset's own on-disk format into `pipeline.scan.Scan`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.datasets.base import LidarDataset
+from pipeline.datasets.nuscenes import NuScenes
+from pipeline.datasets.semantickitti import SemanticKITTI
+
+READERS: dict[str, type[LidarDataset]] = {
+    "nuscenes": NuScenes,
+    "semantickitti": SemanticKITTI,
+}
+
+
+def open_dataset(name: str, root: str | Path, split: str) -> LidarDataset:
+    """The reader registered under `name` over `root`, for one split."""
+    try:
+        reader = READERS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(READERS)}") from None
+    return reader(root, split)
+
+
+__all__ = ["READERS", "LidarDataset", "open_dataset"]

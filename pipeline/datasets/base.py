@@ -1,0 +1,119 @@
+"""What every reader shares: the reader interface and the checked binary-file helpers."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.errors import DatasetError
+from pipeline.geometry import Projection, project
+from pipeline.scan import DatasetMeta, Scan
+
+
+class LidarDataset(abc.ABC):
+    """A lazy, ordered list of scans of one split.
+
+    Construction reads only the dataset's index (tables, file listings, calibration); points,
+    labels and images are read by `__getitem__`. Instances hold plain Python/numpy data and no
+    open files, so they pickle and are safe to use from DataLoader workers.
+    """
+
+    meta: DatasetMeta
+
+    def __init__(self, root: str | Path, split: str):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(self.root, f"{self.meta.name} root is not a directory")
+        if split not in self.meta.splits:
+            raise DatasetError(self.root, f"unknown split {split!r} for {self.meta.name}; one of {self.meta.splits}")
+        self.split = split
+
+    @property
+    @abc.abstractmethod
+    def scan_ids(self) -> list[str]:
+        """The dataset's own ids of the scans of this split, in a fixed order."""
+
+    @abc.abstractmethod
+    def load(self, index: int) -> Scan:
+        """Read scan number `index` (points, labels if any, cameras)."""
+
+    def __len__(self) -> int:
+        return len(self.scan_ids)
+
+    def __getitem__(self, index: int) -> Scan:
+        if not 0 <= index < len(self):
+            raise IndexError(f"scan index {index} out of range for {len(self)} scans")
+        return self.load(index)
+
+    def index_of(self, scan_id: str) -> int:
+        try:
+            return self.scan_ids.index(scan_id)
+        except ValueError:
+            raise KeyError(f"no scan {scan_id!r} in {self.meta.name} {self.split} at {self.root}") from None
+
+    def project(self, scan: Scan, camera_name: str) -> Projection:
+        """Visible points of `scan` in one camera, with this dataset's visibility rule."""
+        return project(scan.points, scan.camera(camera_name), self.meta.visibility)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, scans={len(self)})"
+
+
+def read_point_records(path: Path, fields: int, keep: int = 4) -> np.ndarray:
+    """float32 records of `fields` values; the first `keep` columns, checked finite."""
+    raw = _read_bytes(path)
+    record = 4 * fields
+    if len(raw) % record:
+        raise DatasetError(path, f"size {len(raw)} bytes is not a multiple of the {record}-byte record (float32 x {fields})")
+    points = np.frombuffer(raw, dtype=np.float32).reshape(-1, fields)[:, :keep].copy()
+    if not np.isfinite(points).all():
+        bad = int((~np.isfinite(points)).any(axis=1).sum())
+        raise DatasetError(path, f"{bad} of {len(points)} points have NaN or infinite values")
+    return points
+
+
+def read_labels(path: Path, dtype: np.dtype, count: int, mask: int | None = None) -> np.ndarray:
+    """Per-point labels; their number must equal the number of points."""
+    raw = _read_bytes(path)
+    size = np.dtype(dtype).itemsize
+    if len(raw) % size:
+        raise DatasetError(path, f"size {len(raw)} bytes is not a multiple of {size} ({np.dtype(dtype).name} labels)")
+    labels = np.frombuffer(raw, dtype=dtype).astype(np.int64)
+    if len(labels) != count:
+        raise DatasetError(path, f"{len(labels)} labels for {count} points")
+    return labels & mask if mask is not None else labels
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) read from the image header only."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except FileNotFoundError:
+        raise DatasetError(path, "image file is missing") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetError(path, f"unreadable image ({err})") from None
+    return h, w
+
+
+def load_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; a missing, truncated or corrupt file is a DatasetError."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetError(path, "image file is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(path, f"corrupt or unreadable image ({err})") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(path, "file is missing") from None
+    except OSError as err:
+        raise DatasetError(path, f"unreadable ({err.strerror})") from None

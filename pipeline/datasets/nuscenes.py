@@ -1,0 +1,252 @@
+"""nuScenes (lidarseg) read natively from its JSON tables and binary files; no devkit needed.
+
+Layout under ROOT:
+    v1.0-trainval/ (or v1.0-mini/, v1.0-test/)  scene, sample, sample_data, calibrated_sensor,
+                                                ego_pose, sensor, category, lidarseg .json
+    samples/LIDAR_TOP/*.pcd.bin                 float32 x 5: x, y, z, intensity, ring index
+    samples/CAM_*/*.jpg                         the 6 camera keyframes
+    lidarseg/<version>/<token>_lidarseg.bin     uint8 per point: the category's `index`
+Scan id: the LIDAR_TOP keyframe's sample_data token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.datasets.base import LidarDataset, read_labels, read_point_records
+from pipeline.errors import DatasetError
+from pipeline.geometry import check_intrinsics, check_rigid, invert_rigid, pose_matrix
+from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRule
+
+CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
+LIDAR = "LIDAR_TOP"
+
+CLASSES = (
+    "barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian",
+    "traffic_cone", "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain",
+    "manmade", "vegetation",
+)  # fmt: skip
+
+# The 32 lidarseg categories by their `index` in category.json, and the benchmark class of each
+# (None = ignored), as in the nuScenes lidarseg challenge.
+RAW_CATEGORIES: tuple[tuple[str, str | None], ...] = (
+    ("noise", None), ("animal", None), ("human.pedestrian.adult", "pedestrian"),
+    ("human.pedestrian.child", "pedestrian"), ("human.pedestrian.construction_worker", "pedestrian"),
+    ("human.pedestrian.personal_mobility", None), ("human.pedestrian.police_officer", "pedestrian"),
+    ("human.pedestrian.stroller", None), ("human.pedestrian.wheelchair", None),
+    ("movable_object.barrier", "barrier"), ("movable_object.debris", None),
+    ("movable_object.pushable_pullable", None), ("movable_object.trafficcone", "traffic_cone"),
+    ("static_object.bicycle_rack", None), ("vehicle.bicycle", "bicycle"), ("vehicle.bus.bendy", "bus"),
+    ("vehicle.bus.rigid", "bus"), ("vehicle.car", "car"), ("vehicle.construction", "construction_vehicle"),
+    ("vehicle.emergency.ambulance", None), ("vehicle.emergency.police", None),
+    ("vehicle.motorcycle", "motorcycle"), ("vehicle.trailer", "trailer"), ("vehicle.truck", "truck"),
+    ("flat.driveable_surface", "driveable_surface"), ("flat.other", "other_flat"),
+    ("flat.sidewalk", "sidewalk"), ("flat.terrain", "terrain"), ("static.manmade", "manmade"),
+    ("static.other", None), ("static.vegetation", "vegetation"), ("vehicle.ego", None),
+)  # fmt: skip
+
+# Official scene split (nuScenes devkit): the 150 validation scenes of v1.0-trainval, as number
+# ranges; the 700 others of v1.0-trainval are the training scenes.
+VAL_SCENE_RANGES = (
+    "3 12-18 35-36 38-39 92-110 221 268-278 329-332 344-346 519-524 552-565 625-627 629-630 632-638 "
+    "770-771 775 777-778 780-784 794-800 802 904-917 919-931 962-963 966-969 971-972 1059-1073"
+)
+MINI_TRAIN = ("scene-0061", "scene-0553", "scene-0655", "scene-0757", "scene-0796", "scene-1077", "scene-1094", "scene-1100")
+MINI_VAL = ("scene-0103", "scene-0916")
+
+SPLIT_VERSION = {
+    "train": "v1.0-trainval", "val": "v1.0-trainval",
+    "paper_mini_train": "v1.0-trainval", "paper_mini_val": "v1.0-trainval",
+    "mini_train": "v1.0-mini", "mini_val": "v1.0-mini", "test": "v1.0-test",
+}  # fmt: skip
+
+META = DatasetMeta(
+    name="nuscenes",
+    class_names=CLASSES,
+    raw_names={i: name for i, (name, _) in enumerate(RAW_CATEGORIES)},
+    learning_map={i: (CLASSES.index(c) if c else IGNORE_INDEX) for i, (_, c) in enumerate(RAW_CATEGORIES)},
+    splits=tuple(SPLIT_VERSION),
+    camera_names=CAMERAS,
+    # nuScenes devkit `map_pointcloud_to_image`: depth > 1 m and a 1-pixel border.
+    visibility=VisibilityRule(name="nuscenes-devkit: depth > 1.0 m, 1 < u < W-1, 1 < v < H-1", min_depth=1.0, margin=1.0),
+    intensity_max=255.0,
+)
+
+
+def val_scene_names() -> set[str]:
+    names = set()
+    for part in VAL_SCENE_RANGES.split():
+        lo, _, hi = part.partition("-")
+        names.update(f"scene-{n:04d}" for n in range(int(lo), int(hi or lo) + 1))
+    return names
+
+
+def paper_mini_split(train_scenes: list[str]) -> tuple[list[str], list[str]]:
+    """The 600/100 mini-train/mini-val split of the 700 training scenes used in the paper.
+
+    Defined here deterministically: training scenes ordered by the SHA-256 of their name; the
+    first 600 are mini-train, the last 100 mini-val. Independent of file order and machine.
+    """
+    ordered = sorted(train_scenes, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+    return sorted(ordered[:600]), sorted(ordered[600:700])
+
+
+def split_scenes(split: str, version_scenes: list[str]) -> set[str]:
+    if split in ("mini_train", "mini_val"):
+        return set(MINI_TRAIN if split == "mini_train" else MINI_VAL)
+    if split == "test":
+        return set(version_scenes)
+    val = val_scene_names()
+    if split == "val":
+        return val
+    train = sorted(s for s in version_scenes if s not in val)
+    if split == "train":
+        return set(train)
+    mini_train, mini_val = paper_mini_split(train)
+    return set(mini_train if split == "paper_mini_train" else mini_val)
+
+
+@dataclass(frozen=True)
+class _CameraRecord:
+    name: str
+    filename: str
+    size: tuple[int, int]
+    intrinsics: np.ndarray
+    global_to_camera: np.ndarray  # camera-timestamp ego pose and camera extrinsics, inverted
+
+
+@dataclass(frozen=True)
+class _ScanRecord:
+    token: str
+    filename: str
+    lidarseg: str | None
+    lidar_to_global: np.ndarray
+    cameras: tuple[_CameraRecord, ...]
+
+
+class NuScenes(LidarDataset):
+    """nuScenes keyframes of one split; labels from lidarseg when its table is present."""
+
+    meta = META
+
+    def __init__(self, root: str | Path, split: str = "train"):
+        super().__init__(root, split)
+        self.version = SPLIT_VERSION[split]
+        tables_dir = self.root / self.version
+        if not tables_dir.is_dir():
+            raise DatasetError(tables_dir, f"nuScenes table folder for split {split!r} is missing")
+        self._records = self._index(tables_dir)
+        if not self._records:
+            raise DatasetError(tables_dir / "scene.json", f"no keyframes of split {split!r}")
+        self._ids = [r.token for r in self._records]
+
+    @property
+    def scan_ids(self) -> list[str]:
+        return self._ids
+
+    def _index(self, tables_dir: Path) -> list[_ScanRecord]:
+        def table(name: str, required: bool = True) -> list[dict] | None:
+            path = tables_dir / f"{name}.json"
+            if not path.is_file():
+                if required:
+                    raise DatasetError(path, "nuScenes table is missing")
+                return None
+            try:
+                return json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DatasetError(path, f"not valid JSON ({err})") from None
+
+        def lookup(records: dict, token: str, name: str, referrer: str):
+            if token not in records:
+                raise DatasetError(tables_dir / f"{name}.json", f"token {token} (used by {referrer}) is missing")
+            return records[token]
+
+        scenes = table("scene")
+        samples = table("sample")
+        sample_data = table("sample_data")
+        calibrated = {r["token"]: r for r in table("calibrated_sensor")}
+        poses = {r["token"]: r for r in table("ego_pose")}
+        channels = {r["token"]: r["channel"] for r in table("sensor")}
+        self._check_categories(table("category", required=False), tables_dir / "category.json")
+        lidarseg_rows = table("lidarseg", required=False)
+        lidarseg = {r["sample_data_token"]: r["filename"] for r in lidarseg_rows or []}
+
+        wanted = split_scenes(self.split, [s["name"] for s in scenes])
+        scene_tokens = {s["token"] for s in scenes if s["name"] in wanted}
+        scene_name = {s["token"]: s["name"] for s in scenes}
+
+        keyframes: dict[str, dict[str, dict]] = {}
+        for sd in sample_data:
+            if not sd.get("is_key_frame"):
+                continue
+            cs = lookup(calibrated, sd["calibrated_sensor_token"], "calibrated_sensor", f"sample_data {sd['token']}")
+            channel = lookup(channels, cs["sensor_token"], "sensor", f"calibrated_sensor {cs['token']}")
+            if channel == LIDAR or channel in CAMERAS:
+                keyframes.setdefault(sd["sample_token"], {})[channel] = sd
+
+        def transform(record: dict, table_name: str) -> np.ndarray:
+            try:
+                with np.errstate(all="ignore"):  # a zero quaternion becomes NaN, reported below
+                    t = pose_matrix(record["rotation"], record["translation"])
+            except (KeyError, TypeError, ValueError):
+                t = np.full((4, 4), np.nan)
+            return check_rigid(t, tables_dir / f"{table_name}.json", f"{table_name} {record['token']}")
+
+        chosen = sorted(
+            (s for s in samples if s["scene_token"] in scene_tokens),
+            key=lambda s: (scene_name[s["scene_token"]], s["timestamp"]),
+        )
+        records = []
+        for sample in chosen:
+            frames = keyframes.get(sample["token"], {})
+            missing = [c for c in (LIDAR, *CAMERAS) if c not in frames]
+            if missing:
+                raise DatasetError(tables_dir / "sample_data.json", f"sample {sample['token']} has no keyframe for {missing}")
+            lidar = frames[LIDAR]
+            lidar_cs = calibrated[lidar["calibrated_sensor_token"]]
+            lidar_pose = lookup(poses, lidar["ego_pose_token"], "ego_pose", f"sample_data {lidar['token']}")
+            lidar_to_global = transform(lidar_pose, "ego_pose") @ transform(lidar_cs, "calibrated_sensor")
+            cameras = []
+            for name in CAMERAS:
+                sd = frames[name]
+                cs = calibrated[sd["calibrated_sensor_token"]]
+                pose = lookup(poses, sd["ego_pose_token"], "ego_pose", f"sample_data {sd['token']}")
+                k = check_intrinsics(cs.get("camera_intrinsic") or np.full((3, 3), np.nan), tables_dir / "calibrated_sensor.json", f"camera_intrinsic of {cs['token']}")
+                global_to_camera = invert_rigid(transform(pose, "ego_pose") @ transform(cs, "calibrated_sensor"))
+                cameras.append(_CameraRecord(name, sd["filename"], (int(sd["height"]), int(sd["width"])), k, global_to_camera))
+            records.append(_ScanRecord(lidar["token"], lidar["filename"], lidarseg.get(lidar["token"]), lidar_to_global, tuple(cameras)))
+        return records
+
+    def _check_categories(self, categories: list[dict] | None, path: Path) -> None:
+        for cat in categories or []:
+            if "index" not in cat:
+                continue  # pre-lidarseg table: labels cannot be read anyway
+            if self.meta.raw_names.get(cat["index"]) != cat["name"]:
+                raise DatasetError(path, f"category index {cat['index']} is {cat['name']!r}, expected {self.meta.raw_names.get(cat['index'])!r}")
+
+    def load(self, index: int) -> Scan:
+        rec = self._records[index]
+        path = self.root / rec.filename
+        raw = read_point_records(path, fields=5, keep=5)
+        points = raw[:, :4]
+        raw_labels = labels = None
+        if rec.lidarseg is not None:
+            label_path = self.root / rec.lidarseg
+            raw_labels = read_labels(label_path, np.uint8, count=len(points))
+            labels = self.meta.map_labels(raw_labels, label_path)
+        cameras = tuple(
+            Camera(
+                name=c.name,
+                image_path=self.root / c.filename,
+                image_size=c.size,
+                intrinsics=c.intrinsics,
+                lidar_to_camera=c.global_to_camera @ rec.lidar_to_global,
+            )
+            for c in rec.cameras
+        )
+        return Scan(rec.token, points, cameras, raw_labels, labels, extras={"ring": raw[:, 4].astype(np.int16)})

@@ -1,0 +1,1 @@
+"""scalr storage: what persists (feature stores, manifests, checkpoints, run records)."""
