@@ -32,7 +32,7 @@ synth: install
 	$(SCALR) synth --format semantickitti --out $(DATA)/synth-kitti --seed $(SEED)
 
 check-dataset: synth
-	$(SCALR) check-dataset --dataset nuscenes --root $(DATA)/synth-nuscenes --split train --plot-dir $(OUT)/check
+	$(SCALR) check-dataset --dataset nuscenes --root $(DATA)/synth-nuscenes --split mini_train --plot-dir $(OUT)/check
 	$(SCALR) check-dataset --dataset semantickitti --root $(DATA)/synth-kitti --split train --plot-dir $(OUT)/check
 
 demo: check-dataset

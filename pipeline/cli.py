@@ -80,13 +80,14 @@ def synth(fmt, out, seed, scenes, frames, beams, azimuth_steps, image_scale, spe
 @click.option("--max-scans", type=int, default=None, help="Check only the first N scans.")
 @click.option("--plot-dir", type=click.Path(path_type=Path), default=None, help="Draw points projected on the images of the first scan(s) here.")
 @click.option("--plot-scans", default=1, help="How many scans to draw with --plot-dir.")
+@click.option("--decode-images", is_flag=True, help="Decode every image fully (finds truncated files; slow) instead of reading headers.")
 @reports_bad_input
-def check_dataset(dataset, root, split, max_scans, plot_dir, plot_scans):
+def check_dataset(dataset, root, split, max_scans, plot_dir, plot_scans, decode_images):
     """Validate a dataset root: read every scan, its labels and calibration, and print counts
     (scans, points, visible points per camera, label histogram). Exits 1 if any file is bad."""
     from stages.check_dataset import CheckConfig, check_dataset
 
-    report = check_dataset(CheckConfig(dataset, root, split, max_scans, plot_dir, plot_scans))
+    report = check_dataset(CheckConfig(dataset, root, split, max_scans, plot_dir, plot_scans, decode_images))
     click.echo("\n".join(report.lines()))
     if report.errors:
         sys.exit(1)

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.datasets import open_dataset
-from pipeline.datasets.base import image_size
+from pipeline.datasets.base import image_size, load_image
 from pipeline.errors import DatasetError
 from pipeline.scan import IGNORE_INDEX
 from stages.plots import projection_figure
@@ -32,6 +32,7 @@ class CheckConfig:
     max_scans: int | None = None  # check only the first N scans (all by default)
     plot_dir: Path | None = None  # where to draw projection overlays
     plot_scans: int = 1  # how many scans to draw (the first ones)
+    decode_images: bool = False  # decode every image fully (slow) instead of reading headers
 
 
 @dataclass
@@ -76,7 +77,7 @@ def check_dataset(cfg: CheckConfig) -> CheckReport:
             scan = ds[index]
             views = []
             for camera in scan.cameras:
-                on_disk = image_size(camera.image_path)
+                on_disk = load_image(camera.image_path).shape[:2] if cfg.decode_images else image_size(camera.image_path)
                 if on_disk != camera.image_size:
                     raise DatasetError(camera.image_path, f"image is {on_disk[1]}x{on_disk[0]} but the calibration says {camera.image_size[1]}x{camera.image_size[0]}")
                 views.append((camera, ds.project(scan, camera.name)))

@@ -16,9 +16,10 @@ from pipeline.scan import IGNORE_INDEX, Camera, Scan  # noqa: E402
 
 
 def class_colours(num_classes: int) -> np.ndarray:
-    """A fixed colour per class index (tab20), grey for ignored points."""
+    """A fixed colour per class index: tab20's saturated colours first, then its light ones."""
     cmap = plt.get_cmap("tab20")
-    return np.array([cmap(i % 20)[:3] for i in range(num_classes)])
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return np.array([cmap(order[i % 20])[:3] for i in range(num_classes)])
 
 
 def projection_figure(
@@ -34,20 +35,21 @@ def projection_figure(
     cols = min(3, len(views))
     rows = -(-len(views) // cols)
     first = views[0][0].image_size
-    width = 6.0 * cols
-    fig, axes = plt.subplots(rows, cols, figsize=(width, rows * 6.0 * first[0] / first[1] + 1.0), squeeze=False)
+    panel_w = 6.0 if cols > 1 else 10.0
+    size = (panel_w * cols, rows * panel_w * first[0] / first[1] + 1.2)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
     mappable = None
     present: set[int] = set()
     palette = class_colours(len(class_names))
     for ax, (camera, proj) in zip(axes.ravel(), views):
         ax.imshow(load_image(camera.image_path))
         if colour_by == "depth":
-            mappable = ax.scatter(proj.uv[:, 0], proj.uv[:, 1], c=proj.depth, cmap="turbo", s=1.5, vmin=0, vmax=50, linewidths=0)
+            mappable = ax.scatter(proj.uv[:, 0], proj.uv[:, 1], c=proj.depth, cmap="turbo", s=3, vmin=0, vmax=50, linewidths=0)
         else:
             labels = scan.labels[proj.point_index]
             keep = labels != IGNORE_INDEX
             present.update(np.unique(labels[keep]).tolist())
-            ax.scatter(proj.uv[keep, 0], proj.uv[keep, 1], c=palette[labels[keep]], s=1.5, linewidths=0)
+            ax.scatter(proj.uv[keep, 0], proj.uv[keep, 1], c=palette[labels[keep]], s=3, linewidths=0)
         ax.set_title(f"{camera.name}: {len(proj)} points", fontsize=10)
         ax.set_axis_off()
     for ax in axes.ravel()[len(views):]:
@@ -57,7 +59,7 @@ def projection_figure(
         fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="depth [m]")
     elif present:
         handles = [plt.Line2D([], [], marker="o", ls="", color=palette[c], label=class_names[c]) for c in sorted(present)]
-        fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=8, frameon=False)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(8, len(handles)), fontsize=9, frameon=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
