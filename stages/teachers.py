@@ -1,0 +1,173 @@
+"""Frozen ViT teachers over timm: a registry declared as data, one way to get dense features.
+
+Every teacher maps a batch of uint8 images (B, 3, H, W) to a token grid (B, D, H/p, W/p): the
+output of the LAST block BEFORE the final LayerNorm, prefix tokens (class, registers) removed.
+MaskCLIP instead returns CLIP's dense value-path features after ln_post and the visual
+projection (see `MaskCLIP`). Weights load from a local file only; random initialisation is
+explicit and recorded as such.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str  # scalr's name, e.g. "dinov2-vitl14"
+    timm_name: str  # timm architecture + pretrained tag
+    dim: int  # feature width
+    patch: int  # patch size in pixels
+    weights_file: str  # documented file name inside a --weights-dir
+    weights_source: str  # where such weights come from (for error messages and the README)
+    dense: str = "last-block-pre-norm"  # or "maskclip-value"
+    random_init_only: bool = False
+
+
+_DINOV2 = "DINOv2 checkpoints from the facebookresearch/dinov2 release (original .pth or timm's state dict)"
+TEACHERS: dict[str, TeacherSpec] = {
+    spec.name: spec
+    for spec in (
+        TeacherSpec("dino-vits8", "vit_small_patch8_224.dino", 384, 8, "dino_deitsmall8_pretrain.pth", "DINO ViT-S/8 from the facebookresearch/dino release"),
+        TeacherSpec("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m", 384, 14, "dinov2_vits14_pretrain.pth", _DINOV2),
+        TeacherSpec("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m", 768, 14, "dinov2_vitb14_pretrain.pth", _DINOV2),
+        TeacherSpec("dinov2-vitl14", "vit_large_patch14_dinov2.lvd142m", 1024, 14, "dinov2_vitl14_pretrain.pth", _DINOV2),
+        TeacherSpec("dinov2-vitg14", "vit_giant_patch14_dinov2.lvd142m", 1536, 14, "dinov2_vitg14_pretrain.pth", _DINOV2),
+        TeacherSpec("dinov2-vits14-reg4", "vit_small_patch14_reg4_dinov2.lvd142m", 384, 14, "dinov2_vits14_reg4_pretrain.pth", _DINOV2),
+        TeacherSpec("dinov2-vitb14-reg4", "vit_base_patch14_reg4_dinov2.lvd142m", 768, 14, "dinov2_vitb14_reg4_pretrain.pth", _DINOV2),
+        TeacherSpec("dinov2-vitl14-reg4", "vit_large_patch14_reg4_dinov2.lvd142m", 1024, 14, "dinov2_vitl14_reg4_pretrain.pth", _DINOV2),
+        TeacherSpec("dinov2-vitg14-reg4", "vit_giant_patch14_reg4_dinov2.lvd142m", 1536, 14, "dinov2_vitg14_reg4_pretrain.pth", _DINOV2),
+        TeacherSpec("mae-vitb16", "vit_base_patch16_224.mae", 768, 16, "mae_pretrain_vit_base.pth", "MAE ViT-B/16 from the facebookresearch/mae release"),
+        TeacherSpec(
+            "maskclip-vitb16", "vit_base_patch16_clip_quickgelu_224.openai", 512, 16, "clip_vit_b16_openai.bin",
+            "OpenAI CLIP ViT-B/16 as an open_clip or timm state dict (open_clip_pytorch_model.bin)", dense="maskclip-value",
+        ),  # fmt: skip
+        TeacherSpec("test-vit", "test_vit", 64, 16, "", "none: a tiny architecture for tests and demos", random_init_only=True),
+    )
+}
+
+
+def get_spec(name: str) -> TeacherSpec:
+    try:
+        return TEACHERS[name]
+    except KeyError:
+        raise ValueError(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}") from None
+
+
+class WeightsError(Exception):
+    """A missing or unusable weights file; the message names it and where such weights come from."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_weights(spec: TeacherSpec, weights: Path | None, weights_dir: Path | None, random_init: bool) -> Path | None:
+    """The weights file to load, or None for an explicit random initialisation."""
+    if random_init:
+        if weights or weights_dir:
+            raise WeightsError("--random-init and --weights/--weights-dir exclude each other")
+        return None
+    if spec.random_init_only:
+        raise WeightsError(f"teacher {spec.name} has no pretrained weights: pass --random-init")
+    if weights is None and weights_dir is None:
+        raise WeightsError(f"teacher {spec.name} needs --weights FILE or --weights-dir DIR (holding {spec.weights_file}); such weights: {spec.weights_source}. For tests and demos only: --random-init")
+    path = Path(weights) if weights else Path(weights_dir) / spec.weights_file
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file for teacher {spec.name} is missing; such weights: {spec.weights_source}")
+    return path
+
+
+class Teacher(nn.Module):
+    """A frozen teacher: uint8 images in, (B, D, H/p, W/p) float32 token grid out."""
+
+    def __init__(self, spec: TeacherSpec, model: nn.Module, provenance: dict):
+        super().__init__()
+        self.spec = spec
+        self.model = model.eval().requires_grad_(False)
+        cfg = timm.data.resolve_model_data_config(model)
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.provenance = {**asdict(spec), **provenance, "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        if self.spec.dense == "maskclip-value":
+            return maskclip_dense(self.model, x)
+        (grid,) = self.model.forward_intermediates(x, indices=1, norm=False, output_fmt="NCHW", intermediates_only=True)
+        return grid.float()
+
+
+def maskclip_dense(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MaskCLIP dense features (variant recorded in stores as "maskclip-value"): run all blocks but
+    the last; in the last block, replace the attention output by its value path
+    proj(W_v . norm1(x)) with NO residual and NO MLP; then ln_post and CLIP's visual projection."""
+    b, _, h, w = x.shape
+    tokens = model.patch_embed(x)
+    tokens = model._pos_embed(tokens)
+    tokens = model.norm_pre(tokens)
+    for block in model.blocks[:-1]:
+        tokens = block(tokens)
+    last = model.blocks[-1]
+    attn = last.attn
+    qkv = attn.qkv(last.norm1(tokens))
+    v = qkv[..., 2 * attn.head_dim * attn.num_heads :]
+    tokens = model.norm(attn.proj(v))
+    tokens = model.head(tokens[:, model.num_prefix_tokens :])
+    gh, gw = h // model.patch_embed.patch_size[0], w // model.patch_embed.patch_size[1]
+    return tokens.transpose(1, 2).reshape(b, -1, gh, gw).float()
+
+
+def load_teacher(
+    name: str,
+    image_size: tuple[int, int],
+    weights: Path | None = None,
+    weights_dir: Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+) -> Teacher:
+    """Build a frozen teacher for images of `image_size` (H, W), from a local file or random init."""
+    spec = get_spec(name)
+    path = resolve_weights(spec, weights, weights_dir, random_init)
+    h, w = image_size
+    if h % spec.patch or w % spec.patch:
+        raise ValueError(f"image size {h}x{w} is not a multiple of {spec.name}'s patch size {spec.patch}")
+    kwargs = dict(img_size=(h, w), num_classes=spec.dim if spec.dense == "maskclip-value" else 0)
+    if path is None:
+        torch.manual_seed(seed)
+        model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+        provenance = {"weights": f"random-init seed {seed}", "weights_sha256": None, "random_init": True}
+    else:
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        except (RuntimeError, KeyError, ValueError, OSError, EOFError) as err:
+            first = str(err).strip().splitlines()[0][:300]
+            raise WeightsError(f"{path}: cannot load as {spec.name} ({spec.timm_name}): {first}") from None
+        provenance = {"weights": str(path.resolve()), "weights_sha256": sha256_file(path), "random_init": False}
+    return Teacher(spec, model, provenance)
+
+
+def sample_grid(grid: torch.Tensor, pixels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Per-point features from one token grid (D, h, w) at integer pixels (M, 2) = (col, row) of the
+    (H, W) image: exactly `interpolate(grid, (H, W), bilinear, align_corners=True)[:, row, col]`,
+    without materialising the full-resolution map."""
+    h_img, w_img = image_size
+    if len(pixels) == 0:
+        return grid.new_zeros((0, grid.shape[0]))
+    # align_corners=True maps pixel c of W onto grid x = c (w - 1) / (W - 1), which grid_sample
+    # (also align_corners=True) addresses as 2 x / (w - 1) - 1 = 2 c / (W - 1) - 1.
+    norm = torch.stack([2 * pixels[:, 0] / (w_img - 1) - 1, 2 * pixels[:, 1] / (h_img - 1) - 1], dim=-1)
+    out = F.grid_sample(grid[None].float(), norm.view(1, 1, -1, 2).to(grid.device, torch.float32), mode="bilinear", align_corners=True)
+    return out[0, :, 0].T
