@@ -114,5 +114,97 @@ def plot_projection(dataset, root, split, scan_id, camera, colour_by, out):
     click.echo(projection_figure(scan, views, colour_by, out, ds.meta.class_names))
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    try:
+        return int(h), int(w)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not HEIGHTxWIDTH, e.g. 224x448") from None
+
+
+@main.command("extract-features")
+@DATASET
+@ROOT
+@SPLIT
+@click.option("--teacher", required=True, help="Teacher name (see `scalr teachers`).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Feature store to create or finish (e.g. stores/nuscenes-train-dinov2-vitl14.zarr).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Teacher weights file (original release checkpoint or timm state dict).")
+@click.option("--weights-dir", type=click.Path(path_type=Path), default=None, help="Folder holding weights under their documented file names.")
+@click.option("--random-init", is_flag=True, help="Random teacher weights, for tests and demos only; recorded in the store.")
+@click.option("--seed", default=0, help="Seed of --random-init.")
+@click.option("--image-size", default="224x448", callback=lambda c, p, v: parse_size(v), help="HEIGHTxWIDTH the images are resized to (ScaLR+: 448x896).")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Autocast precision of the teacher.")
+@click.option("--batch-size", default=12, help="Images per teacher forward pass.")
+@click.option("--num-workers", default=2, help="DataLoader workers decoding images and projecting points.")
+@click.option("--scans-per-part", default=16, help="Scans per part: the unit of work, of crash recovery and of parallelism.")
+@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", help="On bad input: stop with the file named, or record a skip in the store.")
+@click.option("--workers", "dask_workers", default=0, help="> 1: run parts on a local dask cluster of this many processes.")
+@click.option("--scheduler", default=None, help="Address of a running dask scheduler: run parts as tasks on its workers.")
+@click.option("--max-scans", type=int, default=None, help="Only the first N scans of the split.")
+@reports_bad_input
+def extract_features(dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision, batch_size, num_workers, scans_per_part, on_error, dask_workers, scheduler, max_scans):
+    """Stage 1: run a frozen teacher over every camera image and write per-point features into a
+    Zarr feature store keyed by (scan, camera). Rerunning the same command finishes an
+    interrupted store. Under torchrun, each rank takes parts rank::world."""
+    from stages.extract import ExtractConfig, extract
+    from stages.inspect import summary_lines
+    from stages.teachers import WeightsError
+    from storage.feature_store import StoreError
+
+    cfg = ExtractConfig(
+        dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision,
+        batch_size, num_workers, scans_per_part, on_error, None, None, dask_workers, scheduler, max_scans,
+    )  # fmt: skip
+    try:
+        store = extract(cfg)
+    except (WeightsError, StoreError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo("\n".join(summary_lines(store)))
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def verify(store):
+    """Check a feature store: every part committed, every manifest row readable and consistent,
+    every chunk present and decodable, no NaN/inf. Exits 1 naming each problem."""
+    from storage.verify import verify_store
+
+    problems, counts = verify_store(store)
+    for p in problems:
+        click.echo(f"PROBLEM {p}")
+    if problems:
+        click.echo(f"{store}: {len(problems)} problem(s)")
+        sys.exit(1)
+    click.echo(f"{store}: OK ({counts['parts']} parts, {counts['entries']} entries, {counts['skipped']} skipped, {counts['points']:,} points)")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--scan", default=None, help="Show one scan's entries.")
+@click.option("--camera", default=None, help="With --scan: only this camera.")
+@click.option("--stats", is_flag=True, help="Feature statistics over the whole store (dask, out of core).")
+def inspect(store, scan, camera, stats):
+    """Summarise a feature store: teacher, image size, entries, points, bytes on disk, per-camera
+    counts, skipped entries; one entry with --scan/--camera; statistics with --stats."""
+    from stages.inspect import InspectConfig, inspect
+    from storage.feature_store import StoreError
+
+    try:
+        click.echo("\n".join(inspect(InspectConfig(store, scan, camera, stats))))
+    except (StoreError, KeyError) as err:
+        raise click.ClickException(str(err).strip('"')) from None
+
+
+@main.command()
+def teachers():
+    """List the registered teachers and the weights file each expects."""
+    from stages.teachers import TEACHERS
+
+    for spec in TEACHERS.values():
+        weights = "random init only" if spec.random_init_only else f"{spec.weights_file}  ({spec.weights_source})"
+        click.echo(f"{spec.name:<20}{spec.timm_name:<45}dim {spec.dim:<5}patch {spec.patch:<3}{weights}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,106 @@
+"""inspect: what a feature store holds: summary, one entry, and feature statistics computed
+out-of-core with dask (the store can be far larger than memory)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from storage.feature_store import FeatureStore, part_name
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    store: Path
+    scan: str | None = None
+    camera: str | None = None
+    stats: bool = False
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def summary_lines(store: FeatureStore) -> list[str]:
+    a = store.attrs
+    t = a["teacher"]
+    m = store.manifest().to_pylist()
+    weights = f"RANDOM-INIT ({t['weights']}): not a pretrained teacher" if t["random_init"] else f"weights sha256 {t['weights']}"
+    points = sum(r["count"] for r in m)
+    size = disk_bytes(store.path)
+    lines = [
+        f"store      {store.path}",
+        f"teacher    {t['name']} ({t['timm_name']}), dim {t['dim']}, patch {t['patch']}, {weights}",
+        f"images     resized to {a['image_size'][0]} x {a['image_size'][1]}; {a['projection']}",
+        f"dataset    {a['dataset']['name']} {a['dataset']['split']}: {a['dataset']['scans']} scans (root when extracted: {a['dataset_root']})",
+        f"parts      {len(store.committed_parts())} of {store.plan.parts} committed",
+        f"entries    {len(m)} (scan, camera), {sum(r['status'] == 'skipped' for r in m)} skipped",
+        f"points     {points:,}",
+        f"on disk    {size / 2**20:,.1f} MiB = {size / max(points * t['dim'] * 2, 1):.3f} x (points x dim x 2 bytes)",
+        f"{'camera':<18}{'entries':>9}{'empty':>7}{'points':>12}{'mean':>9}",
+    ]
+    per_cam: dict[str, list[int]] = defaultdict(list)
+    for r in m:
+        if r["status"] == "ok":
+            per_cam[r["camera"]].append(r["count"])
+    for cam, counts in per_cam.items():
+        lines.append(f"{cam:<18}{len(counts):>9}{sum(c == 0 for c in counts):>7}{sum(counts):>12,}{np.mean(counts):>9,.0f}")
+    skipped = [r for r in m if r["status"] == "skipped"]
+    if skipped:
+        lines.append("skipped entries:")
+        lines += [f"  {r['scan_id']} {r['camera']}: {r['reason']}" for r in skipped]
+    return lines
+
+
+def entry_lines(store: FeatureStore, scan: str, camera: str) -> list[str]:
+    row, data = store.entry(scan, camera)
+    lines = [f"entry {scan} / {camera}: part {row['part']}, offset {row['offset']}, count {row['count']}, status {row['status']} {row['reason']}".rstrip()]
+    lines.append(f"  scan has {row['scan_points']:,} points; image {row['image_width']}x{row['image_height']}")
+    if row["count"]:
+        f = data["features"].astype(np.float32)
+        norms = np.linalg.norm(f, axis=1)
+        lines.append(f"  feature norms: mean {norms.mean():.3f}, min {norms.min():.3f}, max {norms.max():.3f}")
+        lines.append(f"  pixel columns {data['pixel'][:, 0].min():.0f}-{data['pixel'][:, 0].max():.0f}, rows {data['pixel'][:, 1].min():.0f}-{data['pixel'][:, 1].max():.0f}")
+        lines.append(f"  point index {data['point_index'].min()}-{data['point_index'].max()}; depth range {np.linalg.norm(data['points'][:, :3], axis=1).min():.1f}-{np.linalg.norm(data['points'][:, :3], axis=1).max():.1f} m")
+    return lines
+
+
+def feature_statistics(store: FeatureStore) -> dict:
+    """Per-channel mean/variance and norm statistics over every stored feature, out of core."""
+    parts = [da.from_zarr(str(store.path / "parts" / part_name(p) / "features")) for p in store.committed_parts()]
+    parts = [p for p in parts if p.shape[0]]
+    if not parts:
+        return {"rows": 0}
+    f = da.concatenate(parts, axis=0).astype(np.float32)
+    norms = da.sqrt((f * f).sum(axis=1))
+    mean, var, n_mean, n_std, n_min, n_max = da.compute(f.mean(axis=0), f.var(axis=0), norms.mean(), norms.std(), norms.min(), norms.max())
+    return {"rows": int(f.shape[0]), "channel_mean": mean, "channel_var": var, "norm_mean": float(n_mean), "norm_std": float(n_std), "norm_min": float(n_min), "norm_max": float(n_max)}
+
+
+def stats_lines(stats: dict) -> list[str]:
+    if not stats["rows"]:
+        return ["feature statistics: no rows"]
+    var = stats["channel_var"]
+    top = np.argsort(var)[::-1][:5]
+    return [
+        f"feature statistics over {stats['rows']:,} points (dask, out of core):",
+        f"  norm mean {stats['norm_mean']:.3f}, std {stats['norm_std']:.3f}, min {stats['norm_min']:.3f}, max {stats['norm_max']:.3f}",
+        f"  channel mean: {stats['channel_mean'].mean():+.4f} on average (min {stats['channel_mean'].min():+.3f}, max {stats['channel_mean'].max():+.3f})",
+        f"  channel variance: mean {var.mean():.4f}; largest at channels {top.tolist()} ({', '.join(f'{v:.3f}' for v in var[top])})",
+    ]
+
+
+def inspect(cfg: InspectConfig) -> list[str]:
+    store = FeatureStore(cfg.store)
+    lines = summary_lines(store)
+    if cfg.scan:
+        cameras = [cfg.camera] if cfg.camera else store.attrs["cameras"]
+        for cam in cameras:
+            lines += entry_lines(store, cfg.scan, cam)
+    if cfg.stats:
+        lines += stats_lines(feature_statistics(store))
+    return lines
