@@ -157,10 +157,17 @@ def extract_parts(cfg: ExtractConfig, store: FeatureStore, teacher: Teacher, ds:
     """Compute and commit `parts` of the plan, in order."""
     plan = store.plan
     indices = [i for p in parts for i in plan.scans_of(p)]
+    # Batches never straddle two parts, so a part's bytes depend on that part alone (a rerun
+    # that computes only the missing parts batches them exactly as an uninterrupted run).
+    scans_per_batch = max(1, cfg.batch_size // max(1, len(ds.meta.camera_names)))
+    batches, start = [], 0
+    for p in parts:
+        n = len(plan.scans_of(p))
+        batches += [list(range(start + b, start + min(b + scans_per_batch, n))) for b in range(0, n, scans_per_batch)]
+        start += n
     loader = torch.utils.data.DataLoader(
-        ScanImages(ds, indices, cfg.image_size), batch_size=max(1, cfg.batch_size // max(1, len(ds.meta.camera_names))),
-        num_workers=num_workers, collate_fn=list, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        ScanImages(ds, indices, cfg.image_size), batch_sampler=batches, num_workers=num_workers, collate_fn=list,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
     )  # fmt: skip
     writer: PartWriter | None = None
     for batch in loader:

@@ -10,6 +10,7 @@ explicit and recorded as such.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,6 +131,32 @@ def maskclip_dense(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, -1, gh, gw).float()
 
 
+def load_weights(model: nn.Module, spec: TeacherSpec, path: Path) -> None:
+    """Load a local checkpoint through timm's converters (original DINO/DINOv2/MAE/CLIP releases
+    or timm state dicts; position embeddings resized to the model's grid), strictly: only the
+    classifier, unused for dense features, may be absent or extra."""
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        state = checkpoint_filter_fn(load_state_dict(str(path), weights_only=False), model)
+        result = model.load_state_dict(state, strict=False)
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, AttributeError, pickle.UnpicklingError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise WeightsError(f"{path}: cannot load as {spec.name} ({spec.timm_name}): {first}") from None
+
+    def unused(key: str) -> bool:  # classifier parts; MaskCLIP needs its head (the visual projection)
+        return key.startswith("fc_norm.") or (key.startswith("head.") and spec.dense != "maskclip-value")
+
+    missing = [k for k in result.missing_keys if not unused(k)]
+    unexpected = [k for k in result.unexpected_keys if not unused(k)]
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: not {spec.name} weights ({spec.timm_name}): {len(missing)} missing tensors {missing[:4]}, "
+            f"{len(unexpected)} unexpected {unexpected[:4]}; such weights: {spec.weights_source}"
+        )
+
+
 def load_teacher(
     name: str,
     image_size: tuple[int, int],
@@ -150,11 +177,8 @@ def load_teacher(
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
         provenance = {"weights": f"random-init seed {seed}", "weights_sha256": None, "random_init": True}
     else:
-        try:
-            model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        except (RuntimeError, KeyError, ValueError, OSError, EOFError) as err:
-            first = str(err).strip().splitlines()[0][:300]
-            raise WeightsError(f"{path}: cannot load as {spec.name} ({spec.timm_name}): {first}") from None
+        model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+        load_weights(model, spec, path)
         provenance = {"weights": str(path.resolve()), "weights_sha256": sha256_file(path), "random_init": False}
     return Teacher(spec, model, provenance)
 

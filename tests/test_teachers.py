@@ -1,0 +1,113 @@
+import dataclasses
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from stages.teachers import TEACHERS, WeightsError, load_teacher, sample_grid
+
+SMALL = ["test-vit", "dino-vits8", "dinov2-vits14", "dinov2-vits14-reg4", "mae-vitb16", "maskclip-vitb16"]
+
+
+@pytest.mark.parametrize("name", sorted(TEACHERS))
+def test_registry_entry_matches_its_architecture(name):
+    """Every entry's dim and patch are those of the timm architecture (built on the meta device)."""
+    spec = TEACHERS[name]
+    with torch.device("meta"):
+        model = timm.create_model(spec.timm_name, pretrained=False, img_size=(224, 448))
+    assert model.patch_embed.patch_size == (spec.patch, spec.patch)
+    width = model.head.out_features if spec.dense == "maskclip-value" else model.embed_dim
+    assert width == spec.dim
+    assert spec.random_init_only or spec.weights_file
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_teacher_gives_a_token_grid(name):
+    spec = TEACHERS[name]
+    h, w = 2 * spec.patch, 4 * spec.patch
+    teacher = load_teacher(name, (h, w), random_init=True, seed=1)
+    images = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8)
+    grid = teacher(images)
+    assert grid.shape == (2, spec.dim, 2, 4) and grid.dtype == torch.float32
+    assert torch.isfinite(grid).all()
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.model.training
+    assert teacher.provenance["random_init"] and teacher.provenance["weights"] == "random-init seed 1"
+
+
+def test_last_block_before_norm_without_prefix_tokens():
+    teacher = load_teacher("dinov2-vits14-reg4", (28, 56), random_init=True)
+    x = (torch.randint(0, 256, (1, 3, 28, 56)).float() - teacher.mean) / teacher.std
+    m = teacher.model
+    tokens = m.norm_pre(m._pos_embed(m.patch_embed(x)))
+    for block in m.blocks:
+        tokens = block(tokens)
+    assert m.num_prefix_tokens == 5  # class token + 4 registers
+    expected = tokens[:, 5:].transpose(1, 2).reshape(1, 384, 2, 4)
+    assert torch.allclose(teacher(x * teacher.std + teacher.mean), expected, atol=1e-4)
+
+
+def test_sampling_equals_full_upsampling():
+    """Per-point targets read from the token grid equal upsample-everything-then-read-the-pixel."""
+    torch.manual_seed(0)
+    grid = torch.randn(8, 16, 32)
+    h, w = 224, 448
+    full = F.interpolate(grid[None], size=(h, w), mode="bilinear", align_corners=True)[0]
+    cols = torch.cat([torch.randint(0, w, (500,)), torch.tensor([0, w - 1, 0, w - 1])])
+    rows = torch.cat([torch.randint(0, h, (500,)), torch.tensor([0, 0, h - 1, h - 1])])
+    got = sample_grid(grid, torch.stack([cols, rows], 1).float(), (h, w))
+    assert torch.allclose(got, full[:, rows, cols].T, atol=1e-5)
+    assert sample_grid(grid, torch.zeros(0, 2), (h, w)).shape == (0, 8)
+
+
+@pytest.fixture
+def file_teacher(monkeypatch):
+    """A registry entry with a weights file, on the tiny test architecture."""
+    spec = dataclasses.replace(TEACHERS["test-vit"], name="test-vit-file", weights_file="test_vit.pth", weights_source="made by the test", random_init_only=False)
+    monkeypatch.setitem(TEACHERS, spec.name, spec)
+    return spec
+
+
+def test_weights_from_a_local_file(tmp_path, file_teacher):
+    torch.manual_seed(3)
+    source = timm.create_model("test_vit", pretrained=False, img_size=(32, 64), num_classes=0)
+    torch.save(source.state_dict(), tmp_path / "test_vit.pth")
+    teacher = load_teacher("test-vit-file", (32, 64), weights_dir=tmp_path)
+    assert teacher.provenance["random_init"] is False and len(teacher.provenance["weights_sha256"]) == 64
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(teacher.model.state_dict()[name], tensor), name
+
+
+def test_bad_weights_fail_at_once_naming_the_file(tmp_path, file_teacher):
+    with pytest.raises(WeightsError, match="test_vit.pth: weights file for teacher test-vit-file is missing; such weights: made by the test"):
+        load_teacher("test-vit-file", (32, 64), weights_dir=tmp_path)
+    with pytest.raises(WeightsError, match="needs --weights FILE or --weights-dir"):
+        load_teacher("test-vit-file", (32, 64))
+    wrong = tmp_path / "wrong.pth"
+    torch.save(timm.create_model("test_vit2", pretrained=False, num_classes=0).state_dict(), wrong)
+    with pytest.raises(WeightsError, match=f"{wrong}: not test-vit-file weights .* unexpected"):
+        load_teacher("test-vit-file", (32, 64), weights=wrong)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="garbage.pth: cannot load"):
+        load_teacher("test-vit-file", (32, 64), weights=garbage)
+    with pytest.raises(WeightsError, match="has no pretrained weights: pass --random-init"):
+        load_teacher("test-vit", (32, 64), weights=wrong)
+
+
+def test_image_size_must_fit_the_patch():
+    with pytest.raises(ValueError, match="not a multiple of dinov2-vits14's patch size 14"):
+        load_teacher("dinov2-vits14", (225, 448), random_init=True)
+
+
+def test_original_dinov2_checkpoint_layout_is_converted(tmp_path):
+    """The release checkpoints are trained at 518 px (37 x 37 positions) and carry a mask token;
+    timm's converter drops it and resizes the positions to the 224 x 448 grid (16 x 32)."""
+    torch.manual_seed(0)
+    original = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0).state_dict()
+    original["mask_token"] = torch.zeros(1, 384)
+    assert original["pos_embed"].shape == (1, 1 + 37 * 37, 384)
+    torch.save(original, tmp_path / "dinov2_vits14_pretrain.pth")
+    teacher = load_teacher("dinov2-vits14", (224, 448), weights_dir=tmp_path)
+    assert teacher.model.pos_embed.shape == (1, 1 + 16 * 32, 384)
+    assert torch.equal(teacher.model.blocks[3].attn.qkv.weight, original["blocks.3.attn.qkv.weight"])
