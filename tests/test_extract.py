@@ -1,0 +1,248 @@
+"""Stage 1 end to end on tiny generated datasets: store contents, crash safety, parallelism,
+bad input, verify and inspect."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.datasets import open_dataset
+from pipeline.errors import DatasetError
+from pipeline.synth import SynthConfig, generate
+from stages.extract import ExtractConfig, extract, load_resized
+from stages.teachers import load_teacher, sample_grid
+from storage.feature_store import FeatureStore, StoreError
+from storage.verify import verify_store
+
+IMAGE = (32, 64)  # tiny teacher input: 2 x 4 tokens of test-vit
+
+
+def config(root, out, **kw) -> ExtractConfig:
+    base = dict(dataset="semantickitti", root=root, split="train", teacher="test-vit", out=out, random_init=True, image_size=IMAGE, num_workers=0, scans_per_part=1)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def assert_same_store(a: Path, b: Path):
+    sa, sb = FeatureStore(a), FeatureStore(b)
+    assert sa.manifest().equals(sb.manifest())
+    assert sa.committed_parts() == sb.committed_parts()
+    for part in sa.committed_parts():
+        for name, arr in sa.arrays(part).items():
+            assert np.array_equal(arr[:], sb.arrays(part)[name][:]), (part, name)
+
+
+@pytest.fixture(scope="module")
+def kitti4_root(tmp_path_factory):
+    """Four scans in sequence 00: four one-scan parts."""
+    root = tmp_path_factory.mktemp("kitti4")
+    generate("semantickitti", root, SynthConfig(seed=2, scenes=1, frames=4, azimuth_steps=256, image_scale=0.3))
+    return root
+
+
+@pytest.fixture(scope="module")
+def kitti_store(kitti4_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "kitti.zarr"
+    return extract(config(kitti4_root, out))
+
+
+def test_store_holds_every_entry_with_exact_targets(kitti_store, kitti4_root):
+    store = kitti_store
+    assert verify_store(store.path)[0] == []
+    manifest = store.manifest().to_pylist()
+    ds = open_dataset("semantickitti", kitti4_root, "train")
+    assert [(r["scan_id"], r["camera"]) for r in manifest] == [(s, "image_2") for s in ds.scan_ids]
+    attrs = store.attrs
+    assert attrs["teacher"]["random_init"] and attrs["teacher"]["weights"] == "random-init seed 0"
+    assert attrs["image_size"] == list(IMAGE) and attrs["dataset"]["name"] == "semantickitti"
+    # one entry recomputed by hand: the teacher on the resized image, sampled at each pixel
+    scan = ds[1]
+    row, data = store.entry(scan.scan_id, "image_2")
+    proj = ds.project(scan, "image_2")
+    assert np.array_equal(data["point_index"], proj.point_index)
+    assert np.array_equal(data["points"], scan.points[proj.point_index])  # the student needs no raw scan
+    teacher = load_teacher("test-vit", IMAGE, random_init=True)
+    image = torch.from_numpy(load_resized(scan.cameras[0].image_path, scan.cameras[0].image_size, IMAGE)).permute(2, 0, 1)
+    expected = sample_grid(teacher(image[None])[0], torch.from_numpy(data["pixel"]), IMAGE).numpy()
+    assert row["count"] == len(proj) > 500
+    assert np.allclose(data["features"].astype(np.float32), expected, atol=2e-3, rtol=1e-2)
+
+
+def test_entry_with_no_visible_point_is_recorded(kitti_copy, tmp_path):
+    path = kitti_copy / "sequences/00/velodyne/000001.bin"
+    pts = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    pts[:, 0] = -np.abs(pts[:, 0]) - 1  # everything behind the car
+    pts.tofile(path)
+    store = extract(config(kitti_copy, tmp_path / "s.zarr"))
+    row, data = store.entry("00/000001", "image_2")
+    assert row["count"] == 0 and row["status"] == "ok" and row["scan_points"] == len(pts)
+    assert verify_store(store.path)[0] == []
+
+
+def test_rerun_after_kill_9_finishes_and_matches_an_uninterrupted_run(tmp_path):
+    root = tmp_path / "data"
+    generate("semantickitti", root, SynthConfig(seed=1, scenes=1, frames=10, azimuth_steps=256, image_scale=0.3))
+    out = tmp_path / "killed.zarr"
+    args = ["--dataset", "semantickitti", "--root", root, "--split", "train", "--teacher", "dino-vits8", "--random-init",
+            "--out", out, "--scans-per-part", "1", "--num-workers", "1", "--image-size", "112x224"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract-features", *map(str, args)], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "manifest").glob("part-*.parquet")) and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = len(list((out / "manifest").glob("part-*.parquet")))
+    assert 1 <= committed < 10, "the kill should land mid-run"
+    problems, _ = verify_store(out)
+    assert any("not committed" in p for p in problems)
+    cfg = config(root, out, teacher="dino-vits8", image_size=(112, 224), num_workers=1)
+    extract(cfg)  # the same command again
+    assert verify_store(out)[0] == []
+    extract(replace(cfg, out=tmp_path / "straight.zarr"))
+    assert_same_store(out, tmp_path / "straight.zarr")
+
+
+def test_leftover_of_a_crashed_writer_is_redone(kitti4_root, tmp_path):
+    kitti_root = kitti4_root
+    out = tmp_path / "s.zarr"
+    store = extract(config(kitti_root, out))
+    (store.manifest_path(1)).unlink()  # part 1 "crashed" after writing data, before committing
+    chunk = next((out / "parts/part-000001/features").rglob("c/*/*"))
+    chunk.write_bytes(b"half-written")
+    assert len(FeatureStore(out).manifest()) == 3  # the part is invisible
+    extract(config(kitti_root, out))
+    assert verify_store(out)[0] == []
+    extract(config(kitti_root, tmp_path / "ref.zarr"))
+    assert_same_store(out, tmp_path / "ref.zarr")
+
+
+def test_ranks_split_the_parts(kitti4_root, tmp_path):
+    kitti_root = kitti4_root
+    out = tmp_path / "ranks.zarr"
+    extract(config(kitti_root, out, rank=1, world_size=2))
+    assert FeatureStore(out).committed_parts() == [1, 3]
+    extract(config(kitti_root, out, rank=0, world_size=2))
+    extract(config(kitti_root, tmp_path / "ref.zarr"))
+    assert_same_store(out, tmp_path / "ref.zarr")
+
+
+def test_two_dask_workers_write_the_same_store(kitti4_root, tmp_path):
+    kitti_root = kitti4_root
+    extract(config(kitti_root, tmp_path / "dask.zarr", dask_workers=2))
+    extract(config(kitti_root, tmp_path / "one.zarr", num_workers=2))
+    assert_same_store(tmp_path / "dask.zarr", tmp_path / "one.zarr")
+
+
+def test_dataloader_workers_give_the_same_store_nuscenes(nuscenes_root, tmp_path):
+    kw = dict(dataset="nuscenes", split="mini_train", scans_per_part=2)
+    a = extract(config(nuscenes_root, tmp_path / "a.zarr", num_workers=2, **kw))
+    extract(config(nuscenes_root, tmp_path / "b.zarr", num_workers=0, **kw))
+    assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    assert len(a.manifest()) == 2 * 6 and verify_store(a.path)[0] == []
+
+
+def test_bad_image_raises_or_is_a_recorded_skip(kitti_copy, tmp_path):
+    image = kitti_copy / "sequences/00/image_2/000001.png"
+    image.write_bytes(image.read_bytes()[:100])
+    with pytest.raises(DatasetError, match="000001.png: corrupt or unreadable image"):
+        extract(config(kitti_copy, tmp_path / "raise.zarr"))
+    store = extract(config(kitti_copy, tmp_path / "skip.zarr", on_error="skip"))
+    row, _ = store.entry("00/000001", "image_2")
+    assert row["status"] == "skipped" and "000001.png: corrupt or unreadable image" in row["reason"]
+    assert verify_store(store.path)[0] == []
+    result = CliRunner().invoke(main, ["inspect", str(store.path)])
+    assert "1 skipped" in result.output and "00/000001 image_2:" in result.output
+    (kitti_copy / "sequences/00/velodyne/000000.bin").write_bytes(b"\x00" * 5)
+    store = extract(config(kitti_copy, tmp_path / "skip2.zarr", on_error="skip"))
+    assert "not a multiple" in store.entry("00/000000", "image_2")[0]["reason"]
+
+
+def test_image_of_the_wrong_size_is_bad_calibration(nuscenes_copy, tmp_path):
+    """nuScenes states each image's size in its table; an image of another size means the
+    calibration (intrinsics) does not belong to it."""
+    from PIL import Image
+
+    image = sorted((nuscenes_copy / "samples/CAM_BACK").iterdir())[0]
+    Image.open(image).resize((100, 50)).save(image)
+    with pytest.raises(DatasetError, match="image is 100x50 but its calibration is for 400x225"):
+        extract(config(nuscenes_copy, tmp_path / "s.zarr", dataset="nuscenes", split="mini_train"))
+
+
+def test_store_of_another_teacher_is_refused(kitti_store, kitti4_root):
+    kitti_root = kitti4_root
+    with pytest.raises(StoreError, match="holds a different feature store .*teacher"):
+        extract(config(kitti_root, kitti_store.path, teacher="dino-vits8", image_size=(32, 64)))
+    with pytest.raises(StoreError, match="image_size"):
+        extract(config(kitti_root, kitti_store.path, image_size=(64, 128)))
+
+
+def damaged(store: FeatureStore, tmp_path: Path) -> Path:
+    copy = tmp_path / "damaged.zarr"
+    shutil.copytree(store.path, copy)
+    return copy
+
+
+def verify_cli(path):
+    return CliRunner().invoke(main, ["verify", str(path)])
+
+
+def test_verify_names_what_is_wrong(kitti_store, tmp_path):
+    ok = verify_cli(kitti_store.path)
+    assert ok.exit_code == 0 and "OK (4 parts, 4 entries" in ok.output
+    path = damaged(kitti_store, tmp_path)
+    chunk = path / "parts/part-000002/features/c/0/0"
+    chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])  # truncated
+    (path / "parts/part-000001/points/c/0/0").unlink()  # missing chunk file
+    (path / "manifest/part-000003.parquet").unlink()  # missing manifest part
+    result = verify_cli(path)
+    assert result.exit_code == 1
+    assert "part-000002/features: chunk 0 (rows 0-" in result.output and "is corrupt" in result.output
+    assert "part-000001/points: 1 of 1 chunk files are missing" in result.output
+    assert "manifest/part-000003.parquet: missing (part 3 of 4 not committed" in result.output
+
+
+def test_verify_finds_nan_features(kitti_store, tmp_path):
+    import zarr
+
+    path = damaged(kitti_store, tmp_path)
+    arr = zarr.open_array(str(path / "parts/part-000000/features"), mode="r+")
+    block = arr[:10]
+    block[3, 5] = np.nan
+    arr[:10] = block
+    result = verify_cli(path)
+    assert result.exit_code == 1 and "1 rows with NaN or infinite values in rows 0-" in result.output
+
+
+def test_inspect_summary_entry_and_dask_stats(kitti_store):
+    result = CliRunner().invoke(main, ["inspect", str(kitti_store.path), "--scan", "00/000000", "--stats"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "RANDOM-INIT" in out and "image_2" in out and "on disk" in out
+    assert "entry 00/000000 / image_2: part 0, offset 0" in out
+    assert "feature statistics over" in out
+
+
+def test_store_is_readable_with_plain_zarr_pyarrow_and_dask(kitti_store):
+    import dask.array as da
+    import pyarrow.parquet as pq
+    import zarr
+
+    manifest = pq.read_table(kitti_store.path / "manifest").to_pylist()
+    row = manifest[0]
+    group = zarr.open_group(str(kitti_store.path), mode="r")
+    feats = group[f"parts/part-{row['part']:06d}/features"][row["offset"] : row["offset"] + row["count"]]
+    assert feats.shape == (row["count"], 64) and feats.dtype == np.float16
+    assert group.attrs["teacher"]["name"] == "test-vit"
+    lazy = da.from_zarr(str(kitti_store.path / "parts/part-000000/features"))
+    assert lazy.shape[0] == row["count"]
