@@ -12,7 +12,18 @@ DATA ?= data
 OUT  ?= out
 SEED ?= 0
 
-.PHONY: install test demo synth check-dataset clean
+# Stage 1 defaults: the synthetic nuScenes-format set with a tiny random-init teacher. Real data:
+#   make extract-features DATASET=nuscenes ROOT=/data/nuscenes SPLIT=train TEACHER=dinov2-vitl14 WEIGHTS=/weights/dinov2_vitl14_pretrain.pth
+DATASET ?= nuscenes
+ROOT    ?= $(DATA)/synth-nuscenes
+SPLIT   ?= mini_train
+TEACHER ?= test-vit
+WEIGHTS ?=
+STORE   ?= stores/$(DATASET)-$(SPLIT)-$(TEACHER).zarr
+TEACHER_FLAGS = $(if $(WEIGHTS),--weights $(WEIGHTS),--random-init)
+EXTRACT_FLAGS ?=
+
+.PHONY: install test demo synth check-dataset extract-features bench-extract clean
 
 install: $(VENV)/.installed
 
@@ -27,16 +38,32 @@ test: install
 
 # The synthetic datasets: a nuScenes-format rig (6 cameras, 32 beams) and a SemanticKITTI-format
 # rig (1 camera, 64 beams), written in the datasets' own on-disk formats.
-synth: install
+# Written once (a stamp marks completion); `make clean` to regenerate.
+synth: $(DATA)/synth-nuscenes/.done $(DATA)/synth-kitti/.done
+
+$(DATA)/synth-nuscenes/.done: | install
 	$(SCALR) synth --format nuscenes --out $(DATA)/synth-nuscenes --seed $(SEED)
+	touch $@
+
+$(DATA)/synth-kitti/.done: | install
 	$(SCALR) synth --format semantickitti --out $(DATA)/synth-kitti --seed $(SEED)
+	touch $@
 
 check-dataset: synth
 	$(SCALR) check-dataset --dataset nuscenes --root $(DATA)/synth-nuscenes --split mini_train --plot-dir $(OUT)/check
 	$(SCALR) check-dataset --dataset semantickitti --root $(DATA)/synth-kitti --split train --plot-dir $(OUT)/check
 
-demo: check-dataset
-	@echo "demo done: datasets under $(DATA)/, figures under $(OUT)/check/"
+# Resumable: rerunning computes only the parts that are not committed yet.
+extract-features: install $(if $(filter $(DATA)/%,$(ROOT)),synth)
+	$(SCALR) extract-features --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --teacher $(TEACHER) $(TEACHER_FLAGS) --out $(STORE) $(EXTRACT_FLAGS)
+	$(SCALR) verify $(STORE)
+
+bench-extract: install synth
+	$(SCALR) bench extract --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --teacher dinov2-vits14
+
+demo: check-dataset extract-features
+	$(SCALR) inspect $(STORE) --stats
+	@echo "demo done: datasets under $(DATA)/, figures under $(OUT)/check/, feature store $(STORE)"
 
 clean:
-	rm -rf $(DATA) $(OUT)
+	rm -rf $(DATA) $(OUT) stores

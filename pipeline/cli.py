@@ -39,15 +39,16 @@ def reports_bad_input(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="scalr")
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="Debug log output.")
 def main(verbose: int) -> None:
     """scalr: distil frozen vision foundation models into lidar backbones (ScaLR).
 
     Stage 1 extracts teacher features once into a Zarr feature store; stage 2 trains lidar
     students from the store. Start with `scalr synth` to make a dataset with no download.
     """
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for package in ("pipeline", "stages", "storage"):  # scalr's own progress notes at INFO
+        logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @main.command()
@@ -194,6 +195,42 @@ def inspect(store, scan, camera, stats):
         click.echo("\n".join(inspect(InspectConfig(store, scan, camera, stats))))
     except (StoreError, KeyError) as err:
         raise click.ClickException(str(err).strip('"')) from None
+
+
+@main.group()
+def bench():
+    """Benchmarks on your hardware (figures for the README; never timed tests)."""
+
+
+@bench.command("extract")
+@DATASET
+@ROOT
+@SPLIT
+@click.option("--teacher", default="dinov2-vits14", help="Teacher name.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Weights file (default: random init; speed does not depend on weights).")
+@click.option("--image-size", default="224x448", callback=lambda c, p, v: parse_size(v), help="HEIGHTxWIDTH.")
+@click.option("--device", default="auto")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
+@click.option("--batch-size", default=12)
+@click.option("--num-workers", default=2)
+@click.option("--scans-per-part", default=16)
+@click.option("--max-scans", type=int, default=None, help="Only the first N scans.")
+@click.option("--repeats", default=1, help="Repeat and keep the best time.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON here.")
+@reports_bad_input
+def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device, precision, batch_size, num_workers, scans_per_part, max_scans, repeats, json_out):
+    """Extraction: images/s, extraction time / bare teacher forward time on the same images
+    (goal <= 1.15), bytes on disk / (points x dim x 2) (goal <= 1.0)."""
+    from stages.bench import BenchExtractConfig, bench_extract, report_lines
+    from stages.extract import ExtractConfig
+
+    ecfg = ExtractConfig(dataset, root, split, teacher, Path("unused"), weights=weights, random_init=weights is None,
+                         image_size=image_size, device=device, precision=precision, batch_size=batch_size,
+                         num_workers=num_workers, scans_per_part=scans_per_part, max_scans=max_scans)  # fmt: skip
+    result = bench_extract(BenchExtractConfig(ecfg, repeats))
+    click.echo("\n".join(report_lines(result)))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
 
 
 @main.command()

@@ -14,6 +14,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,51 +170,88 @@ def extract_parts(cfg: ExtractConfig, store: FeatureStore, teacher: Teacher, ds:
         start += n
     loader = torch.utils.data.DataLoader(
         ScanImages(ds, indices, cfg.image_size), batch_sampler=batches, num_workers=num_workers, collate_fn=list,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None, worker_init_fn=lower_priority,
     )  # fmt: skip
     writer: PartWriter | None = None
-    for batch in loader:
-        images = [cam["image"] for item in batch for cam in item["cameras"] if "image" in cam]
-        grids = run_teacher(teacher, torch.stack(images), device, cfg.precision) if images else None
-        k = 0
-        for item in batch:
-            part = item["scan_index"] // plan.scans_per_part
-            if writer is None or writer.part != part:
-                if writer is not None:
-                    writer.commit()
-                writer = PartWriter(store, part, teacher.spec.dim)
-            k = _write_scan(cfg, writer, item, grids, k, ds.meta.camera_names)
-        if progress is not None:
-            progress(len(images))
-    if writer is not None:
-        writer.commit()
+    # Compression and writes run on one background thread, in order, overlapping the teacher.
+    with BackgroundWriter() as background:
+        for batch in loader:
+            images = [cam["image"] for item in batch for cam in item["cameras"] if "image" in cam]
+            grids = run_teacher(teacher, torch.stack(images), device, cfg.precision) if images else None
+            if grids is not None and not torch.isfinite(grids).all():
+                raise FloatingPointError(f"teacher {teacher.spec.name} produced non-finite features for scans {[it['scan_id'] for it in batch]}")
+            k = 0
+            for item in batch:
+                part = item["scan_index"] // plan.scans_per_part
+                if writer is None or writer.part != part:
+                    if writer is not None:
+                        background.submit(writer.commit)
+                    writer = PartWriter(store, part, teacher.spec.dim)
+                k = _write_scan(cfg, writer, item, grids, k, ds.meta.camera_names, background)
+            if progress is not None:
+                progress(len(images))
+        if writer is not None:
+            background.submit(writer.commit)
 
 
-def _write_scan(cfg: ExtractConfig, writer: PartWriter, item: dict, grids: torch.Tensor | None, k: int, camera_names) -> int:
+def lower_priority(*_) -> None:
+    """Let helpers (loader workers, the writer thread) yield to the teacher's compute threads:
+    on a machine with few cores an OpenMP team slowed by one preempted thread costs more than
+    the helper's own work. Linux applies this per thread."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
+class BackgroundWriter:
+    """One thread running writes in submission order; at most `depth` pending, errors re-raised."""
+
+    def __init__(self, depth: int = 8):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalr-writer", initializer=lower_priority)
+        self.pending: deque = deque()
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
+            self.pending.popleft().result()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                while self.pending:
+                    self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+
+def _write_scan(cfg: ExtractConfig, writer: PartWriter, item: dict, grids: torch.Tensor | None, k: int, camera_names, background: "BackgroundWriter") -> int:
     base = {"scan_index": item["scan_index"], "scan_id": item["scan_id"], "scan_points": item.get("scan_points", 0)}
     if "error" in item:
         _skip_or_raise(cfg, item["error"])
         for name in camera_names:  # the scan is unreadable: every camera of it is a recorded skip
-            writer.add({**base, "camera": name, "image_height": 0, "image_width": 0, "status": "skipped", "reason": "%s: %s" % item["error"]})
+            background.submit(writer.add, {**base, "camera": name, "image_height": 0, "image_width": 0, "status": "skipped", "reason": "%s: %s" % item["error"]})
         return k
     for cam in item["cameras"]:
         row = {**base, "camera": cam["camera"], "image_height": cam["image_size"][0], "image_width": cam["image_size"][1]}
         if "error" in cam:
             _skip_or_raise(cfg, cam["error"])
-            writer.add({**row, "status": "skipped", "reason": "%s: %s" % cam["error"]})
+            background.submit(writer.add, {**row, "status": "skipped", "reason": "%s: %s" % cam["error"]})
             continue
         pixel = torch.from_numpy(cam["pixel"])
         features = sample_grid(grids[k], pixel, cfg.image_size)
         k += 1
-        if not torch.isfinite(features).all():
-            raise FloatingPointError(f"teacher produced non-finite features for scan {item['scan_id']} camera {cam['camera']}")
         data = {
             "features": features.to(torch.float16).cpu().numpy(),
             "points": item["points"][cam["point_index"]],
             "point_index": cam["point_index"],
             "pixel": cam["pixel"],
         }
-        writer.add({**row, "status": "ok", "reason": ""}, data)
+        background.submit(writer.add, {**row, "status": "ok", "reason": ""}, data)
     return k
 
 
@@ -241,7 +281,7 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
     rank, world = rank_and_world(cfg)
     todo = [p for p in range(plan.parts) if p not in done and p % world == rank]
     if done:
-        log.info("%s: %d of %d parts already committed; computing %d", cfg.out, len(done), plan.parts, len(todo))
+        log.info("%s: resuming: %d of %d parts already committed, computing %d", cfg.out, len(done), plan.parts, len(todo))
     if not todo:
         return store
     images = sum(len(plan.scans_of(p)) for p in todo) * len(ds.meta.camera_names)
