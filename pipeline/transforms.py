@@ -1,0 +1,91 @@
+"""Point-cloud transforms of a training sample, as in ScaLR/WaffleIron. Every function takes an
+explicit numpy Generator, so a sample is a pure function of its seed. Transforms that drop points
+return the indices they keep, so targets, labels and points stay paired."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+
+def voxel_downsample(xyz: np.ndarray, voxel: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one random point per occupied voxel of size `voxel` (sorted)."""
+    if len(xyz) == 0 or voxel <= 0:
+        return np.arange(len(xyz))
+    keys = np.floor(xyz / voxel).astype(np.int64)
+    order = rng.permutation(len(xyz))
+    _, first = np.unique(keys[order], axis=0, return_index=True)
+    return np.sort(order[first])
+
+
+def crop_nearest(xyz: np.ndarray, max_points: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the `max_points` points nearest to a random point (a contiguous crop), sorted."""
+    if len(xyz) <= max_points:
+        return np.arange(len(xyz))
+    centre = xyz[rng.integers(len(xyz))]
+    d2 = ((xyz - centre) ** 2).sum(axis=1)
+    return np.sort(np.argpartition(d2, max_points - 1)[:max_points])
+
+
+@dataclass(frozen=True)
+class Augment:
+    rotate: bool = True  # uniform angle about z
+    flip: bool = True  # none, x or y, each with probability 1/3 (a flip with p = 2/3)
+    scale: tuple[float, float] = (0.9, 1.1)  # isotropic scale range; (1, 1) for none
+
+    def __call__(self, xyz: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        xyz = xyz.astype(np.float32, copy=True)
+        if self.rotate:
+            a = rng.uniform(0, 2 * np.pi)
+            c, s = np.cos(a), np.sin(a)
+            xyz[:, :2] = xyz[:, :2] @ np.array([[c, s], [-s, c]], dtype=np.float32)
+        if self.flip:
+            axis = rng.integers(3)  # 0: none, 1: x, 2: y
+            if axis:
+                xyz[:, axis - 1] *= -1
+        if self.scale != (1.0, 1.0):
+            xyz *= rng.uniform(*self.scale)
+        return xyz
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The student's 3D field of view and its cells: WaffleIron's three 2D planes are its
+    (x, y), (x, z) and (y, z) projections."""
+
+    lo: tuple[float, float, float] = (-64.0, -64.0, -8.0)
+    hi: tuple[float, float, float] = (64.0, 64.0, 8.0)
+    cell: float = 0.5
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(round((h - l) / self.cell)) for l, h in zip(self.lo, self.hi))
+
+    def inside(self, xyz: np.ndarray) -> np.ndarray:
+        lo, hi = np.asarray(self.lo, np.float32), np.asarray(self.hi, np.float32)
+        return ((xyz >= lo) & (xyz < hi)).all(axis=1)
+
+    def cells(self, xyz: np.ndarray) -> np.ndarray:
+        """(N, 3) integer cell coordinates of points inside the field of view."""
+        c = np.floor((xyz - np.asarray(self.lo, np.float32)) / self.cell).astype(np.int32)
+        return np.clip(c, 0, np.asarray(self.shape) - 1)
+
+
+def student_features(xyz: np.ndarray, intensity: np.ndarray) -> np.ndarray:
+    """WaffleIron's 5 input channels: intensity (normalised to [0, 1]), x, y, z, radius."""
+    radius = np.linalg.norm(xyz[:, :2], axis=1, keepdims=True)
+    return np.concatenate([intensity[:, None], xyz, radius], axis=1).astype(np.float32)
+
+
+def knn(xyz: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) indices of each point's k nearest neighbours (itself first); repeats when N < k."""
+    n = len(xyz)
+    if n == 0:
+        return np.zeros((0, k), dtype=np.int64)
+    _, idx = cKDTree(xyz).query(xyz, k=min(k, n))
+    idx = idx.reshape(n, -1)
+    if idx.shape[1] < k:
+        idx = np.concatenate([idx, np.repeat(idx[:, :1], k - idx.shape[1], axis=1)], axis=1)
+    return idx.astype(np.int64)

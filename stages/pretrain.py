@@ -1,0 +1,104 @@
+"""Stage 2, pretrain: train a WaffleIron student against cached teacher targets only.
+
+Data flow: feature stores -> DistillationData (random camera, voxelise, crop, augment, student
+inputs) -> WaffleIron + distillation head -> loss against the stored targets -> the shared
+training loop (stages/train.py). No teacher, no image and no raw dataset is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import __version__
+from pipeline.config import to_dict
+from stages.student_data import DistillationData, EpochSampler, SampleConfig, collate
+from stages.train import OptimConfig, TrainConfig, fit
+from stages.waffleiron import STUDENTS, Student, WaffleIron, WaffleIronConfig, cosine_distance_loss, make_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: str = "cosine"  # "cosine" (ScaLR) or "ppkt" (point-to-pixel InfoNCE baseline)
+    ppkt_pairs: int = 4096
+    ppkt_temperature: float = 0.07
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    stores: tuple[Path, ...]
+    out: Path
+    student: str = "WI-48-256"  # preset; adjust with model.* overrides
+    model: WaffleIronConfig | None = None  # the resolved student (None: the preset's)
+    head: str = "auto"  # linear (one teacher), mlp (several teachers; ScaLR+), auto picks
+    head_hidden: int = 2048
+    loss: LossConfig = field(default_factory=LossConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    balanced: bool = False  # sample datasets equally instead of in proportion to their size
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved(self) -> "PretrainConfig":
+        if self.student not in STUDENTS:
+            raise ValueError(f"unknown student {self.student!r}; presets: {', '.join(STUDENTS)}")
+        return self if self.model is not None else dataclasses.replace(self, model=STUDENTS[self.student])
+
+
+def build_student(model_cfg: WaffleIronConfig, target_dim: int, head: str, hidden: int, teachers: int) -> Student:
+    kind = ("mlp" if teachers > 1 else "linear") if head == "auto" else head
+    return Student(WaffleIron(model_cfg), make_head(model_cfg.width, target_dim, kind, hidden))
+
+
+def ppkt_loss(student: torch.Tensor, teacher: torch.Tensor, pairs: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """PPKT baseline: InfoNCE over `pairs` random point-pixel pairs of the batch; returns the sum
+    over pairs (normalised by the caller)."""
+    n = student.shape[0]
+    pick = torch.randperm(n, generator=generator)[: min(pairs, n)].to(student.device)
+    s = F.normalize(student[pick].float(), dim=1)
+    t = F.normalize(teacher[pick].float(), dim=1)
+    logits = s @ t.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(pick), device=logits.device), reduction="sum")
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    cfg = cfg.resolved()
+    data = DistillationData(list(cfg.stores), cfg.sample)
+    groups = data.groups
+    if cfg.model.grid_shape != cfg.sample.grid.shape:
+        raise ValueError(f"model.grid_shape {cfg.model.grid_shape} differs from the sample grid's {cfg.sample.grid.shape}")
+    torch.manual_seed(cfg.train.seed)
+    model = build_student(cfg.model, data.target_dim, cfg.head, cfg.head_hidden, len(groups[0].teachers))
+    log.info(
+        "student %s (%.2f M parameters), teachers %s (%d dims), %s: %d scans",
+        cfg.student, sum(p.numel() for p in model.parameters()) / 1e6, groups[0].teachers, data.target_dim,
+        ", ".join(f"{g.name} {n}" for g, n in zip(groups, data.sizes)), len(data),
+    )  # fmt: skip
+    record = {
+        "stage": "pretrain", "scalr_version": __version__, "config": to_dict(cfg),
+        "stores": [{"path": str(s.path), "teacher": s.attrs["teacher"], "dataset": s.attrs["dataset"]} for g in groups for s in g.stores],
+        "target_dim": data.target_dim, "head_input": cfg.model.width,
+    }  # fmt: skip
+    ppkt_gen = torch.Generator().manual_seed(cfg.train.seed)
+
+    def step_loss(net, batch):
+        pred = net(batch)
+        if cfg.loss.kind == "cosine":
+            per_point = cosine_distance_loss(pred, batch["targets"])
+            return per_point.sum(), torch.tensor(float(len(per_point)), device=pred.device)
+        if cfg.loss.kind == "ppkt":
+            total = ppkt_loss(pred, batch["targets"], cfg.loss.ppkt_pairs, cfg.loss.ppkt_temperature, ppkt_gen)
+            return total, torch.tensor(float(min(cfg.loss.ppkt_pairs, len(pred))), device=pred.device)
+        raise ValueError(f"unknown loss {cfg.loss.kind!r}: cosine or ppkt")
+
+    return fit(
+        model, [{"params": model.parameters()}], data,
+        lambda rank, world: EpochSampler(data.sizes, cfg.train.batch_size, cfg.train.seed, rank, world, cfg.balanced),
+        collate, step_loss, cfg.optim, cfg.train, cfg.out, record,
+    )  # fmt: skip

@@ -1,0 +1,185 @@
+"""Training samples for the student, read from feature stores only (no teacher, no images, no raw
+dataset): a scan, one of its cameras at random (each epoch anew), that entry's points and
+targets, then voxelisation, crop, augmentation and the student's inputs.
+
+Stores of the same dataset and split (one per teacher) are joined on (scan, camera) and their
+targets concatenated; stores of different datasets are concatenated into one training set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.transforms import Augment, Grid, crop_nearest, knn, student_features, voxel_downsample
+from storage.feature_store import FeatureStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    voxel: float = 0.1  # metres; one random point per voxel
+    max_points: int = 20000  # the nearest to a random point
+    augment: Augment = field(default_factory=Augment)
+    grid: Grid = field(default_factory=Grid)
+    neighbours: int = 16
+
+
+@dataclass(frozen=True)
+class _Scan:
+    group: int  # index of the dataset group
+    scan_id: str
+    entries: tuple[tuple[str, tuple[tuple[int, int, int], ...]], ...]  # (camera, ((part, offset, count) per store))
+
+
+class StoreGroup:
+    """The stores of one dataset split, one per teacher, joined on (scan, camera)."""
+
+    def __init__(self, stores: list[FeatureStore]):
+        first = stores[0]
+        for other in stores[1:]:
+            for key in ("dataset", "image_size", "projection", "plan"):
+                if first.attrs[key] != other.attrs[key]:
+                    raise StoreError(f"{other.path}: cannot be joined with {first.path}: {key} differs ({other.attrs[key]} vs {first.attrs[key]})")
+        self.stores = stores
+        self.dataset = first.attrs["dataset"]
+        self.teachers = [s.attrs["teacher"]["name"] for s in stores]
+        self.dims = [s.attrs["teacher"]["dim"] for s in stores]
+        self.intensity_max = float(first.attrs["intensity_max"])
+        manifests = [s.manifest().to_pylist() for s in stores]
+        keys = [[(r["scan_id"], r["camera"], r["count"], r["status"]) for r in m] for m in manifests]
+        for store, k in zip(stores[1:], keys[1:]):
+            if k != keys[0]:
+                raise StoreError(f"{store.path}: its entries (scans, cameras, point counts) differ from {first.path}; stores to join must be extracted from the same data")
+        self.by_scan: dict[str, list[tuple[str, tuple]]] = {}
+        for rows in zip(*manifests):
+            r = rows[0]
+            if r["status"] == "ok" and r["count"] > 0:
+                self.by_scan.setdefault(r["scan_id"], []).append((r["camera"], tuple((x["part"], x["offset"], x["count"]) for x in rows)))
+        scans = {r["scan_id"] for r in manifests[0]}
+        if len(self.by_scan) < len(scans):
+            log.info("%s: %d of %d scans have no visible point in any camera and are not trained on", first.path, len(scans) - len(self.by_scan), len(scans))
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset['name']}/{self.dataset['split']}"
+
+
+def group_stores(paths: list[Path]) -> list[StoreGroup]:
+    """Stores grouped by dataset split (same scan ids); groups must have the same teachers."""
+    stores = [FeatureStore(p) for p in paths]
+    by_data: dict[str, list[FeatureStore]] = {}
+    for s in stores:
+        by_data.setdefault(s.attrs["dataset"]["scan_ids_sha256"], []).append(s)
+    groups = [StoreGroup(sorted(g, key=lambda s: s.attrs["teacher"]["name"])) for g in by_data.values()]
+    for g in groups[1:]:
+        if g.teachers != groups[0].teachers or g.dims != groups[0].dims:
+            raise StoreError(f"{g.stores[0].path}: dataset {g.name} has teachers {g.teachers}, but {groups[0].name} has {groups[0].teachers}; every dataset needs the same teachers")
+    return groups
+
+
+class DistillationData(torch.utils.data.Dataset):
+    """Items are keyed by (scan index, sample seed): the sample is a pure function of both."""
+
+    def __init__(self, store_paths: list[Path], cfg: SampleConfig):
+        self.cfg = cfg
+        self.groups = group_stores([Path(p) for p in store_paths])
+        self.scans = [_Scan(g, scan_id, tuple(entries)) for g, group in enumerate(self.groups) for scan_id, entries in group.by_scan.items()]
+        if not self.scans:
+            raise StoreError(f"{store_paths[0]}: no scan with visible points to train on")
+        self.sizes = [sum(s.group == g for s in self.scans) for g in range(len(self.groups))]
+        self.target_dim = sum(self.groups[0].dims)
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        scan = self.scans[index]
+        group = self.groups[scan.group]
+        rng = np.random.default_rng(seed)
+        camera, locations = scan.entries[rng.integers(len(scan.entries))]
+        reads = [store.read(*loc) for store, loc in zip(group.stores, locations)]
+        for store, r in zip(group.stores[1:], reads[1:]):
+            if not np.array_equal(r["point_index"], reads[0]["point_index"]):
+                raise StoreError(f"{store.path}: points of {scan.scan_id}/{camera} differ from {group.stores[0].path}")
+        points = reads[0]["points"]
+        targets = np.concatenate([r["features"] for r in reads], axis=1)
+        keep = voxel_downsample(points[:, :3], self.cfg.voxel, rng)
+        keep = keep[crop_nearest(points[keep, :3], self.cfg.max_points, rng)]
+        xyz = self.cfg.augment(points[keep, :3], rng)
+        inside = self.cfg.grid.inside(xyz)
+        keep, xyz = keep[inside], xyz[inside]
+        return {
+            "feats": student_features(xyz, points[keep, 3] / group.intensity_max),
+            "cells": self.cfg.grid.cells(xyz),
+            "neighbours": knn(xyz, self.cfg.neighbours),
+            "targets": targets[keep],
+            "point_index": reads[0]["point_index"][keep],
+            "scan_id": scan.scan_id,
+            "camera": camera,
+            "dataset": group.name,
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    """Pack samples into one batch: points concatenated, neighbour indices offset, sample ids."""
+    offsets = np.cumsum([0] + [len(s["feats"]) for s in samples])
+    return {
+        "feats": torch.from_numpy(np.concatenate([s["feats"] for s in samples])),
+        "cells": torch.from_numpy(np.concatenate([s["cells"] for s in samples])),
+        "neighbours": torch.from_numpy(np.concatenate([s["neighbours"] + o for s, o in zip(samples, offsets)])),
+        "targets": torch.from_numpy(np.concatenate([s["targets"] for s in samples])),
+        "batch": torch.from_numpy(np.repeat(np.arange(len(samples)), np.diff(offsets))),
+        "batch_size": len(samples),
+        "scan_ids": [s["scan_id"] for s in samples],
+    }
+
+
+class EpochSampler:
+    """Deterministic batches of (index, sample seed) for each epoch, sharded over ranks.
+
+    Epoch e shuffles all scans uniformly (datasets sampled in proportion to their size), or, when
+    `balanced`, draws each sample's dataset uniformly. A global batch of `batch_size` is split
+    across `world` ranks. `start(epoch, batch)` resumes mid-epoch exactly."""
+
+    def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1, balanced: bool = False):
+        if batch_size % world:
+            raise ValueError(f"global batch size {batch_size} is not divisible by {world} ranks")
+        total = sum(sizes)
+        if total < batch_size:
+            raise ValueError(f"{total} training scans cannot fill one batch of {batch_size}")
+        self.sizes, self.batch_size, self.seed = sizes, batch_size, seed
+        self.rank, self.world, self.balanced = rank, world, balanced
+        self.epoch, self.first_batch = 0, 0
+
+    def __len__(self) -> int:
+        return sum(self.sizes) // self.batch_size
+
+    def start(self, epoch: int, first_batch: int = 0) -> "EpochSampler":
+        self.epoch, self.first_batch = epoch, first_batch
+        return self
+
+    def order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        if not self.balanced:
+            return rng.permutation(sum(self.sizes))
+        starts = np.cumsum([0] + self.sizes[:-1])
+        groups = rng.integers(len(self.sizes), size=sum(self.sizes))
+        return np.array([starts[g] + rng.integers(self.sizes[g]) for g in groups])
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        for b in range(self.first_batch, len(self)):  # this rank's share of global batch b
+            positions = range(b * self.batch_size + self.rank, (b + 1) * self.batch_size, self.world)
+            yield [(int(order[p]), _seed(self.seed, self.epoch, p)) for p in positions]
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
