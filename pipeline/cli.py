@@ -197,6 +197,43 @@ def inspect(store, scan, camera, stats):
         raise click.ClickException(str(err).strip('"')) from None
 
 
+@main.command()
+@click.option("--store", "stores", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Feature store; repeat it. Stores of one dataset split (one per teacher) are joined, stores of different datasets mixed.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (config, metrics, checkpoints, loss curve).")
+@click.option("--student", default="WI-48-256", help="WaffleIron preset: WI-48-96, WI-48-256, WI-48-384, WI-48-768, WI-12-64 (CPU demos).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML file of overrides ([optim] lr = 1e-3 ...).")
+@click.option("--set", "sets", multiple=True, help="Override any config key, e.g. --set optim.lr=1e-3 --set model.drop_path=0.2.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Global batch size (all ranks).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (the schedule still spans all epochs).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
+@click.option("--device", default=None)
+@click.option("--num-workers", type=int, default=None)
+@click.option("--loss", type=click.Choice(["cosine", "ppkt"]), default=None, help="cosine: ScaLR; ppkt: contrastive baseline.")
+@click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out instead of resuming from it.")
+def pretrain(stores, out, student, config_file, sets, epochs, batch_size, max_steps, precision, device, num_workers, loss, fresh):
+    """Stage 2: train a WaffleIron student against cached teacher targets (no teacher, images or
+    raw dataset needed). Resumes from --out's last checkpoint. Multi-GPU:
+    torchrun --nproc-per-node N -m pipeline.cli pretrain ..."""
+    from pipeline.config import apply, load_toml, parse_sets
+    from stages.pretrain import PretrainConfig, pretrain
+    from stages.train import NonFiniteLoss
+    from storage.feature_store import StoreError
+
+    flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.max_steps": max_steps, "train.precision": precision,
+             "train.device": device, "train.num_workers": num_workers, "loss.kind": loss}  # fmt: skip
+    try:
+        cfg = PretrainConfig(tuple(stores), out, student).resolved()
+        cfg = apply(cfg, load_toml(config_file) if config_file else {})
+        cfg = apply(cfg, parse_sets(list(sets)))
+        cfg = apply(cfg, {k: v for k, v in flags.items() if v is not None})
+        summary = pretrain(cfg, resume=not fresh)
+    except (StoreError, ValueError, NonFiniteLoss) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"pretrained {summary['steps']} steps; checkpoint {summary['checkpoint']}; loss curve {Path(out) / 'loss.png'}")
+
+
 @main.group()
 def bench():
     """Benchmarks on your hardware (figures for the README; never timed tests)."""

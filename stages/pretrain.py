@@ -67,7 +67,7 @@ def ppkt_loss(student: torch.Tensor, teacher: torch.Tensor, pairs: int, temperat
     return F.cross_entropy(logits, torch.arange(len(pick), device=logits.device), reduction="sum")
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
+def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     cfg = cfg.resolved()
     data = DistillationData(list(cfg.stores), cfg.sample)
     groups = data.groups
@@ -100,5 +100,5 @@ def pretrain(cfg: PretrainConfig) -> dict:
     return fit(
         model, [{"params": model.parameters()}], data,
         lambda rank, world: EpochSampler(data.sizes, cfg.train.batch_size, cfg.train.seed, rank, world, cfg.balanced),
-        collate, step_loss, cfg.optim, cfg.train, cfg.out, record,
+        collate, step_loss, cfg.optim, cfg.train, cfg.out, record, resume,
     )  # fmt: skip

@@ -74,6 +74,43 @@ class Distributed:
         return value
 
 
+class CpuSyncBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over (N, C) whose training statistics are summed over all ranks (gloo/CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xf = x.float()
+        stats = all_reduce(torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([x.shape[0]])]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp(min=0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean)
+            self.running_var.mul_(1 - m).add_(m * var * n / (n - 1).clamp(min=1))
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        return (y * self.weight + self.bias).to(x.dtype) if self.affine else y.to(x.dtype)
+
+
+def cpu_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm1d for CpuSyncBatchNorm, keeping parameters and buffers."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            if child.affine:
+                sync.weight, sync.bias = child.weight, child.bias  # the very parameters the optimiser holds
+            setattr(module, name, sync)
+        else:
+            cpu_sync_batchnorm(child)
+    return module
+
+
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -139,8 +176,8 @@ def fit(
         if step == 0:
             metrics_file.unlink(missing_ok=True)  # a fresh run starts a fresh log
     net = model
-    if ddp.world > 1:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ddp.world > 1:  # batch statistics over the global batch; PyTorch's SyncBatchNorm is GPU-only
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else cpu_sync_batchnorm(model)
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train.precision]
     last_step = total_steps if train.max_steps is None else min(total_steps, train.max_steps)
@@ -159,12 +196,14 @@ def fit(
     bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=ddp.rank != 0, dynamic_ncols=True)
     window_loss, window_points, window_samples, t_window = 0.0, 0, 0, time.perf_counter()
     loader_gen = torch.Generator().manual_seed(train.seed)  # keeps loader seeding off the global RNG
+    # One loader for the whole run: its workers persist across epochs, and the batch sampler,
+    # iterated in this process, is moved to each epoch (and resume position) before iterating.
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers, pin_memory=device.type == "cuda",
+        generator=loader_gen, prefetch_factor=4 if train.num_workers else None, persistent_workers=train.num_workers > 0,
+    )  # fmt: skip
     while step < last_step:
         sampler.start(epoch, batch_in_epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers,
-            pin_memory=device.type == "cuda", generator=loader_gen, prefetch_factor=4 if train.num_workers else None,
-        )  # fmt: skip
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -35,6 +35,7 @@ STUDENTS = {
     "WI-48-256": WaffleIronConfig(width=256),
     "WI-48-384": WaffleIronConfig(width=384),
     "WI-48-768": WaffleIronConfig(width=768, norm="layer"),
+    "WI-12-64": WaffleIronConfig(depth=12, width=64),  # small enough for CPU demos and tests
 }
 
 
