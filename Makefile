@@ -23,7 +23,14 @@ STORE   ?= stores/$(DATASET)-$(SPLIT)-$(TEACHER).zarr
 TEACHER_FLAGS = $(if $(WEIGHTS),--weights $(WEIGHTS),--random-init)
 EXTRACT_FLAGS ?=
 
-.PHONY: install test demo synth check-dataset extract-features bench-extract clean
+# Stage 2 defaults: a small student on the store made by `make extract-features`. Real data:
+#   make pretrain STORES="stores/nuscenes-train-dinov2-vitl14.zarr" STUDENT=WI-48-768 RUN=runs/wi768 PRETRAIN_FLAGS="--precision bf16"
+STORES  ?= $(STORE)
+STUDENT ?= WI-12-64
+RUN     ?= runs/pretrain-$(STUDENT)
+PRETRAIN_FLAGS ?= --epochs 4 --batch-size 4 --set optim.warmup_iters=6 --set train.log_every=1
+
+.PHONY: install test demo synth check-dataset extract-features pretrain bench-extract bench-pretrain clean
 
 install: $(VENV)/.installed
 
@@ -58,12 +65,19 @@ extract-features: install $(if $(filter $(DATA)/%,$(ROOT)),synth)
 	$(SCALR) extract-features --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --teacher $(TEACHER) $(TEACHER_FLAGS) --out $(STORE) $(EXTRACT_FLAGS)
 	$(SCALR) verify $(STORE)
 
+# Resumes from $(RUN)/checkpoints/last.pt when it exists.
+pretrain: $(if $(filter stores/%,$(STORES)),extract-features,install)
+	$(SCALR) pretrain $(foreach s,$(STORES),--store $(s)) --student $(STUDENT) --out $(RUN) $(PRETRAIN_FLAGS)
+
+bench-pretrain: extract-features
+	$(SCALR) bench pretrain --store $(STORE) --student WI-48-256
+
 bench-extract: install synth
 	$(SCALR) bench extract --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --teacher dinov2-vits14
 
-demo: check-dataset extract-features
+demo: check-dataset extract-features pretrain
 	$(SCALR) inspect $(STORE) --stats
-	@echo "demo done: datasets under $(DATA)/, figures under $(OUT)/check/, feature store $(STORE)"
+	@echo "demo done: datasets under $(DATA)/, figures under $(OUT)/check/, feature store $(STORE), student run $(RUN) (loss curve $(RUN)/loss.png)"
 
 clean:
-	rm -rf $(DATA) $(OUT) stores
+	rm -rf $(DATA) $(OUT) stores runs

@@ -270,6 +270,28 @@ def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device
         Path(json_out).write_text(json.dumps(result, indent=2))
 
 
+@bench.command("pretrain")
+@click.option("--store", type=click.Path(path_type=Path), required=True, help="Feature store (its raw dataset must still be there for the online-teacher comparison).")
+@click.option("--student", default="WI-48-256")
+@click.option("--batch-size", default=2)
+@click.option("--max-points", default=20000)
+@click.option("--steps", default=6, help="Timed steps (after 2 warm-up steps).")
+@click.option("--num-workers", default=2)
+@click.option("--device", default="auto")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
+@click.option("--teacher", "teachers", multiple=True, default=("dinov2-vits14", "dinov2-vitb14"), help="Teachers to run online for comparison (repeat).")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_pretrain_cmd(store, student, batch_size, max_points, steps, num_workers, device, precision, teachers, json_out):
+    """Pretraining: step time with the real store loader / with batches in memory (goal <= 1.05),
+    step time with a teacher run online / with cached targets, peak memory."""
+    from stages.bench import BenchPretrainConfig, bench_pretrain, pretrain_report_lines
+
+    result = bench_pretrain(BenchPretrainConfig(store, student, batch_size, max_points, steps, num_workers, device, precision, tuple(teachers)))
+    click.echo("\n".join(pretrain_report_lines(result)))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+
+
 @main.command()
 def teachers():
     """List the registered teachers and the weights file each expects."""

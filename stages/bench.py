@@ -97,3 +97,162 @@ def report_lines(result: dict) -> list[str]:
         f"  bytes on disk / (points x dim x 2)    {result['bytes_over_points_dim_2']:.3f}",
         "  " + json.dumps(result),
     ]
+
+
+# ---- pretrain ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchPretrainConfig:
+    store: Path
+    student: str = "WI-48-256"
+    batch_size: int = 2
+    max_points: int = 20000
+    steps: int = 6  # timed steps (after 2 warm-up steps)
+    num_workers: int = 2
+    device: str = "auto"
+    precision: str = "fp32"
+    teachers: tuple[str, ...] = ("dinov2-vits14", "dinov2-vitb14")  # run online for comparison
+
+
+def _peak_memory(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA allocator peak, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_pretrain(cfg: BenchPretrainConfig) -> dict:
+    """Student step time (forward, backward, AdamW) fed by the real store loader vs by the same
+    batches already in memory; and vs a step that first runs a teacher online on the batch's
+    images (decoded and resized beforehand, so only the teacher's own cost is added)."""
+    import numpy as np
+
+    from pipeline.datasets import open_dataset
+    from stages.extract import load_resized
+    from stages.pretrain import build_student
+    from stages.student_data import DistillationData, EpochSampler, SampleConfig, collate
+    from stages.teachers import sample_grid
+    from stages.waffleiron import STUDENTS, cosine_distance_loss
+    from storage.feature_store import FeatureStore
+
+    device = pick_device(cfg.device)
+    store = FeatureStore(cfg.store)
+    data = DistillationData([cfg.store], SampleConfig(max_points=cfg.max_points))
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    total = cfg.steps + 2  # two warm-up steps are not timed
+
+    def student(dim):
+        torch.manual_seed(0)
+        model = build_student(STUDENTS[cfg.student], dim, "linear", 2048, 1).to(device).train()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(model, optimizer, batch, targets):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = cosine_distance_loss(model(batch), targets).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def on_device(batch):
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def median_step(batches, fn) -> float:
+        """Median wall time between consecutive step ends (so waiting for data counts)."""
+        times = []
+        _sync(device)
+        last = time.perf_counter()
+        for i, batch in zip(range(total), batches):
+            fn(batch)
+            _sync(device)
+            now = time.perf_counter()
+            if i >= 2:
+                times.append(now - last)
+            last = now
+        return float(np.median(times))
+
+    # 1. The real loader: workers read the store and transform while the student trains.
+    model, optimizer = student(data.target_dim)
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=EpochSampler(data.sizes, cfg.batch_size, seed=0), collate_fn=collate,
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    seen = []
+
+    def from_loader():
+        for b in loader:
+            seen.append(b)
+            yield on_device(b)
+
+    loader_step = median_step(from_loader(), lambda b: step(model, optimizer, b, b["targets"]))
+    memory_cached = _peak_memory(device)
+    # 2. The very same batches, already in memory on the device.
+    resident = [on_device(b) for b in seen]
+    memory_step = median_step(iter(resident), lambda b: step(model, optimizer, b, b["targets"]))
+    result = {
+        "student": cfg.student, "device": str(device), "precision": cfg.precision, "batch_size": cfg.batch_size,
+        "max_points": cfg.max_points, "store_teacher": store.attrs["teacher"]["name"], "num_workers": cfg.num_workers,
+        "step_s_loader": round(loader_step, 4), "step_s_in_memory": round(memory_step, 4),
+        "loader_over_in_memory": round(loader_step / memory_step, 3), "peak_mib_cached": round(memory_cached, 1), "online": {},
+    }  # fmt: skip
+    # 3. Online teachers, interleaved with cached steps on the same batches so that drift of the
+    #    machine (allocator, caches, other load) hits both alike: each sample's camera image goes
+    #    through the teacher, targets are sampled at as many points as the sample has, then the
+    #    same student step (one backbone, a head per target width).
+    attrs = store.attrs
+    ds = open_dataset(attrs["dataset"]["name"], attrs["dataset_root"], attrs["dataset"]["split"])
+    size = tuple(attrs["image_size"])
+    index = {sid: i for i, sid in enumerate(ds.scan_ids)}
+    images = {}
+    for sid in {sid for b in seen for sid in b["scan_ids"]}:
+        camera = ds[index[sid]].cameras[0]
+        images[sid] = torch.from_numpy(load_resized(camera.image_path, camera.image_size, size)).permute(2, 0, 1)
+    teachers = {name: load_teacher(name, size, random_init=True).to(device) for name in cfg.teachers}
+    heads = {name: torch.nn.Linear(model.backbone.cfg.width, t.spec.dim).to(device) for name, t in teachers.items()}
+    for head in heads.values():
+        optimizer.add_param_group({"params": head.parameters()})
+    rng = torch.Generator().manual_seed(0)
+
+    def online_targets(teacher, batch):
+        grids = run_teacher(teacher, torch.stack([images[sid] for sid in batch["scan_ids"]]), device, cfg.precision)
+        counts = torch.bincount(batch["batch"], minlength=len(grids)).tolist()
+        pixels = [torch.stack([torch.randint(0, size[1], (n,), generator=rng), torch.randint(0, size[0], (n,), generator=rng)], 1).float() for n in counts]
+        return torch.cat([sample_grid(g, p, size) for g, p in zip(grids, pixels)])
+
+    def timed(fn) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    cached_times, online_times = [], {name: [] for name in teachers}
+    for i, batch in enumerate(resident[:total]):
+        cached = timed(lambda: step(model, optimizer, batch, batch["targets"]))
+        for name, teacher in teachers.items():
+            student_t = type(model)(model.backbone, heads[name])
+            t = timed(lambda: step(student_t, optimizer, batch, online_targets(teacher, batch)))
+            if i >= 2:
+                online_times[name].append(t)
+        if i >= 2:
+            cached_times.append(cached)
+    cached_step = float(np.median(cached_times))
+    result["step_s_cached_interleaved"] = round(cached_step, 4)
+    for name in teachers:
+        online = float(np.median(online_times[name]))
+        result["online"][name] = {"step_s": round(online, 4), "online_over_cached": round(online / cached_step, 3)}
+    result["peak_mib_with_teachers"] = round(_peak_memory(device), 1)
+    return result
+
+
+def pretrain_report_lines(r: dict) -> list[str]:
+    lines = [
+        f"pretraining benchmark: {r['student']}, batch {r['batch_size']} x <= {r['max_points']} points, {r['device']} ({r['precision']}); store teacher {r['store_teacher']}",
+        f"  step time, real store loader / batches in memory   {r['loader_over_in_memory']:.3f}  ({r['step_s_loader']:.3f} s / {r['step_s_in_memory']:.3f} s)",
+        f"  peak memory with cached targets                     {r['peak_mib_cached']:.0f} MiB",
+    ]
+    for name, o in r["online"].items():
+        lines.append(f"  step time, teacher {name} online / cached      {o['online_over_cached']:.3f}  ({o['step_s']:.3f} s / {r['step_s_cached_interleaved']:.3f} s)")
+    lines.append(f"  peak memory with the online teachers too           {r['peak_mib_with_teachers']:.0f} MiB")
+    lines.append("  " + json.dumps(r))
+    return lines
