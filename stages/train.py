@@ -272,7 +272,7 @@ def plot_loss(metrics_file: Path, out: Path) -> Path | None:
     ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="learning rate")
     ax2.set_ylabel("learning rate")
     ax.set_title(f"training loss ({metrics_file.parent.name})")
-    fig.legend(loc="upper right")
+    fig.legend(loc="outside lower center", ncol=2, frameon=False)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
