@@ -30,7 +30,12 @@ STUDENT ?= WI-12-64
 RUN     ?= runs/pretrain-$(STUDENT)
 PRETRAIN_FLAGS ?= --epochs 4 --batch-size 4 --set optim.warmup_iters=6 --set train.log_every=1
 
-.PHONY: install test demo synth check-dataset extract-features pretrain bench-extract bench-pretrain clean
+# Downstream defaults: probe / finetune the student of `make pretrain` on the synthetic labels.
+#   make probe DATASET=nuscenes ROOT=/data/nuscenes SPLIT=train EVAL_SPLIT=val RUN=runs/wi768
+EVAL_SPLIT ?= mini_val
+DOWNSTREAM_FLAGS ?= --epochs 6 --batch-size 4 --set train.log_every=1
+
+.PHONY: install test demo synth check-dataset extract-features pretrain probe finetune evaluate bench-extract bench-pretrain clean
 
 install: $(VENV)/.installed
 
@@ -69,15 +74,24 @@ extract-features: install $(if $(filter $(DATA)/%,$(ROOT)),synth)
 pretrain: $(if $(filter stores/%,$(STORES)),extract-features,install)
 	$(SCALR) pretrain $(foreach s,$(STORES),--store $(s)) --student $(STUDENT) --out $(RUN) $(PRETRAIN_FLAGS)
 
+probe: pretrain
+	$(SCALR) probe --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --checkpoint $(RUN)/checkpoints/last.pt --out $(RUN)-probe $(DOWNSTREAM_FLAGS)
+
+finetune: pretrain
+	$(SCALR) finetune --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --checkpoint $(RUN)/checkpoints/last.pt --out $(RUN)-finetune $(DOWNSTREAM_FLAGS)
+
+evaluate: probe
+	$(SCALR) evaluate --dataset $(DATASET) --root $(ROOT) --split $(EVAL_SPLIT) --checkpoint $(RUN)-probe/checkpoints/last.pt
+
 bench-pretrain: extract-features
 	$(SCALR) bench pretrain --store $(STORE) --student WI-48-256
 
 bench-extract: install synth
 	$(SCALR) bench extract --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --teacher dinov2-vits14
 
-demo: check-dataset extract-features pretrain
+demo: check-dataset extract-features pretrain evaluate
 	$(SCALR) inspect $(STORE) --stats
-	@echo "demo done: datasets under $(DATA)/, figures under $(OUT)/check/, feature store $(STORE), student run $(RUN) (loss curve $(RUN)/loss.png)"
+	@echo "demo done: datasets under $(DATA)/, figures under $(OUT)/check/, feature store $(STORE), student run $(RUN) (loss curve $(RUN)/loss.png), linear probe $(RUN)-probe"
 
 clean:
 	rm -rf $(DATA) $(OUT) stores runs

@@ -234,6 +234,70 @@ def pretrain(stores, out, student, config_file, sets, epochs, batch_size, max_st
     click.echo(f"pretrained {summary['steps']} steps; checkpoint {summary['checkpoint']}; loss curve {Path(out) / 'loss.png'}")
 
 
+def _segment_command(mode: str):
+    @click.option("--dataset", type=click.Choice(sorted(READERS)), required=True, help="Labelled dataset format.")
+    @ROOT
+    @SPLIT
+    @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder.")
+    @click.option("--labels", "labels_fraction", type=click.Choice(["1", "10", "100"]), default="100", help="Percent of the training scans with labels (every 100th / 10th scan of the sorted list).")
+    @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML file of overrides.")
+    @click.option("--set", "sets", multiple=True, help="Override any config key, e.g. --set optim.lr=5e-4.")
+    @click.option("--epochs", type=int, default=None)
+    @click.option("--batch-size", type=int, default=None)
+    @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
+    @click.option("--device", default=None)
+    @click.option("--num-workers", type=int, default=None)
+    @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out.")
+    def command(dataset, root, split, out, labels_fraction, config_file, sets, epochs, batch_size, precision, device, num_workers, fresh, **extra):
+        from pipeline.config import apply, load_toml, parse_sets
+        from stages.segment import SegmentConfig, train_segmentation
+        from stages.train import NonFiniteLoss
+
+        flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.precision": precision, "train.device": device, "train.num_workers": num_workers}
+        try:
+            cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=root, split=split, out=out, labels_fraction=int(labels_fraction) / 100, **extra)
+            cfg = apply(cfg, load_toml(config_file) if config_file else {})
+            cfg = apply(cfg, parse_sets(list(sets)))
+            cfg = apply(cfg, {k: v for k, v in flags.items() if v is not None})
+            summary = train_segmentation(cfg, resume=not fresh)
+        except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
+            raise click.ClickException(str(err)) from None
+        click.echo(f"{mode}: {summary['steps']} steps; checkpoint {summary['checkpoint']}; evaluate with: scalr evaluate --checkpoint {summary['checkpoint']} ...")
+
+    return reports_bad_input(command)
+
+
+CHECKPOINT = click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Pretraining checkpoint (RUN/checkpoints/last.pt).")
+probe = main.command("probe", help="Linear probing: frozen pretrained backbone (eval mode), train a BatchNorm + linear head (AdamW lr 1e-3, wd 3e-3, 20 epochs, warm-up 2 epochs, cosine).")(CHECKPOINT(_segment_command("probe")))
+finetune = main.command("finetune", help="Finetune a pretrained backbone with a new head: drop-path 0.2, layer-wise lr decay (0.99 at 100% labels, 0.95 below), AdamW lr 2e-3, wd 0, CE + Lovasz.")(
+    CHECKPOINT(click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay (default by label fraction).")(_segment_command("finetune")))
+)
+scratch = main.command("train-scratch", help="Supervised baseline: the same training from a random initialisation.")(
+    click.option("--student", default="WI-48-256", help="WaffleIron preset.")(_segment_command("scratch"))
+)
+
+
+@main.command()
+@DATASET
+@ROOT
+@click.option("--split", default="val", show_default=True)
+@CHECKPOINT
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON result (default: RUN/eval-DATASET-SPLIT.json).")
+@click.option("--device", default="auto")
+@click.option("--max-scans", type=int, default=None)
+@reports_bad_input
+def evaluate(dataset, root, split, checkpoint, out, device, max_scans):
+    """mIoU (NaN-mean over classes) and accuracy of a segmentation model: predictions on the
+    voxelised cloud, every point labelled by its nearest kept point, one confusion matrix."""
+    from stages.evaluate import EvaluateConfig, evaluate, table_lines
+
+    try:
+        result = evaluate(EvaluateConfig(dataset, root, checkpoint, split, out, device, max_scans))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo("\n".join(table_lines(result)))
+
+
 @main.group()
 def bench():
     """Benchmarks on your hardware (figures for the README; never timed tests)."""

@@ -111,15 +111,9 @@ class DistillationData(torch.utils.data.Dataset):
                 raise StoreError(f"{store.path}: points of {scan.scan_id}/{camera} differ from {group.stores[0].path}")
         points = reads[0]["points"]
         targets = np.concatenate([r["features"] for r in reads], axis=1)
-        keep = voxel_downsample(points[:, :3], self.cfg.voxel, rng)
-        keep = keep[crop_nearest(points[keep, :3], self.cfg.max_points, rng)]
-        xyz = self.cfg.augment(points[keep, :3], rng)
-        inside = self.cfg.grid.inside(xyz)
-        keep, xyz = keep[inside], xyz[inside]
+        keep, inputs = student_inputs(points, group.intensity_max, self.cfg, rng, train=True)
         return {
-            "feats": student_features(xyz, points[keep, 3] / group.intensity_max),
-            "cells": self.cfg.grid.cells(xyz),
-            "neighbours": knn(xyz, self.cfg.neighbours),
+            **inputs,
             "targets": targets[keep],
             "point_index": reads[0]["point_index"][keep],
             "scan_id": scan.scan_id,
@@ -128,18 +122,38 @@ class DistillationData(torch.utils.data.Dataset):
         }
 
 
+def student_inputs(points: np.ndarray, intensity_max: float, cfg: SampleConfig, rng: np.random.Generator, train: bool) -> tuple[np.ndarray, dict]:
+    """(kept point indices, student inputs) of a cloud: voxelise; when training, also crop to the
+    nearest `max_points` and augment; keep the field of view; 5 input channels, cells, k-NN."""
+    keep = voxel_downsample(points[:, :3], cfg.voxel, rng)
+    if train:
+        keep = keep[crop_nearest(points[keep, :3], cfg.max_points, rng)]
+    xyz = cfg.augment(points[keep, :3], rng) if train else points[keep, :3].astype(np.float32)
+    inside = cfg.grid.inside(xyz)
+    keep, xyz = keep[inside], xyz[inside]
+    return keep, {
+        "feats": student_features(xyz, points[keep, 3] / intensity_max),
+        "cells": cfg.grid.cells(xyz),
+        "neighbours": knn(xyz, cfg.neighbours),
+    }
+
+
 def collate(samples: list[dict]) -> dict:
-    """Pack samples into one batch: points concatenated, neighbour indices offset, sample ids."""
+    """Pack samples into one batch: points concatenated, neighbour indices offset, sample ids;
+    per-point `targets` (distillation) or `labels` (segmentation) concatenated when present."""
     offsets = np.cumsum([0] + [len(s["feats"]) for s in samples])
-    return {
+    batch = {
         "feats": torch.from_numpy(np.concatenate([s["feats"] for s in samples])),
         "cells": torch.from_numpy(np.concatenate([s["cells"] for s in samples])),
         "neighbours": torch.from_numpy(np.concatenate([s["neighbours"] + o for s, o in zip(samples, offsets)])),
-        "targets": torch.from_numpy(np.concatenate([s["targets"] for s in samples])),
         "batch": torch.from_numpy(np.repeat(np.arange(len(samples)), np.diff(offsets))),
         "batch_size": len(samples),
         "scan_ids": [s["scan_id"] for s in samples],
     }
+    for key in ("targets", "labels"):
+        if key in samples[0]:
+            batch[key] = torch.from_numpy(np.concatenate([s[key] for s in samples]))
+    return batch
 
 
 class EpochSampler:

@@ -1,0 +1,108 @@
+"""evaluate: mIoU of a segmentation model on a labelled split.
+
+Each scan is voxelised like in training (no augmentation, no crop), the model predicts on the
+kept points, and every original point takes the prediction of its nearest kept point. One
+confusion matrix over the whole split gives per-class IoU = TP / (TP + FP + FN); mIoU is the
+NaN-mean over classes (a class absent from both labels and predictions has no IoU and does not
+count), plus overall accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+from pipeline.datasets import open_dataset
+from pipeline.errors import DatasetError
+from pipeline.scan import IGNORE_INDEX
+from pipeline.transforms import Grid
+from stages.segment import load_segmenter
+from stages.student_data import SampleConfig, collate, student_inputs
+from stages.train import pick_device
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    dataset: str
+    root: Path
+    checkpoint: Path
+    split: str = "val"
+    out: Path | None = None  # JSON file (default: beside the checkpoint's run folder)
+    device: str = "auto"
+    max_scans: int | None = None
+    sample: SampleConfig | None = None  # default: the voxel size, grid and neighbours the model was trained with
+
+
+def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    valid = labels != IGNORE_INDEX
+    return np.bincount(labels[valid].astype(np.int64) * num_classes + pred[valid], minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(cm: np.ndarray) -> dict:
+    """Rows = labels, columns = predictions."""
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(denom > 0, tp / denom, np.nan)
+    total = cm.sum()
+    return {"iou": iou, "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), "accuracy": float(tp.sum() / total) if total else float("nan")}
+
+
+def trained_sample_config(record: dict) -> SampleConfig:
+    s = record["config"]["sample"]
+    grid = Grid(tuple(s["grid"]["lo"]), tuple(s["grid"]["hi"]), s["grid"]["cell"])
+    return SampleConfig(voxel=s["voxel"], max_points=10**9, grid=grid, neighbours=s["neighbours"])
+
+
+@torch.no_grad()
+def evaluate(cfg: EvaluateConfig) -> dict:
+    model, record = load_segmenter(cfg.checkpoint)
+    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    if list(ds.meta.class_names) != record["dataset"]["classes"]:
+        raise ValueError(f"{cfg.checkpoint}: trained on {record['dataset']['name']} classes, not {ds.meta.name}'s; use a class map for cross-dataset evaluation")
+    sample = cfg.sample or trained_sample_config(record)
+    device = pick_device(cfg.device, 0)
+    model.to(device)
+    k = ds.meta.num_classes
+    cm = np.zeros((k, k), dtype=np.int64)
+    count = len(ds) if cfg.max_scans is None else min(cfg.max_scans, len(ds))
+    if count == 0:
+        raise DatasetError(cfg.root, f"split {cfg.split} is empty")
+    for i in tqdm(range(count), desc=f"evaluate {ds.meta.name} {cfg.split}", unit="scan"):
+        scan = ds[i]
+        if scan.labels is None:
+            raise DatasetError(cfg.root, f"scan {scan.scan_id} has no labels: cannot evaluate {ds.meta.name} {cfg.split}")
+        keep, inputs = student_inputs(scan.points, ds.meta.intensity_max, sample, np.random.default_rng(i), train=False)
+        batch = collate([{**inputs, "scan_id": scan.scan_id}])
+        batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+        pred_kept = model(batch).argmax(dim=1).cpu().numpy()
+        _, nearest = cKDTree(scan.points[keep, :3]).query(scan.points[:, :3])
+        cm += confusion(pred_kept[nearest], scan.labels, k)
+    scores = iou_from_confusion(cm)
+    result = {
+        "checkpoint": str(cfg.checkpoint), "dataset": ds.meta.name, "split": cfg.split, "scans": count,
+        "miou": scores["miou"], "accuracy": scores["accuracy"],
+        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(ds.meta.class_names, scores["iou"])},
+        "confusion": cm.tolist(), "trained_as": record["stage"],
+    }  # fmt: skip
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent.parent / f"eval-{ds.meta.name}-{cfg.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    result["json"] = str(out)
+    return result
+
+
+def table_lines(result: dict) -> list[str]:
+    lines = [f"{result['dataset']} {result['split']} ({result['scans']} scans), {result['trained_as']} model {result['checkpoint']}"]
+    for name, v in result["per_class_iou"].items():
+        lines.append(f"  {name:<22}{'  n/a' if v is None else f'{100 * v:5.1f}'}")
+    lines.append(f"  {'mIoU':<22}{100 * result['miou']:5.1f}")
+    lines.append(f"  {'accuracy':<22}{100 * result['accuracy']:5.1f}")
+    lines.append(f"  written to {result['json']}")
+    return lines

@@ -1,0 +1,219 @@
+"""Downstream training: linear probing, finetuning, and training from scratch on labelled scans.
+
+Data flow: a dataset reader (labels) -> labelled samples (voxelise, crop, augment, student inputs)
+-> the pretrained backbone (frozen in eval mode for probing; layer-wise learning-rate decay for
+finetuning) + a new BatchNorm1d + linear head -> cross-entropy + Lovasz-softmax -> the same
+training loop as pretraining (stages/train.py): checkpoints, exact resume, torchrun, autocast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import __version__
+from pipeline.config import to_dict
+from pipeline.datasets import LidarDataset, open_dataset
+from pipeline.errors import DatasetError
+from pipeline.transforms import Augment
+from stages.losses import segmentation_loss
+from stages.student_data import EpochSampler, SampleConfig, collate, student_inputs
+from stages.train import OptimConfig, TrainConfig, fit
+from stages.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig
+from storage.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+# The paper's recipes (RECIPE.md); `SegmentConfig.for_mode` starts from these.
+MODES = {
+    "probe": dict(lr=1e-3, weight_decay=3e-3, epochs=20, drop_path=0.0),
+    "finetune": dict(lr=2e-3, weight_decay=0.0, epochs=25, drop_path=0.2),
+    "scratch": dict(lr=2e-3, weight_decay=0.0, epochs=25, drop_path=0.2),
+}
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    dataset: str
+    root: Path
+    out: Path
+    mode: str = "probe"  # probe (frozen backbone), finetune, scratch (supervised baseline)
+    checkpoint: Path | None = None  # a pretraining (or segmentation) checkpoint; not for scratch
+    split: str = "train"
+    student: str = "WI-48-256"  # scratch only: the preset to train
+    labels_fraction: float = 1.0  # 1.0, 0.1 or 0.01: every (1/fraction)-th scan of the sorted list
+    layer_decay: float | None = None  # finetune: None = 0.99 at 100% labels, 0.95 below
+    drop_path: float | None = None  # None = the mode's (0.2 for finetune/scratch)
+    warmup_epochs: float = 2.0
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_points=10**9))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def for_mode(cls, mode: str, **kw) -> "SegmentConfig":
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: {', '.join(MODES)}")
+        m = MODES[mode]
+        return cls(mode=mode, optim=OptimConfig(lr=m["lr"], weight_decay=m["weight_decay"]), train=TrainConfig(epochs=m["epochs"]), **kw)
+
+
+class SegmentationModel(nn.Module):
+    """Backbone + BatchNorm1d + linear classifier. With `frozen`, the backbone stays in eval mode
+    and gets no gradient, whatever the training loop asks."""
+
+    def __init__(self, backbone: WaffleIron, num_classes: int, frozen: bool):
+        super().__init__()
+        self.backbone, self.frozen = backbone, frozen
+        width = backbone.cfg.width
+        # Default BatchNorm affine (weight 1, bias 0) and a zero-initialised linear layer: zeroing
+        # the BatchNorm weight as well would leave every weight of the head without gradient.
+        self.head = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, num_classes))
+        nn.init.zeros_(self.head[1].weight)
+        nn.init.zeros_(self.head[1].bias)
+        if frozen:
+            self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                features = self.backbone(batch)
+        else:
+            features = self.backbone(batch)
+        return self.head(features)
+
+
+def label_subset(ids: list[str], fraction: float) -> list[int]:
+    """Indices of every (1/fraction)-th scan of the sorted id list (SemanticKITTI's 1% rule,
+    applied to every dataset)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"labels fraction {fraction} is not in (0, 1]")
+    step = int(round(1 / fraction))
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    return sorted(order[::step])
+
+
+class LabelledScans(torch.utils.data.Dataset):
+    """Labelled scans of a reader; items keyed by (position, seed) like the distillation data."""
+
+    def __init__(self, ds: LidarDataset, indices: list[int], cfg: SampleConfig, train: bool):
+        self.ds, self.indices, self.cfg, self.train = ds, indices, cfg, train
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        position, seed = key
+        scan = self.ds[self.indices[position]]
+        if scan.labels is None:
+            raise DatasetError(self.ds.root, f"scan {scan.scan_id} has no labels; {self.ds.meta.name} {self.ds.split} cannot train a segmenter")
+        rng = np.random.default_rng(seed)
+        keep, inputs = student_inputs(scan.points, self.ds.meta.intensity_max, self.cfg, rng, self.train)
+        return {**inputs, "labels": scan.labels[keep].astype(np.int64), "scan_id": scan.scan_id, "keep": keep}
+
+
+def layer_decay_groups(model: SegmentationModel, base_lr: float, decay: float) -> list[dict]:
+    """Parameter groups with lr = base * decay^(L+1 - layer id): the embedding is layer 0,
+    backbone layer k is k+1, the head L+1."""
+    depth = model.backbone.cfg.depth
+    groups: dict[int, list] = {}
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.embedding."):
+            layer = 0
+        elif name.startswith(("backbone.spatial.", "backbone.channel.")):
+            layer = int(name.split(".")[2]) + 1
+        else:
+            layer = depth + 1
+        groups.setdefault(layer, []).append(p)
+    return [{"params": ps, "lr": base_lr * decay ** (depth + 1 - layer), "layer": layer} for layer, ps in sorted(groups.items())]
+
+
+def load_backbone(checkpoint: Path, drop_path: float) -> WaffleIron:
+    """The backbone of a pretraining or segmentation checkpoint, loaded strictly."""
+    state = load_checkpoint(checkpoint)
+    model_cfg = state.get("config", {}).get("config", {}).get("model")
+    if not model_cfg:
+        raise ValueError(f"{checkpoint}: no student configuration recorded; not a scalr checkpoint")
+    cfg = WaffleIronConfig(**{**model_cfg, "grid_shape": tuple(model_cfg["grid_shape"]), "drop_path": drop_path})
+    backbone = WaffleIron(cfg)
+    weights = {k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint}: backbone weights do not fit the recorded student {cfg.depth}x{cfg.width}: {str(err).splitlines()[0]}") from None
+    return backbone
+
+
+def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
+    mode = MODES[cfg.mode]
+    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    if len(ds) == 0:
+        raise DatasetError(cfg.root, f"split {cfg.split} is empty")
+    indices = label_subset(ds.scan_ids, cfg.labels_fraction)
+    drop = mode["drop_path"] if cfg.drop_path is None else cfg.drop_path
+    if cfg.mode == "scratch":
+        if cfg.checkpoint is not None:
+            raise ValueError("training from scratch takes no --checkpoint")
+        torch.manual_seed(cfg.train.seed)
+        backbone = WaffleIron(dataclasses.replace(STUDENTS[cfg.student], drop_path=drop, grid_shape=cfg.sample.grid.shape))
+    else:
+        if cfg.checkpoint is None:
+            raise ValueError(f"{cfg.mode} needs --checkpoint (a pretraining run's checkpoints/last.pt)")
+        backbone = load_backbone(cfg.checkpoint, drop)
+    if backbone.cfg.grid_shape != cfg.sample.grid.shape:
+        raise ValueError(f"the backbone's grid {backbone.cfg.grid_shape} differs from the sample grid {cfg.sample.grid.shape}; set sample.grid to match")
+    torch.manual_seed(cfg.train.seed)
+    model = SegmentationModel(backbone, ds.meta.num_classes, frozen=cfg.mode == "probe")
+    if cfg.mode == "finetune":
+        decay = cfg.layer_decay if cfg.layer_decay is not None else (0.99 if cfg.labels_fraction == 1.0 else 0.95)
+        groups = layer_decay_groups(model, cfg.optim.lr, decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    data = LabelledScans(ds, indices, dataclasses.replace(cfg.sample, augment=Augment(scale=(0.9, 1.1))), train=True)
+    steps_per_epoch = len(indices) // cfg.train.batch_size
+    if steps_per_epoch == 0:
+        raise DatasetError(cfg.root, f"{len(indices)} labelled scans cannot fill one batch of {cfg.train.batch_size}")
+    optim = dataclasses.replace(cfg.optim, warmup_iters=max(1, int(cfg.warmup_epochs * steps_per_epoch)))
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "frames.txt").write_text("\n".join(ds.scan_ids[i] for i in indices) + "\n")
+    record = {
+        "stage": cfg.mode, "scalr_version": __version__, "config": {**to_dict(cfg), "model": to_dict(backbone.cfg)},
+        "dataset": {"name": ds.meta.name, "split": cfg.split, "classes": list(ds.meta.class_names), "scans": len(indices)},
+        "num_classes": ds.meta.num_classes, "pretrained": str(cfg.checkpoint) if cfg.checkpoint else None,
+    }  # fmt: skip
+    log.info("%s on %s %s: %d labelled scans (%.0f%%), %s backbone %dx%d", cfg.mode, ds.meta.name, cfg.split, len(indices), 100 * cfg.labels_fraction, "frozen" if model.frozen else "trainable", backbone.cfg.depth, backbone.cfg.width)
+
+    def step_loss(net, batch):
+        loss = segmentation_loss(net(batch), batch["labels"])
+        count = torch.tensor(float(len(batch["labels"])), device=loss.device)
+        return loss * count, count
+
+    return fit(
+        model, groups, data, lambda rank, world: EpochSampler([len(indices)], cfg.train.batch_size, cfg.train.seed, rank, world),
+        collate, step_loss, optim, cfg.train, cfg.out, record, resume,
+    )  # fmt: skip
+
+
+def load_segmenter(checkpoint: Path) -> tuple[SegmentationModel, dict]:
+    """A trained segmentation model (eval mode) and its run record."""
+    state = load_checkpoint(checkpoint)
+    record = state.get("config", {})
+    if record.get("stage") not in MODES:
+        raise ValueError(f"{checkpoint}: a {record.get('stage', 'unknown')} checkpoint, not a segmentation model (run probe, finetune or scratch first)")
+    model_cfg = record["config"]["model"]
+    backbone = WaffleIron(WaffleIronConfig(**{**model_cfg, "grid_shape": tuple(model_cfg["grid_shape"])}))
+    model = SegmentationModel(backbone, record["num_classes"], frozen=False)
+    model.load_state_dict(state["model"], strict=True)
+    return model.eval(), record
+

@@ -1,0 +1,129 @@
+"""Downstream: probing, finetuning, evaluation."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.errors import DatasetError
+from pipeline.transforms import Grid
+from stages.evaluate import EvaluateConfig, confusion, evaluate, iou_from_confusion
+from stages.extract import ExtractConfig, extract
+from stages.losses import lovasz_softmax, segmentation_loss
+from stages.pretrain import PretrainConfig, pretrain
+from stages.segment import SegmentConfig, SegmentationModel, label_subset, layer_decay_groups, load_backbone, train_segmentation
+from stages.student_data import SampleConfig
+from stages.train import OptimConfig, TrainConfig
+from stages.waffleiron import WaffleIron, WaffleIronConfig
+from storage.checkpoint import load_checkpoint
+
+GRID = Grid(cell=4.0)
+SAMPLE = SampleConfig(max_points=10**9, grid=GRID)
+
+
+@pytest.fixture(scope="module")
+def pretrained(kitti_root, tmp_path_factory):
+    """A tiny student distilled from a random test-vit on the KITTI-format rig."""
+    tmp = tmp_path_factory.mktemp("pre")
+    store = extract(ExtractConfig("semantickitti", kitti_root, "train", "test-vit", tmp / "s.zarr", random_init=True, image_size=(32, 64), num_workers=0))
+    cfg = PretrainConfig(
+        stores=(store.path,), out=tmp / "run", model=WaffleIronConfig(depth=2, width=16, grid_shape=GRID.shape),
+        sample=SampleConfig(max_points=5000, grid=GRID), optim=OptimConfig(warmup_iters=1), train=TrainConfig(batch_size=2, epochs=2, num_workers=0),
+    )  # fmt: skip
+    return pretrain(cfg)["checkpoint"]
+
+
+def probe_cfg(kitti_root, out, checkpoint, mode="probe", **train):
+    cfg = SegmentConfig.for_mode(mode, dataset="semantickitti", root=kitti_root, out=out, checkpoint=checkpoint, sample=SAMPLE)
+    return cfg.__class__(**{**cfg.__dict__, "train": TrainConfig(**{"epochs": 30, "batch_size": 2, "num_workers": 0, "log_every": 5, **train}), "warmup_epochs": 1})
+
+
+def test_probing_learns_and_keeps_the_backbone_bit_identical(kitti_root, pretrained, tmp_path):
+    before = {k: v.clone() for k, v in load_checkpoint(pretrained)["model"].items() if k.startswith("backbone.")}
+    cfg = probe_cfg(kitti_root, tmp_path / "probe", pretrained)
+    summary = train_segmentation(cfg.__class__(**{**cfg.__dict__, "optim": OptimConfig(lr=1e-2, weight_decay=3e-3)}))
+    after = load_checkpoint(summary["checkpoint"])["model"]
+    for k, v in before.items():  # weights AND BatchNorm running statistics
+        assert torch.equal(after[k], v), k
+    result = evaluate(EvaluateConfig("semantickitti", kitti_root, summary["checkpoint"], split="train", sample=SAMPLE))
+    chance = 1 / 19
+    assert result["miou"] > 2 * chance and result["accuracy"] > 0.5, (result["miou"], result["accuracy"])
+    assert (tmp_path / "probe/frames.txt").read_text().split() == ["00/000000", "00/000001"]
+
+
+def test_finetune_layer_decay_gives_the_documented_rates():
+    model = SegmentationModel(WaffleIron(WaffleIronConfig(depth=4, width=8)), 5, frozen=False)
+    groups = layer_decay_groups(model, 2e-3, 0.9)
+    rates = {g["layer"]: g["lr"] for g in groups}
+    assert sorted(rates) == [0, 1, 2, 3, 4, 5]
+    for layer, lr in rates.items():
+        assert lr == pytest.approx(2e-3 * 0.9 ** (5 - layer))
+    assert rates[5] == pytest.approx(2e-3)  # the head trains at the base rate
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_finetune_and_scratch_train(kitti_root, pretrained, tmp_path):
+    ft = train_segmentation(probe_cfg(kitti_root, tmp_path / "ft", pretrained, mode="finetune", epochs=2))
+    state = load_checkpoint(ft["checkpoint"])
+    assert state["config"]["config"]["model"]["drop_path"] == 0.2
+    lrs = [g["lr"] for g in state["optimizer"]["param_groups"]]
+    assert len(lrs) == 4 and lrs[0] < lrs[-1]  # embedding, 2 layers, head: decayed rates
+    cfg = probe_cfg(kitti_root, tmp_path / "scratch", None, mode="scratch", epochs=1)
+    scratch = train_segmentation(cfg.__class__(**{**cfg.__dict__, "student": "WI-12-64"}))
+    assert scratch["steps"] == 1
+
+
+def test_miou_on_a_hand_made_confusion_matrix():
+    cm = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])  # rows labels, columns predictions; class 2 absent
+    scores = iou_from_confusion(cm)
+    assert scores["iou"][0] == pytest.approx(5 / 8) and scores["iou"][1] == pytest.approx(3 / 6)
+    assert np.isnan(scores["iou"][2])
+    assert scores["miou"] == pytest.approx((5 / 8 + 3 / 6) / 2)  # NaN-mean: the absent class does not count
+    assert scores["accuracy"] == pytest.approx(8 / 11)
+    labels = np.array([0, 0, 1, 255, 2])
+    pred = np.array([0, 1, 1, 0, 0])
+    assert confusion(pred, labels, 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_lovasz_is_zero_for_perfect_predictions():
+    labels = torch.tensor([0, 1, 2, 255])
+    perfect = torch.eye(3)[[0, 1, 2, 0]]
+    assert lovasz_softmax(perfect, labels).item() == pytest.approx(0.0)
+    assert lovasz_softmax(torch.full((4, 3), 1 / 3), labels).item() > 0.5
+    assert torch.isfinite(segmentation_loss(torch.randn(4, 3), torch.full((4,), 255)))
+
+
+def test_label_fractions():
+    ids = [f"00/{i:06d}" for i in range(250)][::-1]
+    one = label_subset(ids, 0.01)
+    assert sorted(ids[i] for i in one) == ["00/000000", "00/000100", "00/000200"]
+    assert len(label_subset(ids, 0.1)) == 25 and len(label_subset(ids, 1.0)) == 250
+
+
+def test_bad_downstream_input(kitti_root, kitti_copy, pretrained, tmp_path):
+    other = tmp_path / "other.pt"
+    state = load_checkpoint(pretrained)
+    state["config"]["config"]["model"]["width"] = 32
+    torch.save(state, other)
+    with pytest.raises(ValueError, match="backbone weights do not fit the recorded student 2x32"):
+        load_backbone(other, 0.0)
+    with pytest.raises(ValueError, match="not a segmentation model"):
+        evaluate(EvaluateConfig("semantickitti", kitti_root, pretrained))
+    import shutil
+
+    shutil.rmtree(kitti_copy / "sequences/00/labels")
+    with pytest.raises(DatasetError, match="has no labels"):
+        train_segmentation(probe_cfg(kitti_copy, tmp_path / "nolabels", pretrained, epochs=1))
+    with pytest.raises(ValueError, match="probe needs --checkpoint"):
+        train_segmentation(probe_cfg(kitti_root, tmp_path / "x", None, epochs=1))
+
+
+def test_cli_probe_and_evaluate(kitti_root, pretrained, tmp_path):
+    out = tmp_path / "probe"
+    args = ["probe", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", pretrained, "--out", str(out), "--epochs", "1", "--batch-size", "2",
+            "--num-workers", "0", "--set", "sample.grid.cell=4.0"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val", "--checkpoint", str(out / "checkpoints/last.pt")])
+    assert "mIoU" in result.output and (out / "eval-semantickitti-val.json").is_file()
