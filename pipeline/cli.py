@@ -216,7 +216,7 @@ def pretrain(stores, out, student, config_file, sets, epochs, batch_size, max_st
     """Stage 2: train a WaffleIron student against cached teacher targets (no teacher, images or
     raw dataset needed). Resumes from --out's last checkpoint. Multi-GPU:
     torchrun --nproc-per-node N -m pipeline.cli pretrain ..."""
-    from pipeline.config import apply, load_toml, parse_sets
+    from pipeline.config import layered
     from stages.pretrain import PretrainConfig, pretrain
     from stages.train import NonFiniteLoss
     from storage.feature_store import StoreError
@@ -224,10 +224,7 @@ def pretrain(stores, out, student, config_file, sets, epochs, batch_size, max_st
     flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.max_steps": max_steps, "train.precision": precision,
              "train.device": device, "train.num_workers": num_workers, "loss.kind": loss}  # fmt: skip
     try:
-        cfg = PretrainConfig(tuple(stores), out, student).resolved()
-        cfg = apply(cfg, load_toml(config_file) if config_file else {})
-        cfg = apply(cfg, parse_sets(list(sets)))
-        cfg = apply(cfg, {k: v for k, v in flags.items() if v is not None})
+        cfg = layered(PretrainConfig(tuple(stores), out, student).resolved(), config_file, sets, flags)
         summary = pretrain(cfg, resume=not fresh)
     except (StoreError, ValueError, NonFiniteLoss) as err:
         raise click.ClickException(str(err)) from None
@@ -249,16 +246,14 @@ def _segment_command(mode: str):
     @click.option("--num-workers", type=int, default=None)
     @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out.")
     def command(dataset, root, split, out, labels_fraction, config_file, sets, epochs, batch_size, precision, device, num_workers, fresh, **extra):
-        from pipeline.config import apply, load_toml, parse_sets
+        from pipeline.config import layered
         from stages.segment import SegmentConfig, train_segmentation
         from stages.train import NonFiniteLoss
 
         flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.precision": precision, "train.device": device, "train.num_workers": num_workers}
         try:
             cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=root, split=split, out=out, labels_fraction=int(labels_fraction) / 100, **extra)
-            cfg = apply(cfg, load_toml(config_file) if config_file else {})
-            cfg = apply(cfg, parse_sets(list(sets)))
-            cfg = apply(cfg, {k: v for k, v in flags.items() if v is not None})
+            cfg = layered(cfg, config_file, sets, flags)
             summary = train_segmentation(cfg, resume=not fresh)
         except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
             raise click.ClickException(str(err)) from None

@@ -57,6 +57,13 @@ def load_toml(path: Path) -> dict:
     return dict(flat(data))
 
 
+def layered(cfg, config_file: Path | None, sets: list[str], flags: dict):
+    """Defaults/preset `cfg`, then a TOML file, then --set items, then explicit CLI flags (None = unset)."""
+    cfg = apply(cfg, load_toml(config_file) if config_file else {})
+    cfg = apply(cfg, parse_sets(list(sets)))
+    return apply(cfg, {k: v for k, v in flags.items() if v is not None})
+
+
 def apply(cfg, overrides: dict):
     """A copy of dataclass `cfg` with dotted-key overrides applied (type-checked, converted)."""
     for key, value in overrides.items():
