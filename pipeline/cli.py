@@ -280,14 +280,20 @@ scratch = main.command("train-scratch", help="Supervised baseline: the same trai
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON result (default: RUN/eval-DATASET-SPLIT.json).")
 @click.option("--device", default="auto")
 @click.option("--max-scans", type=int, default=None)
+@click.option("--corruptions", default="", help="Robo3D-style corruptions to evaluate at 3 severities each: 'all' or a comma list of fog, wet_ground, snow, motion_blur, beam_missing, cross_talk, incomplete_echo, cross_sensor.")
+@click.option("--seed", default=0, help="Seed of the corruptions.")
 @reports_bad_input
-def evaluate(dataset, root, split, checkpoint, out, device, max_scans):
+def evaluate(dataset, root, split, checkpoint, out, device, max_scans, corruptions, seed):
     """mIoU (NaN-mean over classes) and accuracy of a segmentation model: predictions on the
-    voxelised cloud, every point labelled by its nearest kept point, one confusion matrix."""
+    voxelised cloud, every point labelled by its nearest kept point, one confusion matrix. With
+    --corruptions: mIoU per corruption and severity, CE, mCE (nuScenes: vs MinkUNet-18) and mRR."""
     from stages.evaluate import EvaluateConfig, evaluate, table_lines
 
     try:
-        result = evaluate(EvaluateConfig(dataset, root, checkpoint, split, out, device, max_scans))
+        from pipeline.corruptions import CORRUPTIONS
+
+        names = tuple(CORRUPTIONS) if corruptions == "all" else tuple(c.strip() for c in corruptions.split(",") if c.strip())
+        result = evaluate(EvaluateConfig(dataset, root, checkpoint, split, out, device, max_scans, corruptions=names, seed=seed))
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     click.echo("\n".join(table_lines(result)))

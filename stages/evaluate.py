@@ -18,6 +18,7 @@ import torch
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
+from pipeline.corruptions import CORRUPTIONS, MINKUNET18_NUSCENES_C, robustness
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
 from pipeline.scan import IGNORE_INDEX
@@ -37,6 +38,8 @@ class EvaluateConfig:
     device: str = "auto"
     max_scans: int | None = None
     sample: SampleConfig | None = None  # default: the voxel size, grid and neighbours the model was trained with
+    corruptions: tuple[str, ...] = ()  # names from pipeline.corruptions.CORRUPTIONS, each at severities 1-3
+    seed: int = 0  # corruptions are deterministic for a seed
 
 
 def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -60,17 +63,36 @@ def trained_sample_config(record: dict) -> SampleConfig:
     return SampleConfig(voxel=s["voxel"], max_points=10**9, grid=grid, neighbours=s["neighbours"])
 
 
+VEHICLES = {"car", "truck", "bus", "trailer", "construction_vehicle", "other-vehicle", "motorcycle", "bicycle"}
+
+
+def predict(model, points: np.ndarray, sample: SampleConfig, device: torch.device, seed: int) -> np.ndarray:
+    """Class of every point (intensity in [0, 1]): predict on the voxelised cloud, then copy each
+    kept point's prediction to the original points nearest to it."""
+    keep, inputs = student_inputs(points, 1.0, sample, np.random.default_rng(seed), train=False)
+    batch = collate([{**inputs, "scan_id": ""}])
+    batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+    pred_kept = model(batch).argmax(dim=1).cpu().numpy()
+    _, nearest = cKDTree(points[keep, :3]).query(points[:, :3])
+    return pred_kept[nearest]
+
+
 @torch.no_grad()
 def evaluate(cfg: EvaluateConfig) -> dict:
     model, record = load_segmenter(cfg.checkpoint)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     if list(ds.meta.class_names) != record["dataset"]["classes"]:
         raise ValueError(f"{cfg.checkpoint}: trained on {record['dataset']['name']} classes, not {ds.meta.name}'s; use a class map for cross-dataset evaluation")
+    unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
     sample = cfg.sample or trained_sample_config(record)
     device = pick_device(cfg.device, 0)
     model.to(device)
     k = ds.meta.num_classes
-    cm = np.zeros((k, k), dtype=np.int64)
+    vehicles = np.array([i for i, name in enumerate(ds.meta.class_names) if name in VEHICLES])
+    variants = [("clean", 0)] + [(c, sev) for c in cfg.corruptions for sev in (1, 2, 3)]
+    cms = {v: np.zeros((k, k), dtype=np.int64) for v in variants}
     count = len(ds) if cfg.max_scans is None else min(cfg.max_scans, len(ds))
     if count == 0:
         raise DatasetError(cfg.root, f"split {cfg.split} is empty")
@@ -78,19 +100,27 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         scan = ds[i]
         if scan.labels is None:
             raise DatasetError(cfg.root, f"scan {scan.scan_id} has no labels: cannot evaluate {ds.meta.name} {cfg.split}")
-        keep, inputs = student_inputs(scan.points, ds.meta.intensity_max, sample, np.random.default_rng(i), train=False)
-        batch = collate([{**inputs, "scan_id": scan.scan_id}])
-        batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
-        pred_kept = model(batch).argmax(dim=1).cpu().numpy()
-        _, nearest = cKDTree(scan.points[keep, :3]).query(scan.points[:, :3])
-        cm += confusion(pred_kept[nearest], scan.labels, k)
-    scores = iou_from_confusion(cm)
+        points = scan.points.copy()
+        points[:, 3] /= ds.meta.intensity_max
+        for name, severity in variants:
+            pts, labels = points, scan.labels
+            if name != "clean":
+                rng = np.random.default_rng([cfg.seed, i, list(CORRUPTIONS).index(name), severity])
+                pts, labels = CORRUPTIONS[name](points, scan.labels, severity, rng, vehicles)
+            if len(pts):
+                cms[(name, severity)] += confusion(predict(model, pts, sample, device, i), labels, k)
+    scores = {v: iou_from_confusion(cm) for v, cm in cms.items()}
+    clean = scores[("clean", 0)]
     result = {
         "checkpoint": str(cfg.checkpoint), "dataset": ds.meta.name, "split": cfg.split, "scans": count,
-        "miou": scores["miou"], "accuracy": scores["accuracy"],
-        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(ds.meta.class_names, scores["iou"])},
-        "confusion": cm.tolist(), "trained_as": record["stage"],
+        "miou": clean["miou"], "accuracy": clean["accuracy"],
+        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(ds.meta.class_names, clean["iou"])},
+        "confusion": cms[("clean", 0)].tolist(), "trained_as": record["stage"],
     }  # fmt: skip
+    if cfg.corruptions:
+        per = {c: [scores[(c, sev)]["miou"] for sev in (1, 2, 3)] for c in cfg.corruptions}
+        baseline = MINKUNET18_NUSCENES_C if ds.meta.name == "nuscenes" else None
+        result["corruptions"] = {"miou": per, **robustness(per, clean["miou"], baseline), "baseline": "MinkUNet-18 (Robo3D nuScenes-C)" if baseline else None}
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent.parent / f"eval-{ds.meta.name}-{cfg.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -104,5 +134,13 @@ def table_lines(result: dict) -> list[str]:
         lines.append(f"  {name:<22}{'  n/a' if v is None else f'{100 * v:5.1f}'}")
     lines.append(f"  {'mIoU':<22}{100 * result['miou']:5.1f}")
     lines.append(f"  {'accuracy':<22}{100 * result['accuracy']:5.1f}")
+    if "corruptions" in result:
+        c = result["corruptions"]
+        lines.append(f"  {'corruption':<18}{'sev 1':>7}{'sev 2':>7}{'sev 3':>7}{'CE':>8}{'RR':>8}")
+        for name, per in c["miou"].items():
+            ce = c["ce"].get(name)
+            lines.append(f"  {name:<18}" + "".join(f"{100 * m:7.1f}" for m in per) + (f"{100 * ce:8.1f}" if ce is not None else f"{'n/a':>8}") + f"{100 * c['rr'][name]:8.1f}")
+        mce = "n/a (no published baseline for this dataset)" if c["mce"] is None else f"{100 * c['mce']:.1f}% vs {c['baseline']}"
+        lines.append(f"  mCE {mce}; mRR {100 * c['mrr']:.1f}%")
     lines.append(f"  written to {result['json']}")
     return lines

@@ -127,3 +127,19 @@ def test_cli_probe_and_evaluate(kitti_root, pretrained, tmp_path):
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val", "--checkpoint", str(out / "checkpoints/last.pt")])
     assert "mIoU" in result.output and (out / "eval-semantickitti-val.json").is_file()
+
+
+def test_evaluate_with_corruptions(kitti_root, pretrained, tmp_path):
+    cfg = probe_cfg(kitti_root, tmp_path / "p", pretrained, epochs=1)
+    ckpt = train_segmentation(cfg)["checkpoint"]
+    result = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "train", "--checkpoint", ckpt,
+                                       "--corruptions", "fog,beam_missing", "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    import json
+
+    r = json.loads((tmp_path / "r.json").read_text())["corruptions"]
+    assert set(r["miou"]) == {"fog", "beam_missing"} and all(len(v) == 3 for v in r["miou"].values())
+    assert r["mce"] is None and r["mrr"] > 0  # no published SemanticKITTI-C baseline in the recipe
+    assert "mRR" in result.output and "n/a (no published baseline" in result.output
+    bad = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", ckpt, "--corruptions", "rain"])
+    assert bad.exit_code == 1 and "unknown corruptions ['rain']" in bad.output
