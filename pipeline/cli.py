@@ -282,8 +282,9 @@ scratch = main.command("train-scratch", help="Supervised baseline: the same trai
 @click.option("--max-scans", type=int, default=None)
 @click.option("--corruptions", default="", help="Robo3D-style corruptions to evaluate at 3 severities each: 'all' or a comma list of fog, wet_ground, snow, motion_blur, beam_missing, cross_talk, incomplete_echo, cross_sensor.")
 @click.option("--seed", default=0, help="Seed of the corruptions.")
+@click.option("--class-map", default=None, help="Across datasets: the shared-class map (default: the one registered for the two datasets).")
 @reports_bad_input
-def evaluate(dataset, root, split, checkpoint, out, device, max_scans, corruptions, seed):
+def evaluate(dataset, root, split, checkpoint, out, device, max_scans, corruptions, seed, class_map):
     """mIoU (NaN-mean over classes) and accuracy of a segmentation model: predictions on the
     voxelised cloud, every point labelled by its nearest kept point, one confusion matrix. With
     --corruptions: mIoU per corruption and severity, CE, mCE (nuScenes: vs MinkUNet-18) and mRR."""
@@ -293,7 +294,7 @@ def evaluate(dataset, root, split, checkpoint, out, device, max_scans, corruptio
         from pipeline.corruptions import CORRUPTIONS
 
         names = tuple(CORRUPTIONS) if corruptions == "all" else tuple(c.strip() for c in corruptions.split(",") if c.strip())
-        result = evaluate(EvaluateConfig(dataset, root, checkpoint, split, out, device, max_scans, corruptions=names, seed=seed))
+        result = evaluate(EvaluateConfig(dataset, root, checkpoint, split, out, device, max_scans, corruptions=names, seed=seed, class_map=class_map))
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     click.echo("\n".join(table_lines(result)))

@@ -18,6 +18,7 @@ import torch
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
+from pipeline.class_maps import find_class_map
 from pipeline.corruptions import CORRUPTIONS, MINKUNET18_NUSCENES_C, robustness
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
@@ -40,6 +41,7 @@ class EvaluateConfig:
     sample: SampleConfig | None = None  # default: the voxel size, grid and neighbours the model was trained with
     corruptions: tuple[str, ...] = ()  # names from pipeline.corruptions.CORRUPTIONS, each at severities 1-3
     seed: int = 0  # corruptions are deterministic for a seed
+    class_map: str | None = None  # across datasets: a map of pipeline.class_maps (found automatically)
 
 
 def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -47,10 +49,12 @@ def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndar
     return np.bincount(labels[valid].astype(np.int64) * num_classes + pred[valid], minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def iou_from_confusion(cm: np.ndarray) -> dict:
-    """Rows = labels, columns = predictions."""
-    tp = np.diag(cm).astype(np.float64)
-    denom = cm.sum(0) + cm.sum(1) - tp
+def iou_from_confusion(cm: np.ndarray, num_classes: int | None = None) -> dict:
+    """Rows = labels, columns = predictions; IoU of the first `num_classes` classes (trailing
+    columns, such as "other" across datasets, only count as errors)."""
+    n = num_classes or len(cm)
+    tp = np.diag(cm).astype(np.float64)[:n]
+    denom = (cm.sum(0) + cm.sum(1))[:n] - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(denom > 0, tp / denom, np.nan)
     total = cm.sum()
@@ -81,15 +85,23 @@ def predict(model, points: np.ndarray, sample: SampleConfig, device: torch.devic
 def evaluate(cfg: EvaluateConfig) -> dict:
     model, record = load_segmenter(cfg.checkpoint)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
-    if list(ds.meta.class_names) != record["dataset"]["classes"]:
-        raise ValueError(f"{cfg.checkpoint}: trained on {record['dataset']['name']} classes, not {ds.meta.name}'s; use a class map for cross-dataset evaluation")
+    trained_on, trained_classes = record["dataset"]["name"], tuple(record["dataset"]["classes"])
+    # Scoring space: the dataset's own classes, or, across datasets, a map's shared classes.
+    if trained_on == ds.meta.name and trained_classes == ds.meta.class_names:
+        class_names = ds.meta.class_names
+        pred_lut = label_lut = np.append(np.arange(len(class_names)), np.full(IGNORE_INDEX + 1 - len(class_names), IGNORE_INDEX))
+    else:
+        cmap = find_class_map(trained_on, ds.meta.name, cfg.class_map)
+        class_names = cmap.classes
+        pred_lut, label_lut = cmap.lookup(trained_on, trained_classes), cmap.lookup(ds.meta.name, ds.meta.class_names)
+        pred_lut[pred_lut == IGNORE_INDEX] = len(class_names)  # a prediction outside the shared classes: "other", always wrong
     unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
     if unknown:
         raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
     sample = cfg.sample or trained_sample_config(record)
     device = pick_device(cfg.device, 0)
     model.to(device)
-    k = ds.meta.num_classes
+    k = len(class_names) + (class_names is not ds.meta.class_names)  # + the "other" column across datasets
     vehicles = np.array([i for i, name in enumerate(ds.meta.class_names) if name in VEHICLES])
     variants = [("clean", 0)] + [(c, sev) for c in cfg.corruptions for sev in (1, 2, 3)]
     cms = {v: np.zeros((k, k), dtype=np.int64) for v in variants}
@@ -108,13 +120,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 rng = np.random.default_rng([cfg.seed, i, list(CORRUPTIONS).index(name), severity])
                 pts, labels = CORRUPTIONS[name](points, scan.labels, severity, rng, vehicles)
             if len(pts):
-                cms[(name, severity)] += confusion(predict(model, pts, sample, device, i), labels, k)
-    scores = {v: iou_from_confusion(cm) for v, cm in cms.items()}
+                cms[(name, severity)] += confusion(pred_lut[predict(model, pts, sample, device, i)], label_lut[labels], k)
+    scores = {v: iou_from_confusion(cm, len(class_names)) for v, cm in cms.items()}
     clean = scores[("clean", 0)]
     result = {
         "checkpoint": str(cfg.checkpoint), "dataset": ds.meta.name, "split": cfg.split, "scans": count,
         "miou": clean["miou"], "accuracy": clean["accuracy"],
-        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(ds.meta.class_names, clean["iou"])},
+        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, clean["iou"])},
+        "trained_on": trained_on, "class_map": None if class_names is ds.meta.class_names else cfg.class_map or find_class_map(trained_on, ds.meta.name).name,
         "confusion": cms[("clean", 0)].tolist(), "trained_as": record["stage"],
     }  # fmt: skip
     if cfg.corruptions:

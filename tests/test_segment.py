@@ -143,3 +143,23 @@ def test_evaluate_with_corruptions(kitti_root, pretrained, tmp_path):
     assert "mRR" in result.output and "n/a (no published baseline" in result.output
     bad = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", ckpt, "--corruptions", "rain"])
     assert bad.exit_code == 1 and "unknown corruptions ['rain']" in bad.output
+
+
+def test_domain_generalisation_through_the_shared_classes(kitti_root, nuscenes_root, pretrained, tmp_path):
+    """A KITTI-trained model scored on nuScenes-format data through the 10 shared classes."""
+    from pipeline.class_maps import NUSCENES_SEMANTICKITTI, ClassMap
+    from pipeline.datasets.nuscenes import CLASSES
+
+    ckpt = train_segmentation(probe_cfg(kitti_root, tmp_path / "p", pretrained, epochs=1))["checkpoint"]
+    result = evaluate(EvaluateConfig("nuscenes", nuscenes_root, ckpt, split="mini_val"))
+    assert list(result["per_class_iou"]) == list(NUSCENES_SEMANTICKITTI.classes) and result["class_map"] == "nuscenes-semantickitti-10"
+    lut = NUSCENES_SEMANTICKITTI.lookup("nuscenes", CLASSES)
+    assert lut[CLASSES.index("bus")] == NUSCENES_SEMANTICKITTI.classes.index("other_vehicle") and lut[CLASSES.index("manmade")] == 255
+    partial = ClassMap("partial", ("car",), {"nuscenes": {"car": "car"}})
+    with pytest.raises(ValueError, match="leaves nuscenes classes unmapped"):
+        partial.lookup("nuscenes", CLASSES)
+
+
+def test_other_predictions_count_as_errors_across_datasets():
+    cm = np.array([[3, 1], [0, 0]])  # one shared class; one of its points predicted as "other"
+    assert iou_from_confusion(cm, 1)["iou"].tolist() == [0.75]
