@@ -185,15 +185,47 @@ def verify(store):
 @click.option("--scan", default=None, help="Show one scan's entries.")
 @click.option("--camera", default=None, help="With --scan: only this camera.")
 @click.option("--stats", is_flag=True, help="Feature statistics over the whole store (dask, out of core).")
-def inspect(store, scan, camera, stats):
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None, help="With --scan/--camera: write the entry's feature correlation map and PCA (PNG) here.")
+@click.option("--point", type=int, default=None, help="Query point (row of the entry) of the correlation map.")
+@click.option("--class", "class_name", default=None, help="Query a point of this class (default: a car, when the dataset's labels are still there).")
+def inspect(store, scan, camera, stats, plot_dir, point, class_name):
     """Summarise a feature store: teacher, image size, entries, points, bytes on disk, per-camera
-    counts, skipped entries; one entry with --scan/--camera; statistics with --stats."""
-    from stages.inspect import InspectConfig, inspect
-    from storage.feature_store import StoreError
+    counts, skipped entries; one entry with --scan/--camera; statistics with --stats; pictures of
+    the cached targets with --plot."""
+    from stages.inspect import InspectConfig, inspect, plot_entry
+    from storage.feature_store import FeatureStore, StoreError
 
     try:
         click.echo("\n".join(inspect(InspectConfig(store, scan, camera, stats))))
+        if plot_dir:
+            if not (scan and camera):
+                raise click.UsageError("--plot needs --scan and --camera")
+            for path in plot_entry(FeatureStore(store), scan, camera, plot_dir, point, class_name):
+                click.echo(f"plot: {path}")
     except (StoreError, KeyError) as err:
+        raise click.ClickException(str(err).strip('"')) from None
+
+
+@main.command("plot-features")
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A student checkpoint (pretraining or downstream).")
+@DATASET
+@ROOT
+@SPLIT
+@click.option("--scan", "scan_id", required=True)
+@click.option("--camera", default=None, help="Camera to project on (default: the scan's first).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the PNGs.")
+@click.option("--point", type=int, default=None, help="Query point (index among the voxelised points).")
+@click.option("--class", "class_name", default=None, help="Query a point of this class (default: a car).")
+@reports_bad_input
+def plot_features(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):
+    """A student's feature correlation map (cosine similarity to a query point, as the paper's
+    Fig. 1) and PCA of its features on a scan, in bird's-eye view and on a camera image."""
+    from stages.inspect import plot_student
+
+    try:
+        for path in plot_student(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):
+            click.echo(f"plot: {path}")
+    except (KeyError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err).strip('"')) from None
 
 

@@ -104,3 +104,90 @@ def inspect(cfg: InspectConfig) -> list[str]:
     if cfg.stats:
         lines += stats_lines(feature_statistics(store))
     return lines
+
+
+# ---- pictures ---------------------------------------------------------------------------------
+def pick_query(labels: np.ndarray | None, class_names, wanted: str | None, xyz: np.ndarray, point: int | None) -> int | None:
+    """The query point: an explicit index; else a point of class `wanted` (default "car") nearest
+    to that class's centroid; else None (the figure picks the point nearest the sensor)."""
+    if point is not None:
+        return point
+    if labels is None:
+        return None
+    for name in ([wanted] if wanted else ["car"]):
+        if name not in class_names:
+            raise KeyError(f"unknown class {name!r}; classes: {', '.join(class_names)}")
+        members = np.flatnonzero(labels == class_names.index(name))
+        if len(members):
+            centre = xyz[members].mean(axis=0)
+            return int(members[np.argmin(np.linalg.norm(xyz[members] - centre, axis=1))])
+    return None
+
+
+def plot_entry(store: FeatureStore, scan_id: str, camera: str, out_dir: Path, point: int | None = None, class_name: str | None = None) -> list[Path]:
+    """Teacher-target correlation map and PCA of one store entry, in BEV and on the image (the image
+    and labels come from the raw dataset when it is still there)."""
+    from pipeline.datasets import open_dataset
+    from pipeline.errors import DatasetError
+    from stages.extract import load_resized
+    from stages.plots import feature_figure
+
+    row, data = store.entry(scan_id, camera)
+    if row["count"] == 0:
+        raise KeyError(f"{store.path}: entry {scan_id}/{camera} has no visible point to draw")
+    a = store.attrs
+    image = labels = class_names = None
+    try:
+        ds = open_dataset(a["dataset"]["name"], a["dataset_root"], a["dataset"]["split"])
+        scan = ds[ds.index_of(scan_id)]
+        cam = scan.camera(camera)
+        image = load_resized(cam.image_path, cam.image_size, tuple(a["image_size"]))
+        if scan.labels is not None:
+            labels, class_names = scan.labels[data["point_index"]], ds.meta.class_names
+    except (DatasetError, KeyError, OSError):
+        pass  # the raw dataset is gone: bird's-eye view only
+    xyz = data["points"][:, :3]
+    query = pick_query(labels, class_names or (), class_name, xyz, point)
+    stem = f"{a['teacher']['name']}-{scan_id.replace('/', '-')}-{camera}"
+    title = f"teacher {a['teacher']['name']}{' (random init)' if a['teacher']['random_init'] else ''}: {scan_id} {camera}"
+    return [
+        feature_figure(xyz, data["features"], Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", "correlation", query, image, data["pixel"]),
+        feature_figure(xyz, data["features"], Path(out_dir) / f"{stem}-pca.png", title + ", PCA of features", "pca", None, image, data["pixel"]),
+    ]
+
+
+def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None) -> list[Path]:
+    """The same two pictures for a student's backbone features on a raw scan."""
+    import torch
+
+    from pipeline.datasets import open_dataset
+    from pipeline.datasets.base import load_image
+    from stages.evaluate import trained_sample_config
+    from stages.plots import feature_figure
+    from stages.segment import load_backbone
+    from stages.student_data import collate, student_inputs
+    from storage.checkpoint import load_checkpoint
+
+    record = load_checkpoint(checkpoint)["config"]
+    backbone = load_backbone(checkpoint, 0.0).eval()
+    ds = open_dataset(dataset, root, split)
+    scan = ds[ds.index_of(scan_id)]
+    keep, inputs = student_inputs(scan.points, ds.meta.intensity_max, trained_sample_config(record), np.random.default_rng(0), train=False)
+    with torch.no_grad():
+        features = backbone(collate([{**inputs, "scan_id": scan_id}])).numpy()
+    xyz = scan.points[keep, :3]
+    cam = scan.camera(camera or scan.cameras[0].name)
+    proj = ds.project(scan, cam.name)
+    position = np.full(scan.num_points, -1)
+    position[proj.point_index] = np.arange(len(proj))
+    on_image = position[keep] >= 0
+    pixels = proj.uv[position[keep][on_image]]
+    labels = scan.labels[keep] if scan.labels is not None else None
+    query = pick_query(labels, ds.meta.class_names, class_name, xyz, point)
+    image = load_image(cam.image_path)
+    stem = f"student-{Path(checkpoint).parent.parent.name}-{scan_id.replace('/', '-')}-{cam.name}"
+    title = f"student {record.get('stage', '')} {Path(checkpoint).parent.parent.name}: {scan_id} {cam.name}"
+    return [
+        feature_figure(xyz, features, Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", "correlation", query, image, pixels, on_image),
+        feature_figure(xyz, features, Path(out_dir) / f"{stem}-pca.png", title + ", PCA of features", "pca", None, image, pixels, on_image),
+    ]

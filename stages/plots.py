@@ -64,3 +64,77 @@ def projection_figure(
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def cosine_to(features: np.ndarray, query: int) -> np.ndarray:
+    f = features.astype(np.float32)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
+    return f @ f[query]
+
+
+def pca_rgb(features: np.ndarray) -> np.ndarray:
+    """First three principal components mapped to RGB in [0, 1] (2nd-98th percentile stretch)."""
+    f = features.astype(np.float32)
+    f = f - f.mean(axis=0)
+    _, _, vt = np.linalg.svd(f[:: max(1, len(f) // 20000)], full_matrices=False)
+    comps = f @ vt[:3].T
+    lo, hi = np.percentile(comps, 2, axis=0), np.percentile(comps, 98, axis=0)
+    return np.clip((comps - lo) / np.maximum(hi - lo, 1e-8), 0, 1)
+
+
+def feature_figure(
+    xyz: np.ndarray,
+    features: np.ndarray,
+    out: Path,
+    title: str,
+    kind: str = "correlation",
+    query: int | None = None,
+    image: np.ndarray | None = None,
+    pixels: np.ndarray | None = None,
+    on_image: np.ndarray | None = None,
+) -> Path:
+    """Points coloured by the cosine similarity of their feature to a query point's (blue -1 to
+    red +1; `kind="correlation"`, the paper's Fig. 1) or by the PCA of the features (`kind="pca"`),
+    in bird's-eye view and, when an image is given, on the image at `pixels` (column, row) for the
+    points selected by the boolean mask `on_image`."""
+    if kind == "correlation":
+        query = int(np.argmin(np.linalg.norm(xyz[:, :2], axis=1))) if query is None else query
+        values = cosine_to(features, query)
+        colours, cmap = None, plt.get_cmap("coolwarm")
+    else:
+        colours, values, cmap = pca_rgb(features), None, None
+    panels = 2 if image is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 6.5), layout="constrained", squeeze=False)
+    ax = axes[0, 0]
+    kwargs = dict(s=2, linewidths=0)
+    if colours is None:
+        mappable = ax.scatter(xyz[:, 0], xyz[:, 1], c=values, cmap=cmap, vmin=-1, vmax=1, **kwargs)
+        ax.scatter(xyz[query, 0], xyz[query, 1], marker="*", s=250, c="black", edgecolors="white", linewidths=1.0, label="query point")
+        ax.legend(loc="upper right")
+    else:
+        ax.scatter(xyz[:, 0], xyz[:, 1], c=colours, **kwargs)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x [m]")
+    ax.set_ylabel("y [m]")
+    ax.set_title("bird's-eye view")
+    ax.set_facecolor("0.15")
+    if image is not None:
+        ax2 = axes[0, 1]
+        ax2.imshow(image)
+        sel = on_image if on_image is not None else np.ones(len(xyz), bool)
+        if colours is None:
+            ax2.scatter(pixels[:, 0], pixels[:, 1], c=values[sel], cmap=cmap, vmin=-1, vmax=1, s=4, linewidths=0)
+            if sel[query]:
+                qpix = pixels[np.flatnonzero(sel) == query][0]
+                ax2.scatter([qpix[0]], [qpix[1]], marker="*", s=250, c="black", edgecolors="white", linewidths=1.0)
+        else:
+            ax2.scatter(pixels[:, 0], pixels[:, 1], c=colours[sel], s=4, linewidths=0)
+        ax2.set_axis_off()
+        ax2.set_title("projected on the camera image")
+    if colours is None:
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity to the query point's feature")
+    fig.suptitle(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
