@@ -332,6 +332,23 @@ def evaluate(dataset, root, split, checkpoint, out, device, max_scans, corruptio
     click.echo("\n".join(table_lines(result)))
 
 
+@main.command()
+@click.option("--data", type=click.Path(path_type=Path), default=Path("data"), help="Where the synthetic datasets go.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/demo"), help="Folder for every figure and the results table.")
+@click.option("--teacher", default="test-vit", help="Teacher (random init).")
+@click.option("--student", default="WI-12-64")
+@click.option("--pretrain-epochs", default=8)
+@click.option("--probe-epochs", default=10)
+@click.option("--no-scratch", is_flag=True, help="Skip the supervised-from-scratch reference.")
+def demo(data, out, teacher, student, pretrain_epochs, probe_epochs, no_scratch):
+    """The whole method on the synthetic rigs: data, extraction, pretraining on the mix, linear
+    probing of the distilled vs random-init student, a results table and pictures. Reruns reuse
+    what is there."""
+    from stages.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(data=data, out=out, teacher=teacher, student=student, pretrain_epochs=pretrain_epochs, probe_epochs=probe_epochs, scratch=not no_scratch))
+
+
 @main.group()
 def bench():
     """Benchmarks on your hardware (figures for the README; never timed tests)."""

@@ -45,10 +45,13 @@ class CheckReport:
     labels: Counter = field(default_factory=Counter)  # class name -> points
     unlabelled_scans: int = 0
     errors: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)  # parts of the split not on disk (e.g. KITTI sequences)
     plots: list[Path] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"{self.dataset} {self.split}: {self.scans} scans, {self.points:,} points ({self.points / max(self.scans, 1):,.0f} per scan)"]
+        if self.absent:
+            out.append(f"  absent from disk, skipped: {', '.join(self.absent)}")
         out.append(f"  {'camera':<18}{'visible points':>16}{'per scan':>12}{'min':>8}{'max':>8}")
         for cam, counts in self.visible.items():
             c = np.array(counts)
@@ -71,6 +74,7 @@ def check_dataset(cfg: CheckConfig) -> CheckReport:
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     meta = ds.meta
     report = CheckReport(cfg.dataset, cfg.split)
+    report.absent = list(getattr(ds, "missing_sequences", ()))
     count = len(ds) if cfg.max_scans is None else min(cfg.max_scans, len(ds))
     for index in tqdm(range(count), desc=f"check {cfg.dataset} {cfg.split}", unit="scan"):
         try:

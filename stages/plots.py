@@ -66,8 +66,13 @@ def projection_figure(
     return out
 
 
-def cosine_to(features: np.ndarray, query: int) -> np.ndarray:
+def cosine_to(features: np.ndarray, query: int, centre: bool = True) -> np.ndarray:
+    """Cosine similarity of every feature to the query's. Centred on the cloud's mean feature by
+    default: features of random or lightly trained networks share a large common component that
+    otherwise makes every point look alike."""
     f = features.astype(np.float32)
+    if centre:
+        f = f - f.mean(axis=0)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
     return f @ f[query]
 
@@ -132,7 +137,7 @@ def feature_figure(
         ax2.set_axis_off()
         ax2.set_title("projected on the camera image")
     if colours is None:
-        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity to the query point's feature")
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity to the query point's feature (centred)")
     fig.suptitle(title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

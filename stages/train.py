@@ -246,6 +246,8 @@ def fit(
             if step >= last_step:
                 break
     bar.close()
+    if not ckpt_path.is_file() or load_checkpoint(ckpt_path)["step"] != step:
+        save(step, epoch, batch_in_epoch)  # e.g. max_steps=0: the untrained model, a baseline to probe
     if ddp.rank == 0:
         plot_loss(metrics_file, run_dir / "loss.png")
     return {"steps": step, "epochs": epoch, "checkpoint": str(ckpt_path), "metrics": str(metrics_file)}

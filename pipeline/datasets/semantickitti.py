@@ -126,7 +126,7 @@ class SemanticKITTI(LidarDataset):
         if not self._sequences:
             raise DatasetError(self.root / "sequences", f"none of the {split} sequences {SPLITS[split]} has a velodyne/ folder")
         if missing:
-            log.info("%s: %s split: sequences %s are absent and skipped", self.root, split, ", ".join(missing))
+            log.debug("%s: %s split: sequences %s are absent and skipped", self.root, split, ", ".join(missing))
         self.missing_sequences = tuple(missing)
 
     @property
