@@ -71,8 +71,8 @@ class SegmentationModel(nn.Module):
         super().__init__()
         self.backbone, self.frozen = backbone, frozen
         width = backbone.cfg.width
-        # Default BatchNorm affine (weight 1, bias 0) and a zero-initialised linear layer: zeroing
-        # the BatchNorm weight as well would leave every weight of the head without gradient.
+        # As the released ScaLR code: default BatchNorm (weight 1, bias 0), the linear layer zeroed
+        # ("both zero-initialised" read literally would leave the head without any gradient).
         self.head = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, num_classes))
         nn.init.zeros_(self.head[1].weight)
         nn.init.zeros_(self.head[1].bias)
