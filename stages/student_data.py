@@ -76,7 +76,8 @@ def group_stores(paths: list[Path]) -> list[StoreGroup]:
     stores = [FeatureStore(p) for p in paths]
     by_data: dict[str, list[FeatureStore]] = {}
     for s in stores:
-        by_data.setdefault(s.attrs["dataset"]["scan_ids_sha256"], []).append(s)
+        d = s.attrs["dataset"]  # PandaSet's two lidars share scan ids: the name tells them apart
+        by_data.setdefault(f"{d['name']}/{d['split']}/{d['scan_ids_sha256']}", []).append(s)
     groups = [StoreGroup(sorted(g, key=lambda s: s.attrs["teacher"]["name"])) for g in by_data.values()]
     for g in groups[1:]:
         if g.teachers != groups[0].teachers or g.dims != groups[0].dims:

@@ -30,6 +30,13 @@ def kitti_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def pandaset_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth-pandaset")
+    generate("pandaset", root, SynthConfig(seed=7, scenes=2, frames=2, azimuth_steps=512, image_scale=0.2))
+    return root
+
+
 @pytest.fixture
 def nuscenes_copy(nuscenes_root, tmp_path) -> Path:
     """A private copy to damage."""

@@ -5,13 +5,16 @@ import pytest
 
 from pipeline.datasets import open_dataset
 from pipeline.datasets.base import load_image
-from pipeline.synth import SynthConfig, generate, nuscenes_format, semantickitti_format
+from pipeline.synth import SynthConfig, generate, nuscenes_format, pandaset_format, semantickitti_format
 from pipeline.synth.world import PALETTE, Cls
 
 RIGS = {
     "nuscenes": ("mini_train", nuscenes_format.RAW_INDEX),
     "semantickitti": ("train", semantickitti_format.RAW_LABEL),
+    "pandar64": ("train", pandaset_format.RAW_CLASS),
+    "pandargt": ("train", pandaset_format.RAW_CLASS),
 }
+ROOTS = {"nuscenes": "nuscenes_root", "semantickitti": "kitti_root", "pandar64": "pandaset_root", "pandargt": "pandaset_root"}
 
 
 def chromaticity(rgb: np.ndarray) -> np.ndarray:
@@ -23,7 +26,7 @@ def chromaticity(rgb: np.ndarray) -> np.ndarray:
 def test_points_land_on_pixels_of_their_class_colour(name, request):
     """Shading and texture only scale a colour: the nearest palette chromaticity of the pixel a
     point projects to must be a colour of the point's own class (up to edges and parallax)."""
-    root = request.getfixturevalue("nuscenes_root" if name == "nuscenes" else "kitti_root")
+    root = request.getfixturevalue(ROOTS[name])
     split, raw_of = RIGS[name]
     colours = [(cls, c) for cls, options in PALETTE.items() for c in options]
     table = chromaticity([c for _, c in colours])
@@ -69,7 +72,7 @@ def test_same_seed_same_bytes(tmp_path):
             h.update(str(path.relative_to(root)).encode() + path.read_bytes())
         return h.hexdigest()
 
-    for fmt in ("nuscenes", "semantickitti"):
+    for fmt in ("nuscenes", "semantickitti", "pandaset"):
         a, b = tmp_path / f"{fmt}-a", tmp_path / f"{fmt}-b"
         generate(fmt, a, cfg)
         generate(fmt, b, cfg)

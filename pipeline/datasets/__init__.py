@@ -6,11 +6,14 @@ from pathlib import Path
 
 from pipeline.datasets.base import LidarDataset
 from pipeline.datasets.nuscenes import NuScenes
+from pipeline.datasets.pandaset import Pandar64, PandarGT
 from pipeline.datasets.semantickitti import SemanticKITTI
 
 READERS: dict[str, type[LidarDataset]] = {
     "nuscenes": NuScenes,
     "semantickitti": SemanticKITTI,
+    "pandar64": Pandar64,
+    "pandargt": PandarGT,
 }
 
 

@@ -1,0 +1,201 @@
+"""PandaSet read from its own on-disk format, as two datasets: Pandar64 (the spinning lidar, sensor
+column d == 0, 6 cameras) and PandarGT (the forward lidar, d == 1, front camera only).
+
+Layout under ROOT, one folder per sequence (e.g. 001/):
+    SEQ/lidar/NN.pkl.gz                 pickled pandas DataFrame: x, y, z (WORLD frame), i, t, d
+    SEQ/lidar/poses.json                per frame: {"position": {x, y, z}, "heading": {w, x, y, z}}
+    SEQ/camera/<name>/NN.jpg            back, front, front_left, front_right, left, right cameras
+    SEQ/camera/<name>/poses.json        per frame, same form; intrinsics.json: {fx, fy, cx, cy}
+    SEQ/annotations/semseg/NN.pkl.gz    DataFrame with a "class" column, one row per lidar point
+    SEQ/meta/gps.json                   per frame: {"lat", "long", ...}
+Scan id: "SEQ/NN". Points are moved from the world frame to the frame of the lidar pose and shifted
+by z - 1.6 m (as the released ScaLR code), so that every dataset's points are ego-centred; the
+camera transforms account for that. Split by the latitude of the sequence's first GPS fix:
+> 37.6 train, <= 37.6 val.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.datasets.base import LidarDataset, image_size
+from pipeline.errors import DatasetError
+from pipeline.geometry import check_intrinsics, check_rigid, invert_rigid, pose_matrix, rigid
+from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRule
+
+CLASSES = (
+    "road", "traffic_sign", "barrier", "pedestrian", "vegetation", "road_marking", "sidewalk",
+    "manmade", "traffic_cone", "car", "motorcycle", "truck", "bus", "bicycle", "other_vehicle",
+    "ground", "driveway",
+)  # fmt: skip
+
+# PandaSet semseg ids -> (name, benchmark class or None), the 17-class grouping of the released
+# ScaLR code (noise, smoke, exhaust, spray, reflection, emergency vehicles, personal mobility,
+# scooters, animals and rolling containers are ignored).
+RAW_CLASSES: dict[int, tuple[str, str | None]] = {
+    0: ("Noise", None), 1: ("Smoke", None), 2: ("Exhaust", None), 3: ("Spray or rain", None),
+    4: ("Reflection", None), 5: ("Vegetation", "vegetation"), 6: ("Ground", "ground"), 7: ("Road", "road"),
+    8: ("Lane Line Marking", "road_marking"), 9: ("Stop Line Marking", "road_marking"),
+    10: ("Other Road Marking", "road_marking"), 11: ("Sidewalk", "sidewalk"), 12: ("Driveway", "driveway"),
+    13: ("Car", "car"), 14: ("Pickup Truck", "truck"), 15: ("Medium-sized Truck", "truck"), 16: ("Semi-truck", "truck"),
+    17: ("Towed Object", "other_vehicle"), 18: ("Motorcycle", "motorcycle"),
+    19: ("Other Vehicle - Construction Vehicle", "other_vehicle"), 20: ("Other Vehicle - Uncommon", "other_vehicle"),
+    21: ("Other Vehicle - Pedicab", "other_vehicle"), 22: ("Emergency Vehicle", None), 23: ("Bus", "bus"),
+    24: ("Personal Mobility Device", None), 25: ("Motorized Scooter", None), 26: ("Bicycle", "bicycle"),
+    27: ("Train", "other_vehicle"), 28: ("Trolley", "other_vehicle"), 29: ("Tram / Subway", "other_vehicle"),
+    30: ("Pedestrian", "pedestrian"), 31: ("Pedestrian with Object", "pedestrian"), 32: ("Animals - Bird", None),
+    33: ("Animals - Other", None), 34: ("Pylons", "traffic_cone"), 35: ("Road Barriers", "barrier"),
+    36: ("Signs", "traffic_sign"), 37: ("Cones", "traffic_cone"), 38: ("Construction Signs", "traffic_sign"),
+    39: ("Temporary Construction Barriers", "barrier"), 40: ("Rolling Containers", None),
+    41: ("Building", "manmade"), 42: ("Other Static Object", "manmade"),
+}  # fmt: skip
+
+ALL_CAMERAS = ("back_camera", "front_camera", "front_left_camera", "front_right_camera", "left_camera", "right_camera")
+EGO_Z_SHIFT = -1.6  # metres, applied after moving points to the lidar-pose frame
+TRAIN_LATITUDE = 37.6
+
+
+def _meta(name: str, cameras: tuple[str, ...]) -> DatasetMeta:
+    return DatasetMeta(
+        name=name,
+        class_names=CLASSES,
+        raw_names={k: n for k, (n, _) in RAW_CLASSES.items()},
+        learning_map={k: (CLASSES.index(c) if c else IGNORE_INDEX) for k, (_, c) in RAW_CLASSES.items()},
+        splits=("train", "val"),
+        camera_names=cameras,
+        visibility=VisibilityRule(name="pandaset: z_cam > 0, inside the image", min_depth=0.0),
+        intensity_max=255.0,
+    )
+
+
+def read_table(path: Path) -> dict[str, np.ndarray]:
+    """A pickled (gzip) pandas DataFrame as {column: array}; pandas does the unpickling."""
+    try:
+        import pandas as pd
+
+        frame = pd.read_pickle(path)
+    except FileNotFoundError:
+        raise DatasetError(path, "file is missing") from None
+    except (OSError, EOFError, pickle.UnpicklingError, gzip.BadGzipFile, ValueError, AttributeError) as err:
+        raise DatasetError(path, f"unreadable pickled table ({type(err).__name__}: {err})") from None
+    return {str(c): frame[c].to_numpy() for c in frame.columns}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(path, "file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(path, f"not valid JSON ({err})") from None
+
+
+def _pose(record: dict, path: Path, what: str) -> np.ndarray:
+    try:
+        h, p = record["heading"], record["position"]
+        with np.errstate(all="ignore"):
+            t = pose_matrix([h["w"], h["x"], h["y"], h["z"]], [p["x"], p["y"], p["z"]])
+    except (KeyError, TypeError):
+        t = np.full((4, 4), np.nan)
+    return check_rigid(t, path, what)
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    name: str
+    frames: tuple[str, ...]
+
+
+class _PandaSet(LidarDataset):
+    sensor: int = 0
+
+    def __init__(self, root: str | Path, split: str = "train"):
+        super().__init__(root, split)
+        self._sequences: dict[str, _Sequence] = {}
+        self._ids: list[str] = []
+        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+            folder = Path(entry.path)
+            if not (folder / "lidar").is_dir() or not (folder / "meta" / "gps.json").is_file():
+                continue
+            gps = _read_json(folder / "meta" / "gps.json")
+            try:
+                latitude = float(gps[0]["lat"])
+            except (IndexError, KeyError, TypeError, ValueError):
+                raise DatasetError(folder / "meta" / "gps.json", "no latitude in the first GPS fix") from None
+            if (latitude > TRAIN_LATITUDE) != (split == "train"):
+                continue
+            frames = tuple(sorted(e.name[: -len(".pkl.gz")] for e in os.scandir(folder / "lidar") if e.name.endswith(".pkl.gz")))
+            self._sequences[entry.name] = _Sequence(entry.name, frames)
+            self._ids.extend(f"{entry.name}/{f}" for f in frames)
+        if not self._ids:
+            raise DatasetError(self.root, f"no PandaSet sequence of the {split} split (sequence folders with lidar/ and meta/gps.json)")
+
+    @property
+    def scan_ids(self) -> list[str]:
+        return self._ids
+
+    def load(self, index: int) -> Scan:
+        seq_name, frame = self._ids[index].split("/")
+        folder = self.root / seq_name
+        number = int(frame)
+        lidar_path = folder / "lidar" / f"{frame}.pkl.gz"
+        table = read_table(lidar_path)
+        missing = [c for c in ("x", "y", "z", "i", "d") if c not in table]
+        if missing:
+            raise DatasetError(lidar_path, f"columns {missing} are missing")
+        mine = table["d"] == self.sensor
+        world = np.stack([table[c][mine] for c in ("x", "y", "z")], axis=1).astype(np.float64)
+        if not np.isfinite(world).all() or not np.isfinite(table["i"][mine].astype(float)).all():
+            raise DatasetError(lidar_path, "NaN or infinite values")
+        poses_path = folder / "lidar" / "poses.json"
+        poses = _read_json(poses_path)
+        if number >= len(poses):
+            raise DatasetError(poses_path, f"no pose for frame {frame}")
+        lidar_to_world = _pose(poses[number], poses_path, f"lidar pose {frame}")
+        # points in the scan frame: lidar-pose frame shifted by EGO_Z_SHIFT
+        scan_to_world = lidar_to_world @ rigid(np.eye(3), (0.0, 0.0, -EGO_Z_SHIFT))
+        xyz = (world - scan_to_world[:3, 3]) @ scan_to_world[:3, :3]
+        points = np.concatenate([xyz, table["i"][mine][:, None]], axis=1).astype(np.float32)
+        raw_labels = labels = None
+        label_path = folder / "annotations" / "semseg" / f"{frame}.pkl.gz"
+        if (folder / "annotations" / "semseg").is_dir():
+            semseg = read_table(label_path)
+            if "class" not in semseg:
+                raise DatasetError(label_path, "no 'class' column")
+            if len(semseg["class"]) != len(table["d"]):
+                raise DatasetError(label_path, f"{len(semseg['class'])} labels for {len(table['d'])} points")
+            raw_labels = semseg["class"][mine].astype(np.int64)
+            labels = self.meta.map_labels(raw_labels, label_path)
+        cameras = []
+        for name in self.meta.camera_names:
+            cam_dir = folder / "camera" / name
+            cam_poses = _read_json(cam_dir / "poses.json")
+            if number >= len(cam_poses):
+                raise DatasetError(cam_dir / "poses.json", f"no pose for frame {frame}")
+            camera_to_world = _pose(cam_poses[number], cam_dir / "poses.json", f"{name} pose {frame}")
+            intr = _read_json(cam_dir / "intrinsics.json")
+            try:
+                k = np.array([[intr["fx"], 0.0, intr["cx"]], [0.0, intr["fy"], intr["cy"]], [0.0, 0.0, 1.0]], dtype=np.float64)
+            except (KeyError, TypeError):
+                raise DatasetError(cam_dir / "intrinsics.json", "needs fx, fy, cx, cy") from None
+            k = check_intrinsics(k, cam_dir / "intrinsics.json", "intrinsics")
+            image_path = cam_dir / f"{frame}.jpg"
+            cameras.append(Camera(name, image_path, image_size(image_path), k, invert_rigid(camera_to_world) @ scan_to_world))
+        return Scan(self._ids[index], points, tuple(cameras), raw_labels, labels)
+
+
+class Pandar64(_PandaSet):
+    meta = _meta("pandar64", ALL_CAMERAS)
+    sensor = 0
+
+
+class PandarGT(_PandaSet):
+    meta = _meta("pandargt", ("front_camera",))
+    sensor = 1
