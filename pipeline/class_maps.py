@@ -56,7 +56,35 @@ NUSCENES_SEMANTICKITTI = ClassMap(
     },
 )  # fmt: skip
 
-CLASS_MAPS = {m.name: m for m in (NUSCENES_SEMANTICKITTI,)}
+# nuScenes / SemanticKITTI -> SemanticPOSS: 6 shared classes, grouped as scalr defines them here
+# (person, bicycle, car, ground, vegetation, manmade); check the grouping against the reference
+# you compare with before putting numbers side by side.
+_POSS = {
+    "person": "person", "rider": "bicycle", "car": "car", "trunk": "vegetation", "plants": "vegetation",
+    "traffic-sign": "manmade", "pole": "manmade", "trashcan": "manmade", "building": "manmade",
+    "cone/stone": "manmade", "fence": "manmade", "bike": "bicycle", "ground": "ground",
+}  # fmt: skip
+TO_SEMANTICPOSS = ClassMap(
+    name="to-semanticposs-6",
+    classes=("person", "bicycle", "car", "ground", "vegetation", "manmade"),
+    maps={
+        "semanticposs": _POSS,
+        "nuscenes": {
+            "pedestrian": "person", "bicycle": "bicycle", "motorcycle": "bicycle", "car": "car",
+            "driveable_surface": "ground", "sidewalk": "ground", "other_flat": "ground", "terrain": "ground",
+            "vegetation": "vegetation", "manmade": "manmade", "barrier": "manmade", "traffic_cone": "manmade",
+            "bus": None, "construction_vehicle": None, "trailer": None, "truck": None,
+        },
+        "semantickitti": {
+            "person": "person", "bicyclist": "bicycle", "motorcyclist": "bicycle", "bicycle": "bicycle", "motorcycle": "bicycle",
+            "car": "car", "road": "ground", "parking": "ground", "sidewalk": "ground", "other-ground": "ground", "terrain": "ground",
+            "vegetation": "vegetation", "trunk": "vegetation", "building": "manmade", "fence": "manmade", "pole": "manmade",
+            "traffic-sign": "manmade", "truck": None, "other-vehicle": None,
+        },
+    },
+)  # fmt: skip
+
+CLASS_MAPS = {m.name: m for m in (NUSCENES_SEMANTICKITTI, TO_SEMANTICPOSS)}
 
 
 def find_class_map(source: str, target: str, name: str | None = None) -> ClassMap:

@@ -52,7 +52,7 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["nuscenes", "semantickitti", "pandaset"]), required=True, help="On-disk format to write (pandaset: both Pandar64 and PandarGT).")
+@click.option("--format", "fmt", type=click.Choice(["nuscenes", "semantickitti", "pandaset", "semanticposs"]), required=True, help="On-disk format to write (pandaset: both Pandar64 and PandarGT).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Dataset root to create.")
 @click.option("--seed", default=0, help="Random seed: the same seed writes the same dataset.")
 @click.option("--scenes", type=int, default=None, help="nuScenes scenes / SemanticKITTI sequences [format default: 4 / 2].")

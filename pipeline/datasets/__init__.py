@@ -8,12 +8,14 @@ from pipeline.datasets.base import LidarDataset
 from pipeline.datasets.nuscenes import NuScenes
 from pipeline.datasets.pandaset import Pandar64, PandarGT
 from pipeline.datasets.semantickitti import SemanticKITTI
+from pipeline.datasets.semanticposs import SemanticPOSS
 
 READERS: dict[str, type[LidarDataset]] = {
     "nuscenes": NuScenes,
     "semantickitti": SemanticKITTI,
     "pandar64": Pandar64,
     "pandargt": PandarGT,
+    "semanticposs": SemanticPOSS,
 }
 
 

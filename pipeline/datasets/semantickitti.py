@@ -101,30 +101,35 @@ def read_calib(path: Path) -> tuple[np.ndarray, np.ndarray]:
 @dataclass(frozen=True)
 class _Sequence:
     name: str
-    intrinsics: np.ndarray
-    lidar_to_camera: np.ndarray
+    intrinsics: np.ndarray | None
+    lidar_to_camera: np.ndarray | None
     has_labels: bool
 
 
 class SemanticKITTI(LidarDataset):
+    """Also the base of SemanticKITTI-like layouts (SemanticPOSS): subclasses set `meta`,
+    `sequences` and whether there is a calibrated camera."""
+
     meta = META
+    sequences = SPLITS
+    camera = CAMERA
 
     def __init__(self, root: str | Path, split: str = "train"):
         super().__init__(root, split)
         self._sequences: dict[str, _Sequence] = {}
         self._ids: list[str] = []
         missing = []
-        for seq in SPLITS[split]:
+        for seq in self.sequences[split]:
             folder = self.root / "sequences" / seq
             if not (folder / "velodyne").is_dir():
                 missing.append(seq)
                 continue
-            k, lidar_to_camera = read_calib(folder / "calib.txt")
+            k, lidar_to_camera = read_calib(folder / "calib.txt") if self.camera else (None, None)
             self._sequences[seq] = _Sequence(seq, k, lidar_to_camera, (folder / "labels").is_dir())
             frames = sorted(e.name[:-4] for e in os.scandir(folder / "velodyne") if e.name.endswith(".bin"))
             self._ids.extend(f"{seq}/{f}" for f in frames)
         if not self._sequences:
-            raise DatasetError(self.root / "sequences", f"none of the {split} sequences {SPLITS[split]} has a velodyne/ folder")
+            raise DatasetError(self.root / "sequences", f"none of the {split} sequences {self.sequences[split]} has a velodyne/ folder")
         if missing:
             log.debug("%s: %s split: sequences %s are absent and skipped", self.root, split, ", ".join(missing))
         self.missing_sequences = tuple(missing)
@@ -144,6 +149,8 @@ class SemanticKITTI(LidarDataset):
             label_path = folder / "labels" / f"{frame}.label"
             raw_labels = read_labels(label_path, np.uint32, count=len(points), mask=0xFFFF)
             labels = self.meta.map_labels(raw_labels, label_path)
-        image_path = folder / CAMERA / f"{frame}.png"
-        camera = Camera(CAMERA, image_path, image_size(image_path), seq.intrinsics, seq.lidar_to_camera)
+        if not self.camera:
+            return Scan(scan_id, points, (), raw_labels, labels)
+        image_path = folder / self.camera / f"{frame}.png"
+        camera = Camera(self.camera, image_path, image_size(image_path), seq.intrinsics, seq.lidar_to_camera)
         return Scan(scan_id, points, (camera,), raw_labels, labels)

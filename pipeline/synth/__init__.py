@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.synth import nuscenes_format, pandaset_format, semantickitti_format
+from pipeline.synth import nuscenes_format, pandaset_format, semantickitti_format, semanticposs_format
 from pipeline.synth.rig import SynthConfig
 
-FORMATS = {"nuscenes": nuscenes_format, "semantickitti": semantickitti_format, "pandaset": pandaset_format}
+FORMATS = {"nuscenes": nuscenes_format, "semantickitti": semantickitti_format, "pandaset": pandaset_format, "semanticposs": semanticposs_format}
 
 
 def resolve(fmt: str, cfg: SynthConfig) -> SynthConfig:

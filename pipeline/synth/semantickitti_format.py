@@ -3,6 +3,7 @@ frames at 10 Hz. Sequence 08 is the validation sequence, the others come from th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +34,37 @@ RAW_LABEL = {
 THINGS = (Cls.CAR, Cls.TRUCK, Cls.PEDESTRIAN)
 
 
-def sequence_names(count: int) -> list[str]:
+def sequence_names(count: int, splits=kitti.SPLITS) -> list[str]:
     if count <= 1:
-        return ["00"]
-    return list(kitti.SPLITS["train"][: count - 1]) + list(kitti.SPLITS["val"])
+        return [splits["train"][0]]
+    return list(splits["train"][: count - 1]) + list(splits["val"])
 
 
-def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
-    spec = LidarSpec.uniform(cfg.beams, 2.0, -24.8, azimuth_steps=cfg.azimuth_steps, max_range=80.0, intensity_max=1.0, integer_intensity=False)
+@dataclass(frozen=True)
+class Layout:
+    """A dataset in SemanticKITTI's folder layout: its lidar, label ids, splits, camera or not."""
+
+    name: str
+    top_deg: float
+    bottom_deg: float
+    intensity_max: float
+    raw_label: dict
+    splits: dict
+    with_camera: bool
+
+
+KITTI = Layout("semantickitti", 2.0, -24.8, 1.0, RAW_LABEL, kitti.SPLITS, True)
+
+
+def write(out: Path, cfg: SynthConfig, progress=None, layout: Layout = KITTI) -> dict:
+    spec = LidarSpec.uniform(cfg.beams, layout.top_deg, layout.bottom_deg, azimuth_steps=cfg.azimuth_steps, max_range=80.0,
+                             intensity_max=layout.intensity_max, integer_intensity=layout.intensity_max > 1)  # fmt: skip
     h, w = round(REAL_IMAGE[0] * cfg.image_scale), round(REAL_IMAGE[1] * cfg.image_scale)
     k = REAL_K.copy()
     k[:2] *= np.array([[w / REAL_IMAGE[1]], [h / REAL_IMAGE[0]]])
-    raw_of = np.array([RAW_LABEL[Cls(c)] for c in range(len(Cls))], dtype=np.uint32)
+    raw_of = np.array([layout.raw_label[Cls(c)] for c in range(len(Cls))], dtype=np.uint32)
     points_total = 0
-    names = sequence_names(cfg.scenes)
+    names = sequence_names(cfg.scenes, layout.splits)
     for s, name in enumerate(names):
         rng, world, ego = scene_setup(cfg.seed, s, cfg.frames * FRAME_S, cfg.speed)
         # A slightly imperfect mounting, so that Tr is not a bare axis swap.
@@ -54,12 +72,13 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
         velo_to_cam0 = rigid(tilt @ VELO_TO_CAM_AXES, -(tilt @ VELO_TO_CAM_AXES) @ CAM0_IN_VELO)
         cam0_to_cam2 = rigid(np.eye(3), (CAMERA_BAR["P2"], 0.0, 0.0))
         folder = out / "sequences" / name
-        for sub in ("velodyne", "labels", "image_2"):
+        for sub in ("velodyne", "labels", "image_2") if layout.with_camera else ("velodyne", "labels"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         # P_i = K @ [I | t_i]: cameras 0-3 on a horizontal bar (grey, grey, colour left, colour right).
         lines = [f"{key}: " + " ".join(f"{v:.12e}" for v in (k @ rigid(np.eye(3), (dx, 0, 0))[:3]).ravel()) for key, dx in CAMERA_BAR.items()]
         lines.append("Tr: " + " ".join(f"{v:.12e}" for v in velo_to_cam0[:3].ravel()))
-        (folder / "calib.txt").write_text("\n".join(lines) + "\n")
+        if layout.with_camera:
+            (folder / "calib.txt").write_text("\n".join(lines) + "\n")
         poses, times = [], []
         cam0_first = None
         for i in range(cfg.frames):
@@ -70,8 +89,9 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
             instance = np.where(np.isin(lidar.cls, THINGS), lidar.instance, 0).astype(np.uint32)
             (raw_of[lidar.cls] | (instance << 16)).astype(np.uint32).tofile(folder / "labels" / f"{i:06d}.label")
             cam0_to_world = velo_to_world @ invert_rigid(velo_to_cam0)
-            image = render(world, k, (h, w), cam0_to_world @ invert_rigid(cam0_to_cam2))
-            Image.fromarray(image).save(folder / "image_2" / f"{i:06d}.png")
+            if layout.with_camera:
+                image = render(world, k, (h, w), cam0_to_world @ invert_rigid(cam0_to_cam2))
+                Image.fromarray(image).save(folder / "image_2" / f"{i:06d}.png")
             cam0_first = cam0_to_world if cam0_first is None else cam0_first
             poses.append(" ".join(f"{v:.12e}" for v in (invert_rigid(cam0_first) @ cam0_to_world)[:3].ravel()))
             times.append(f"{i * FRAME_S:.6e}")
@@ -79,7 +99,7 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
                 progress(1)
         (folder / "poses.txt").write_text("\n".join(poses) + "\n")
         (folder / "times.txt").write_text("\n".join(times) + "\n")
-    return {"format": "semantickitti", "sequences": names, "scans": len(names) * cfg.frames, "points": points_total}
+    return {"format": layout.name, "sequences": names, "scans": len(names) * cfg.frames, "points": points_total}
 
 
 def _small_rotation(rng: np.random.Generator, max_angle: float) -> np.ndarray:
