@@ -48,22 +48,28 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/python -m pytest
 
-# The synthetic datasets: a nuScenes-format rig (6 cameras, 32 beams) and a SemanticKITTI-format
-# rig (1 camera, 64 beams), written in the datasets' own on-disk formats.
+# The synthetic datasets, written in the datasets' own on-disk formats: nuScenes (6 cameras, 32
+# beams), SemanticKITTI (1 camera, 64 beams), PandaSet (Pandar64 + PandarGT, 6 cameras).
 # Written once (a stamp marks completion); `make clean` to regenerate.
-synth: $(DATA)/synth-nuscenes/.done $(DATA)/synth-kitti/.done
+synth: $(DATA)/synth-nuscenes/.done $(DATA)/synth-semantickitti/.done $(DATA)/synth-pandaset/.done
 
 $(DATA)/synth-nuscenes/.done: | install
 	$(SCALR) synth --format nuscenes --out $(DATA)/synth-nuscenes --seed $(SEED)
 	touch $@
 
-$(DATA)/synth-kitti/.done: | install
-	$(SCALR) synth --format semantickitti --out $(DATA)/synth-kitti --seed $(SEED)
+$(DATA)/synth-semantickitti/.done: | install
+	$(SCALR) synth --format semantickitti --out $(DATA)/synth-semantickitti --seed $(SEED)
+	touch $@
+
+$(DATA)/synth-pandaset/.done: | install
+	$(SCALR) synth --format pandaset --out $(DATA)/synth-pandaset --seed $(SEED)
 	touch $@
 
 check-dataset: synth
 	$(SCALR) check-dataset --dataset nuscenes --root $(DATA)/synth-nuscenes --split mini_train --plot-dir $(OUT)/check
-	$(SCALR) check-dataset --dataset semantickitti --root $(DATA)/synth-kitti --split train --plot-dir $(OUT)/check
+	$(SCALR) check-dataset --dataset semantickitti --root $(DATA)/synth-semantickitti --split train --plot-dir $(OUT)/check
+	$(SCALR) check-dataset --dataset pandar64 --root $(DATA)/synth-pandaset --split train --plot-dir $(OUT)/check
+	$(SCALR) check-dataset --dataset pandargt --root $(DATA)/synth-pandaset --split train --plot-dir $(OUT)/check
 
 # Resumable: rerunning computes only the parts that are not committed yet.
 extract-features: install $(if $(filter $(DATA)/%,$(ROOT)),synth)
@@ -89,7 +95,7 @@ bench-pretrain: extract-features
 bench-extract: install synth
 	$(SCALR) bench extract --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --teacher dinov2-vits14
 
-# The whole method on the synthetic rigs (about 8 minutes on 2 CPU cores); reruns reuse what is there.
+# The whole method on the synthetic rigs, four lidars (about 10 minutes on 2 CPU cores); reruns reuse what is there.
 demo: install
 	$(SCALR) demo --data $(DATA) --out $(OUT)/demo
 

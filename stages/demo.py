@@ -1,6 +1,7 @@
 """demo: the whole method on the built-in synthetic data, in minutes on a laptop CPU.
 
-Two lidar rigs (nuScenes-format: 6 cameras, 32 beams; SemanticKITTI-format: 1 camera, 64 beams)
+Four lidars (nuScenes-format: 6 cameras, 32 beams; SemanticKITTI-format: 1 camera, 64 beams;
+PandaSet-format: a 64-beam spinning lidar with 6 cameras and a forward lidar with the front camera)
 -> check and projection overlays -> teacher features extracted once per rig (random-init teacher,
 recorded as such) -> one student pretrained on the mix of rigs -> linear probes of the distilled
 student and of the same student untrained, per rig (+ a supervised-from-scratch reference) ->
@@ -26,8 +27,14 @@ from stages.pretrain import PretrainConfig, pretrain
 from stages.segment import SegmentConfig, train_segmentation
 from stages.train import TrainConfig
 
-# (name, synthetic format, train split, validation split)
-RIGS = (("nuscenes", "nuscenes", "mini_train", "mini_val"), ("semantickitti", "semantickitti", "train", "val"))
+# (dataset, synthetic format, train split, validation split): four lidars; PandaSet's two sensors
+# come from the same synthetic PandaSet-format folder.
+RIGS = (
+    ("nuscenes", "nuscenes", "mini_train", "mini_val"),
+    ("semantickitti", "semantickitti", "train", "val"),
+    ("pandar64", "pandaset", "train", "val"),
+    ("pandargt", "pandaset", "train", "val"),
+)
 
 
 @dataclass(frozen=True)
@@ -52,15 +59,16 @@ def _say(step: str) -> None:
 def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.time()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    roots = {name: cfg.data / f"synth-{name}" for name, *_ in RIGS}
+    folders = {fmt: cfg.data / f"synth-{fmt}" for _, fmt, *_ in RIGS}
+    roots = {name: folders[fmt] for name, fmt, *_ in RIGS}
 
-    _say("1/6 synthetic datasets in the nuScenes and SemanticKITTI formats")
-    for name, fmt, *_ in RIGS:
-        stamp = roots[name] / ".done"
+    _say("1/6 synthetic datasets in the nuScenes, SemanticKITTI and PandaSet formats")
+    for fmt, folder in folders.items():
+        stamp = folder / ".done"
         if stamp.exists():
-            print(f"{roots[name]}: already there, reused")
+            print(f"{folder}: already there, reused")
             continue
-        print(generate(fmt, roots[name], SynthConfig(seed=cfg.seed)))
+        print(generate(fmt, folder, SynthConfig(seed=cfg.seed)))
         stamp.touch()
 
     _say("2/6 dataset check and projection overlays")
@@ -76,7 +84,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         stores[name] = extract(ExtractConfig(name, roots[name], train, cfg.teacher, path, random_init=True, seed=cfg.seed, num_workers=2))
         print(f"{path}: {'resumed/reused' if existed else 'extracted'}, {sum(r['count'] for r in stores[name].manifest().to_pylist()):,} points with targets")
 
-    _say(f"4/6 pretraining {cfg.student} on the mix of both rigs (cached targets only)")
+    _say(f"4/6 pretraining {cfg.student} on the mix of the four lidars (cached targets only)")
     distilled = cfg.runs / f"demo-{cfg.student}-distilled"
     pre = PretrainConfig(tuple(s.path for s in stores.values()), distilled, cfg.student).resolved()
     pre = dataclasses.replace(pre, optim=dataclasses.replace(pre.optim, warmup_iters=10), train=TrainConfig(batch_size=cfg.batch_size, epochs=cfg.pretrain_epochs, seed=cfg.seed, log_every=1))
@@ -119,7 +127,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def table(results: dict, cfg: DemoConfig) -> list[str]:
     header = f"{'linear probing mIoU %':<24}{'random-init':>13}{'distilled':>11}{'gap':>8}" + (f"{'from scratch*':>15}" if cfg.scratch else "")
-    lines = [f"Synthetic rigs, {cfg.student} pretrained on both rigs with ScaLR from a random-init {cfg.teacher}:", header]
+    lines = [f"Synthetic rigs, {cfg.student} pretrained on all rigs together with ScaLR from a random-init {cfg.teacher}:", header]
     for name, row in results.items():
         line = f"{name + ' rig (val)':<24}{100 * row['random-init']:>13.1f}{100 * row['distilled']:>11.1f}{100 * (row['distilled'] - row['random-init']):>+8.1f}"
         if "scratch" in row:
