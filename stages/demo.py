@@ -25,6 +25,7 @@ from stages.extract import ExtractConfig, extract
 from stages.inspect import plot_entry, plot_student
 from stages.pretrain import PretrainConfig, pretrain
 from stages.segment import SegmentConfig, train_segmentation
+from stages.student_data import SampleConfig
 from stages.train import TrainConfig
 
 # (dataset, synthetic format, train split, validation split): four lidars; PandaSet's two sensors
@@ -50,6 +51,7 @@ class DemoConfig:
     probe_epochs: int = 10
     batch_size: int = 4
     scratch: bool = True  # also train the student from scratch with labels (reference)
+    downstream_points: int = 20000  # training crop of probes/scratch runs (evaluation: whole scans)
 
 
 def _say(step: str) -> None:
@@ -93,17 +95,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     pretrain(dataclasses.replace(pre, out=untrained, train=dataclasses.replace(pre.train, max_steps=0)))  # the same student, untrained
 
     _say("5/6 linear probing per rig: distilled student vs the same student at random init")
+    crop = SampleConfig(max_points=cfg.downstream_points)  # training crops keep the CPU demo short; evaluation sees whole scans
     results = {}
     for name, _, train, val in RIGS:
         row = {}
         for label, run in (("random-init", untrained), ("distilled", distilled)):
             probe = SegmentConfig.for_mode("probe", dataset=name, root=roots[name], split=train, out=cfg.runs / f"{run.name}-probe-{name}", checkpoint=run / "checkpoints/last.pt")
-            probe = dataclasses.replace(probe, train=dataclasses.replace(probe.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1)
+            probe = dataclasses.replace(probe, train=dataclasses.replace(probe.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1, sample=crop)
             ckpt = train_segmentation(probe)["checkpoint"]
             row[label] = evaluate(EvaluateConfig(name, roots[name], Path(ckpt), split=val))["miou"]
         if cfg.scratch:
             scratch = SegmentConfig.for_mode("scratch", dataset=name, root=roots[name], split=train, out=cfg.runs / f"demo-{cfg.student}-scratch-{name}", student=cfg.student)
-            scratch = dataclasses.replace(scratch, train=dataclasses.replace(scratch.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1)
+            scratch = dataclasses.replace(scratch, train=dataclasses.replace(scratch.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1, sample=crop)
             row["scratch"] = evaluate(EvaluateConfig(name, roots[name], Path(train_segmentation(scratch)["checkpoint"]), split=val))["miou"]
         results[name] = row
 
