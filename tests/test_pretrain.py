@@ -22,7 +22,7 @@ from stages.student_data import DistillationData, EpochSampler, SampleConfig, co
 from stages.train import NonFiniteLoss, OptimConfig, TrainConfig
 from stages.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig, param_count_closed_form
 from storage.checkpoint import load_checkpoint
-from storage.feature_store import FeatureStore, StoreError
+from storage.feature_store import StoreError
 
 SMALL_GRID = Grid(cell=4.0)  # 32 x 32 x 4 cells: fast on CPU
 TINY = WaffleIronConfig(depth=3, width=16, grid_shape=SMALL_GRID.shape)

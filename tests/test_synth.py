@@ -6,7 +6,7 @@ import pytest
 from pipeline.datasets import open_dataset
 from pipeline.datasets.base import load_image
 from pipeline.synth import SynthConfig, generate, nuscenes_format, pandaset_format, semantickitti_format
-from pipeline.synth.world import PALETTE, Cls
+from pipeline.synth.world import PALETTE
 
 RIGS = {
     "nuscenes": ("mini_train", nuscenes_format.RAW_INDEX),
