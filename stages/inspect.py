@@ -166,10 +166,9 @@ def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id
     from stages.plots import feature_figure
     from stages.segment import load_backbone
     from stages.student_data import collate, student_inputs
-    from storage.checkpoint import load_checkpoint
 
-    record = load_checkpoint(checkpoint)["config"]
-    backbone = load_backbone(checkpoint, 0.0).eval()
+    backbone, record = load_backbone(checkpoint, 0.0)
+    backbone.eval()
     ds = open_dataset(dataset, root, split)
     scan = ds[ds.index_of(scan_id)]
     keep, inputs = student_inputs(scan.points, ds.meta.intensity_max, trained_sample_config(record), np.random.default_rng(0), train=False)

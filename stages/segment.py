@@ -139,8 +139,8 @@ def layer_decay_groups(model: SegmentationModel, base_lr: float, decay: float) -
     return [{"params": ps, "lr": base_lr * decay ** (depth + 1 - layer), "layer": layer} for layer, ps in sorted(groups.items())]
 
 
-def load_backbone(checkpoint: Path, drop_path: float) -> WaffleIron:
-    """The backbone of a pretraining or segmentation checkpoint, loaded strictly."""
+def load_backbone(checkpoint: Path, drop_path: float) -> tuple[WaffleIron, dict]:
+    """The backbone of a pretraining or segmentation checkpoint, loaded strictly, and its run record."""
     state = load_checkpoint(checkpoint)
     model_cfg = state.get("config", {}).get("config", {}).get("model")
     if not model_cfg:
@@ -152,7 +152,7 @@ def load_backbone(checkpoint: Path, drop_path: float) -> WaffleIron:
         backbone.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{checkpoint}: backbone weights do not fit the recorded student {cfg.depth}x{cfg.width}: {str(err).splitlines()[0]}") from None
-    return backbone
+    return backbone, state["config"]
 
 
 def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
@@ -170,7 +170,7 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
     else:
         if cfg.checkpoint is None:
             raise ValueError(f"{cfg.mode} needs --checkpoint (a pretraining run's checkpoints/last.pt)")
-        backbone = load_backbone(cfg.checkpoint, drop)
+        backbone, _ = load_backbone(cfg.checkpoint, drop)
     if backbone.cfg.grid_shape != cfg.sample.grid.shape:
         raise ValueError(f"the backbone's grid {backbone.cfg.grid_shape} differs from the sample grid {cfg.sample.grid.shape}; set sample.grid to match")
     torch.manual_seed(cfg.train.seed)

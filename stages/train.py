@@ -182,7 +182,11 @@ def fit(
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train.precision]
     last_step = total_steps if train.max_steps is None else min(total_steps, train.max_steps)
 
+    saved_step = step if resume and ckpt_path.is_file() else None  # the step last written to ckpt_path
+
     def save(at_step, at_epoch, at_batch):
+        nonlocal saved_step
+        saved_step = at_step
         if ddp.rank != 0:
             return
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -246,7 +250,7 @@ def fit(
             if step >= last_step:
                 break
     bar.close()
-    if not ckpt_path.is_file() or load_checkpoint(ckpt_path)["step"] != step:
+    if saved_step != step:
         save(step, epoch, batch_in_epoch)  # e.g. max_steps=0: the untrained model, a baseline to probe
     if ddp.rank == 0:
         plot_loss(metrics_file, run_dir / "loss.png")
