@@ -24,6 +24,28 @@ SPLIT = click.option(
 )
 
 
+# Errors caused by the user's input: each names its file and problem, and ends the command with
+# that one message and exit code 1, never a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = ("DatasetError", "StoreError", "CheckpointError", "WeightsError", "NonFiniteLoss", "ValueError", "FileNotFoundError", "KeyError")
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The message of a user-input error, or None. An error raised in a DataLoader worker reaches
+    this process re-wrapped with the worker's traceback: its original message is recovered."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = text.splitlines()
+        for i in range(len(lines) - 1, -1, -1):
+            name, sep, rest = lines[i].partition(": ")
+            if sep and name.rsplit(".", 1)[-1] in USER_ERRORS and not name.startswith(" "):
+                return "\n".join([rest, *lines[i + 1 :]]).strip()
+        return None
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if not names & set(USER_ERRORS):
+        return None
+    return text.strip('"').strip("'") if isinstance(err, KeyError) else text
+
+
 def reports_bad_input(fn):
     """Bad input ends the command with its file and problem, not a traceback."""
 
@@ -31,8 +53,13 @@ def reports_bad_input(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except DatasetError as err:
-            raise click.ClickException(str(err)) from None
+        except click.ClickException:
+            raise
+        except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs below
+            message = user_error_message(err)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
 
     return wrapper
 
@@ -150,28 +177,26 @@ def extract_features(dataset, root, split, teacher, out, weights, weights_dir, r
     interrupted store. Under torchrun, each rank takes parts rank::world."""
     from stages.extract import ExtractConfig, extract
     from stages.inspect import summary_lines
-    from stages.teachers import WeightsError
-    from storage.feature_store import StoreError
 
     cfg = ExtractConfig(
         dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision,
         batch_size, num_workers, scans_per_part, on_error, None, None, dask_workers, scheduler, max_scans,
     )  # fmt: skip
-    try:
-        store = extract(cfg)
-    except (WeightsError, StoreError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    store = extract(cfg)
     click.echo("\n".join(summary_lines(store)))
 
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 def verify(store):
-    """Check a feature store: every part committed, every manifest row readable and consistent,
-    every chunk present and decodable, no NaN/inf. Exits 1 naming each problem."""
+    """Check a feature store fully: every part committed, every manifest row consistent with its
+    arrays, every chunk present, of its recorded size, decodable and passing its CRC-32C, every
+    array's SHA-256 as recorded at commit, no NaN/inf, the teacher as in the registry. Exits 1
+    naming each problem. (Every command that reads a store runs the cheap part of this.)"""
+    from stages.teachers import TEACHERS
     from storage.verify import verify_store
 
-    problems, counts = verify_store(store)
+    problems, counts = verify_store(store, {name: (spec.dim, spec.patch) for name, spec in TEACHERS.items()})
     for p in problems:
         click.echo(f"PROBLEM {p}")
     if problems:
@@ -188,22 +213,16 @@ def verify(store):
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None, help="With --scan/--camera: write the entry's feature correlation map and PCA (PNG) here.")
 @click.option("--point", type=int, default=None, help="Query point (row of the entry) of the correlation map.")
 @click.option("--class", "class_name", default=None, help="Query a point of this class (default: a car, when the dataset's labels are still there).")
+@reports_bad_input
 def inspect(store, scan, camera, stats, plot_dir, point, class_name):
     """Summarise a feature store: teacher, image size, entries, points, bytes on disk, per-camera
     counts, skipped entries; one entry with --scan/--camera; statistics with --stats; pictures of
-    the cached targets with --plot."""
-    from stages.inspect import InspectConfig, inspect, plot_entry
-    from storage.feature_store import FeatureStore, StoreError
+    the cached targets with --plot. Refuses a damaged or unfinished store (see `verify`)."""
+    from stages.inspect import InspectConfig, inspect
 
-    try:
-        click.echo("\n".join(inspect(InspectConfig(store, scan, camera, stats))))
-        if plot_dir:
-            if not (scan and camera):
-                raise click.UsageError("--plot needs --scan and --camera")
-            for path in plot_entry(FeatureStore(store), scan, camera, plot_dir, point, class_name):
-                click.echo(f"plot: {path}")
-    except (StoreError, KeyError) as err:
-        raise click.ClickException(str(err).strip('"')) from None
+    if plot_dir and not (scan and camera):
+        raise click.UsageError("--plot needs --scan and --camera")
+    click.echo("\n".join(inspect(InspectConfig(store, scan, camera, stats, plot_dir, point, class_name))))
 
 
 @main.command("plot-features")
@@ -222,11 +241,8 @@ def plot_features(checkpoint, dataset, root, split, scan_id, camera, out, point,
     Fig. 1) and PCA of its features on a scan, in bird's-eye view and on a camera image."""
     from stages.inspect import plot_student
 
-    try:
-        for path in plot_student(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):
-            click.echo(f"plot: {path}")
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err).strip('"')) from None
+    for path in plot_student(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):
+        click.echo(f"plot: {path}")
 
 
 @main.command()
@@ -244,22 +260,18 @@ def plot_features(checkpoint, dataset, root, split, scan_id, camera, out, point,
 @click.option("--num-workers", type=int, default=None)
 @click.option("--loss", type=click.Choice(["cosine", "ppkt"]), default=None, help="cosine: ScaLR; ppkt: contrastive baseline.")
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out instead of resuming from it.")
+@reports_bad_input
 def pretrain(stores, out, student, config_file, sets, epochs, batch_size, max_steps, precision, device, num_workers, loss, fresh):
     """Stage 2: train a WaffleIron student against cached teacher targets (no teacher, images or
     raw dataset needed). Resumes from --out's last checkpoint. Multi-GPU:
     torchrun --nproc-per-node N -m pipeline.cli pretrain ..."""
     from pipeline.config import layered
     from stages.pretrain import PretrainConfig, pretrain
-    from stages.train import NonFiniteLoss
-    from storage.feature_store import StoreError
 
     flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.max_steps": max_steps, "train.precision": precision,
              "train.device": device, "train.num_workers": num_workers, "loss.kind": loss}  # fmt: skip
-    try:
-        cfg = layered(PretrainConfig(tuple(stores), out, student).resolved(), config_file, sets, flags)
-        summary = pretrain(cfg, resume=not fresh)
-    except (StoreError, ValueError, NonFiniteLoss) as err:
-        raise click.ClickException(str(err)) from None
+    cfg = layered(PretrainConfig(tuple(stores), out, student).resolved(), config_file, sets, flags)
+    summary = pretrain(cfg, resume=not fresh)
     click.echo(f"pretrained {summary['steps']} steps; checkpoint {summary['checkpoint']}; loss curve {Path(out) / 'loss.png'}")
 
 
@@ -280,15 +292,11 @@ def _segment_command(mode: str):
     def command(dataset, root, split, out, labels_fraction, config_file, sets, epochs, batch_size, precision, device, num_workers, fresh, **extra):
         from pipeline.config import layered
         from stages.segment import SegmentConfig, train_segmentation
-        from stages.train import NonFiniteLoss
 
         flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.precision": precision, "train.device": device, "train.num_workers": num_workers}
-        try:
-            cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=root, split=split, out=out, labels_fraction=int(labels_fraction) / 100, **extra)
-            cfg = layered(cfg, config_file, sets, flags)
-            summary = train_segmentation(cfg, resume=not fresh)
-        except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
-            raise click.ClickException(str(err)) from None
+        cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=root, split=split, out=out, labels_fraction=int(labels_fraction) / 100, **extra)
+        cfg = layered(cfg, config_file, sets, flags)
+        summary = train_segmentation(cfg, resume=not fresh)
         click.echo(f"{mode}: {summary['steps']} steps; checkpoint {summary['checkpoint']}; evaluate with: scalr evaluate --checkpoint {summary['checkpoint']} ...")
 
     return reports_bad_input(command)
@@ -322,13 +330,10 @@ def evaluate(dataset, root, split, checkpoint, out, device, max_scans, corruptio
     --corruptions: mIoU per corruption and severity, CE, mCE (nuScenes: vs MinkUNet-18) and mRR."""
     from stages.evaluate import EvaluateConfig, evaluate, table_lines
 
-    try:
-        from pipeline.corruptions import CORRUPTIONS
+    from pipeline.corruptions import CORRUPTIONS
 
-        names = tuple(CORRUPTIONS) if corruptions == "all" else tuple(c.strip() for c in corruptions.split(",") if c.strip())
-        result = evaluate(EvaluateConfig(dataset, root, checkpoint, split, out, device, max_scans, corruptions=names, seed=seed, class_map=class_map))
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from None
+    names = tuple(CORRUPTIONS) if corruptions == "all" else tuple(c.strip() for c in corruptions.split(",") if c.strip())
+    result = evaluate(EvaluateConfig(dataset, root, checkpoint, split, out, device, max_scans, corruptions=names, seed=seed, class_map=class_map))
     click.echo("\n".join(table_lines(result)))
 
 
@@ -340,6 +345,7 @@ def evaluate(dataset, root, split, checkpoint, out, device, max_scans, corruptio
 @click.option("--pretrain-epochs", default=8)
 @click.option("--probe-epochs", default=10)
 @click.option("--no-scratch", is_flag=True, help="Skip the supervised-from-scratch reference.")
+@reports_bad_input
 def demo(data, out, teacher, student, pretrain_epochs, probe_epochs, no_scratch):
     """The whole method on the synthetic rigs: data, extraction, pretraining on the mix, linear
     probing of the distilled vs random-init student, a results table and pictures. Reruns reuse
@@ -396,6 +402,7 @@ def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
 @click.option("--teacher", "teachers", multiple=True, default=("dinov2-vits14", "dinov2-vitb14"), help="Teachers to run online for comparison (repeat).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
+@reports_bad_input
 def bench_pretrain_cmd(store, student, batch_size, max_points, steps, num_workers, device, precision, teachers, json_out):
     """Pretraining: step time with the real store loader / with batches in memory (goal <= 1.05),
     step time with a teacher run online / with cached targets, peak memory."""

@@ -134,11 +134,10 @@ def bench_pretrain(cfg: BenchPretrainConfig) -> dict:
     from stages.student_data import DistillationData, EpochSampler, SampleConfig, collate
     from stages.teachers import sample_grid
     from stages.waffleiron import STUDENTS, cosine_distance_loss
-    from storage.feature_store import FeatureStore
 
     device = pick_device(cfg.device)
-    store = FeatureStore(cfg.store)
-    data = DistillationData([cfg.store], SampleConfig(max_points=cfg.max_points))
+    data = DistillationData([cfg.store], SampleConfig(max_points=cfg.max_points))  # opening runs the integrity gate
+    store = data.groups[0].stores[0]
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     total = cfg.steps + 2  # two warm-up steps are not timed
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
-from storage.feature_store import FeatureStore, part_name
+from storage.feature_store import FeatureStore, StoreError
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class InspectConfig:
     scan: str | None = None
     camera: str | None = None
     stats: bool = False
+    plot_dir: Path | None = None  # with scan and camera: draw the entry's pictures here
+    point: int | None = None  # query point of the correlation map
+    class_name: str | None = None  # or a point of this class
 
 
 def disk_bytes(path: Path) -> int:
@@ -71,13 +74,16 @@ def entry_lines(store: FeatureStore, scan: str, camera: str) -> list[str]:
 
 def feature_statistics(store: FeatureStore) -> dict:
     """Per-channel mean/variance and norm statistics over every stored feature, out of core."""
-    parts = [da.from_zarr(str(store.path / "parts" / part_name(p) / "features")) for p in store.committed_parts()]
+    parts = [da.from_zarr(store.arrays(p)["features"]) for p in store.committed_parts()]
     parts = [p for p in parts if p.shape[0]]
     if not parts:
         return {"rows": 0}
     f = da.concatenate(parts, axis=0).astype(np.float32)
     norms = da.sqrt((f * f).sum(axis=1))
-    mean, var, n_mean, n_std, n_min, n_max = da.compute(f.mean(axis=0), f.var(axis=0), norms.mean(), norms.std(), norms.min(), norms.max())
+    try:
+        mean, var, n_mean, n_std, n_min, n_max = da.compute(f.mean(axis=0), f.var(axis=0), norms.mean(), norms.std(), norms.min(), norms.max())
+    except Exception as err:  # noqa: BLE001 - a chunk failing its checksum mid-way
+        raise StoreError(f"{store.path}: a features chunk failed to decode ({type(err).__name__}: {err}); run `scalr verify {store.path}`") from None
     return {"rows": int(f.shape[0]), "channel_mean": mean, "channel_var": var, "norm_mean": float(n_mean), "norm_std": float(n_std), "norm_min": float(n_min), "norm_max": float(n_max)}
 
 
@@ -103,6 +109,8 @@ def inspect(cfg: InspectConfig) -> list[str]:
             lines += entry_lines(store, cfg.scan, cam)
     if cfg.stats:
         lines += stats_lines(feature_statistics(store))
+    if cfg.plot_dir:
+        lines += [f"plot: {path}" for path in plot_entry(store, cfg.scan, cfg.camera, cfg.plot_dir, cfg.point, cfg.class_name)]
     return lines
 
 

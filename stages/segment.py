@@ -26,7 +26,7 @@ from stages.losses import segmentation_loss
 from stages.student_data import EpochSampler, SampleConfig, collate, student_inputs
 from stages.train import OptimConfig, TrainConfig, fit
 from stages.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig
-from storage.checkpoint import load_checkpoint
+from storage.checkpoint import CheckpointError, load_checkpoint, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +139,24 @@ def layer_decay_groups(model: SegmentationModel, base_lr: float, decay: float) -
     return [{"params": ps, "lr": base_lr * decay ** (depth + 1 - layer), "layer": layer} for layer, ps in sorted(groups.items())]
 
 
+def recorded_student(checkpoint: Path, record: dict, **overrides) -> WaffleIronConfig:
+    """The student configuration a run record holds; CheckpointError if there is none usable."""
+    model_cfg = record.get("config", {}).get("model") if isinstance(record.get("config"), dict) else None
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(checkpoint, "no student configuration recorded; not a scalr checkpoint")
+    try:
+        return WaffleIronConfig(**{**model_cfg, "grid_shape": tuple(model_cfg["grid_shape"]), **overrides})
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(checkpoint, f"recorded student configuration is unusable ({err})") from None
+
+
 def load_backbone(checkpoint: Path, drop_path: float) -> tuple[WaffleIron, dict]:
     """The backbone of a pretraining or segmentation checkpoint, loaded strictly, and its run record."""
     state = load_checkpoint(checkpoint)
-    model_cfg = state.get("config", {}).get("config", {}).get("model")
-    if not model_cfg:
-        raise ValueError(f"{checkpoint}: no student configuration recorded; not a scalr checkpoint")
-    cfg = WaffleIronConfig(**{**model_cfg, "grid_shape": tuple(model_cfg["grid_shape"]), "drop_path": drop_path})
+    cfg = recorded_student(checkpoint, state["config"], drop_path=drop_path)
     backbone = WaffleIron(cfg)
     weights = {k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")}
-    try:
-        backbone.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{checkpoint}: backbone weights do not fit the recorded student {cfg.depth}x{cfg.width}: {str(err).splitlines()[0]}") from None
+    load_weights(checkpoint, backbone, weights, f"the recorded student (depth {cfg.depth}, width {cfg.width})")
     return backbone, state["config"]
 
 
@@ -208,12 +213,13 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
 def load_segmenter(checkpoint: Path) -> tuple[SegmentationModel, dict]:
     """A trained segmentation model (eval mode) and its run record."""
     state = load_checkpoint(checkpoint)
-    record = state.get("config", {})
+    record = state["config"]
     if record.get("stage") not in MODES:
-        raise ValueError(f"{checkpoint}: a {record.get('stage', 'unknown')} checkpoint, not a segmentation model (run probe, finetune or scratch first)")
-    model_cfg = record["config"]["model"]
-    backbone = WaffleIron(WaffleIronConfig(**{**model_cfg, "grid_shape": tuple(model_cfg["grid_shape"])}))
-    model = SegmentationModel(backbone, record["num_classes"], frozen=False)
-    model.load_state_dict(state["model"], strict=True)
+        raise CheckpointError(checkpoint, f"a {record.get('stage', 'unknown')} checkpoint, not a segmentation model (run probe, finetune or scratch first)")
+    classes = record.get("num_classes")
+    if not isinstance(classes, int) or classes <= 0 or not isinstance(record.get("dataset"), dict):
+        raise CheckpointError(checkpoint, "run record lacks the dataset and number of classes")
+    cfg = recorded_student(checkpoint, record)
+    model = SegmentationModel(WaffleIron(cfg), classes, frozen=False)
+    load_weights(checkpoint, model, state["model"], f"a {record['stage']} model (depth {cfg.depth}, width {cfg.width}, {classes} classes)")
     return model.eval(), record
-

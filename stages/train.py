@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from storage.checkpoint import load_checkpoint, save_checkpoint, write_json
+from storage.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,10 @@ def fit(
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
+        missing = [k for k in ("optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "rng") if k not in state]
+        if missing:
+            raise CheckpointError(ckpt_path, f"cannot resume: no {missing} (not a training checkpoint; use --fresh or another --out)")
+        load_weights(ckpt_path, model, state["model"], "this run's model (use --fresh or another --out to start a different model)")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

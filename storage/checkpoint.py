@@ -1,4 +1,9 @@
-"""Checkpoints and run records: written atomically, read strictly."""
+"""Checkpoints and run records: written atomically, read strictly.
+
+A checkpoint is a dict with at least `model` (a state dict of tensors) and `config` (the run
+record: stage, resolved config, dataset ...). Anything else, a truncated file, or weights that
+do not fit the recorded model is a `CheckpointError` naming the file and the problem.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,15 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """An unusable checkpoint file; `str()` reads "<path>: <problem>"."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{self.path}: {problem}")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -18,12 +32,42 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint is missing")
+    """The checkpoint dict, checked to hold a state dict of tensors and a run record."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint file is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors, dicts, lists and plain values only; never runs a pickled object
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(path, f"not a readable checkpoint (truncated, corrupt or not written by torch.save: {reason[:200]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"holds a {type(state).__name__}, not a checkpoint dict")
+    model, record = state.get("model"), state.get("config")
+    if not isinstance(model, dict) or not model or not all(torch.is_tensor(v) for v in model.values()):
+        raise CheckpointError(path, "has no 'model' state dict of tensors; not a scalr checkpoint")
+    if not isinstance(record, dict):
+        raise CheckpointError(path, "has no run record ('config'); not a scalr checkpoint")
+    return state
+
+
+def load_weights(path: Path, module: nn.Module, weights: dict, what: str) -> None:
+    """Strict load; a mismatch names the file and the first offending tensor."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        if wrong:
+            first = f"{wrong[0]} is {tuple(weights[wrong[0]].shape)}, the model's is {tuple(expected[wrong[0]].shape)}"
+        elif missing:
+            first = f"{missing[0]} is missing"
+        else:
+            first = f"{unexpected[0]} is not in the model"
+        counts = f"{len(wrong)} of another shape, {len(missing)} missing, {len(unexpected)} unexpected"
+        raise CheckpointError(path, f"weights do not fit {what} ({counts}; first: {first})")
+    module.load_state_dict(weights, strict=True)
 
 
 def write_json(path: Path, data: dict) -> None:

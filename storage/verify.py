@@ -1,86 +1,81 @@
-"""verify: check a feature store end to end, without trusting anything it says about itself."""
+"""verify: check a feature store end to end, without trusting anything it says about itself.
+
+The cheap checks are the integrity gate every reader runs (`FeatureStore.integrity_problems`);
+verify adds what needs the data itself: every chunk decoded (each one's CRC-32C checked by the
+codec), the SHA-256 of every array's decoded bytes compared with the one recorded at commit, no
+NaN or infinite value, and the recorded teacher compared with the teacher registry.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+
 import numpy as np
-import pyarrow.parquet as pq
-import zarr
 
-from storage.feature_store import ARRAYS, IDENTITY_KEYS, MANIFEST_SCHEMA, FeatureStore, StoreError, part_name
+from storage.feature_store import ARRAYS, FeatureStore, StoreError, part_name
 
 
-def verify_store(path) -> tuple[list[str], dict]:
-    """(problems, counts). No problems means: every planned part is committed, every manifest row
-    is readable and consistent with its arrays, every chunk file exists and decodes, and no
-    feature is NaN or infinite."""
+def verify_store(path, teachers: Mapping[str, tuple[int, int]] | None = None) -> tuple[list[str], dict]:
+    """(problems, counts). `teachers` maps a registered teacher name to its (dim, patch); when
+    given, the store's teacher must be one of them with the same dimension and patch."""
     try:
-        store = FeatureStore(path)
+        store = FeatureStore(path, check=False)
     except StoreError as err:
         return [str(err)], {}
-    problems: list[str] = []
-    attrs = store.attrs
-    missing_keys = [k for k in IDENTITY_KEYS + ("cameras",) if k not in attrs]
-    if missing_keys:
-        return [f"{store.path}/zarr.json: attributes lack {missing_keys}"], {}
-    dim = attrs["teacher"].get("dim")
-    if not isinstance(dim, int) or dim <= 0 or len(attrs["image_size"]) != 2:
-        problems.append(f"{store.path}/zarr.json: incoherent attributes (teacher dim {dim!r}, image size {attrs['image_size']!r})")
+    problems = store.store_problems()
+    if not store.attrs_usable:
         return problems, {}
-    plan = store.plan
-    cameras = set(attrs["cameras"])
-    counts = {"parts": plan.parts, "entries": 0, "points": 0, "skipped": 0}
-    for part in range(plan.parts):
-        manifest = store.manifest_path(part)
-        if not manifest.is_file():
-            problems.append(f"{manifest}: missing (part {part} of {plan.parts} not committed; rerun extract-features to finish)")
-            continue
-        try:
-            rows = pq.read_table(manifest, schema=MANIFEST_SCHEMA).to_pylist()
-        except Exception as err:  # noqa: BLE001 - any parquet failure is a corrupt manifest
-            problems.append(f"{manifest}: unreadable manifest ({err})")
-            continue
-        problems += _check_part(store, part, rows, dim, cameras, plan.scans_of(part))
-        counts["entries"] += len(rows)
-        counts["points"] += sum(r["count"] for r in rows)
-        counts["skipped"] += sum(r["status"] == "skipped" for r in rows)
+    if teachers is not None:
+        problems += _teacher_problems(store, teachers)
+    counts = {"parts": store.plan.parts, "entries": 0, "points": 0, "skipped": 0}
+    for part in store.planned_committed_parts():
+        cheap = store.part_problems(part)
+        problems += cheap or _content_problems(store, part)
+        if not cheap:
+            rows = store.read_part_manifest(part)[0].to_pydict()
+            counts["entries"] += len(rows["count"])
+            counts["points"] += sum(rows["count"])
+            counts["skipped"] += sum(s == "skipped" for s in rows["status"])
     return problems, counts
 
 
-def _check_part(store: FeatureStore, part: int, rows: list[dict], dim: int, cameras: set[str], scans: range) -> list[str]:
-    where = store.manifest_path(part)
-    problems = []
-    expected = {(s, c) for s in scans for c in cameras}
-    present = {(r["scan_index"], r["camera"]) for r in rows}
-    if present != expected:
-        lost = sorted(expected - present)[:5]
-        extra = sorted(present - expected)[:5]
-        problems.append(f"{where}: entries do not match the plan (missing {lost}, unexpected {extra})")
-    offset = 0
-    for r in rows:
-        if r["part"] != part or r["offset"] != offset or r["count"] < 0:
-            problems.append(f"{where}: row {r['scan_id']}/{r['camera']} has part {r['part']}, offset {r['offset']}, count {r['count']}; expected part {part}, offset {offset}")
-            return problems
-        offset += r["count"]
+def _teacher_problems(store: FeatureStore, teachers: Mapping[str, tuple[int, int]]) -> list[str]:
+    teacher = store.attrs["teacher"]
+    where = store.path / "zarr.json"
+    name = teacher.get("name")
+    if name not in teachers:
+        return [f"{where}: teacher {name!r} is not in the teacher registry"]
+    dim, patch = teachers[name]
+    if (teacher.get("dim"), teacher.get("patch")) != (dim, patch):
+        return [f"{where}: teacher {name} is recorded with dim {teacher.get('dim')}, patch {teacher.get('patch')}; the registry's {name} has dim {dim}, patch {patch}"]
+    return []
+
+
+def _content_problems(store: FeatureStore, part: int) -> list[str]:
+    """Decode every chunk of a part whose files passed the cheap checks; compare checksums."""
+    record = store.part_record(part)
     folder = store.path / "parts" / part_name(part)
+    problems = []
     try:
-        arrays = {name: zarr.open_array(str(folder / name), mode="r") for name in ARRAYS}
-    except Exception as err:  # noqa: BLE001
-        return problems + [f"{folder}: part arrays unreadable ({err})"]
-    shapes = {name: a.shape for name, a in arrays.items()}
-    if any(s[0] != offset for s in shapes.values()) or shapes["features"][1:] != (dim,):
-        return problems + [f"{folder}: array shapes {shapes} do not match the manifest's {offset} rows of dimension {dim}"]
-    for name, arr in arrays.items():
-        if arr.nchunks_initialized != arr.nchunks:
-            problems.append(f"{folder / name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunk files are missing")
-            continue
+        arrays = store.arrays(part)
+    except StoreError as err:
+        return [str(err)]
+    for name in ARRAYS:
+        arr, digest = arrays[name], hashlib.sha256()
         rows_per_chunk = arr.chunks[0]
-        for start in range(0, offset, rows_per_chunk):
+        for start in range(0, arr.shape[0], rows_per_chunk):
+            where = f"{folder / name}: chunk {start // rows_per_chunk} (rows {start}-{min(start + rows_per_chunk, arr.shape[0]) - 1})"
             try:
                 block = arr[start : start + rows_per_chunk]
-            except Exception as err:  # noqa: BLE001 - a truncated or corrupt chunk
-                problems.append(f"{folder / name}: chunk {start // rows_per_chunk} (rows {start}-{start + rows_per_chunk - 1}) is corrupt ({type(err).__name__}: {err})")
-                continue
+            except Exception as err:  # noqa: BLE001 - checksum mismatch, truncated or corrupt chunk
+                problems.append(f"{where} is corrupt ({type(err).__name__}: {err})")
+                digest = None
+                break
+            digest.update(np.ascontiguousarray(block).tobytes())
             if block.dtype.kind == "f" and not np.isfinite(block).all():
                 bad = int((~np.isfinite(block)).reshape(len(block), -1).any(axis=1).sum())
-                problems.append(f"{folder / name}: {bad} rows with NaN or infinite values in rows {start}-{start + len(block) - 1}")
+                problems.append(f"{where}: {bad} rows with NaN or infinite values")
+        if digest is not None and digest.hexdigest() != record["arrays"][name]["sha256"]:
+            problems.append(f"{folder / name}: content differs from what was written (SHA-256 of the decoded bytes does not match the part's record)")
     return problems

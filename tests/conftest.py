@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network
 
@@ -46,3 +47,13 @@ def nuscenes_copy(nuscenes_root, tmp_path) -> Path:
 @pytest.fixture
 def kitti_copy(kitti_root, tmp_path) -> Path:
     return Path(shutil.copytree(kitti_root, tmp_path / "kitti"))
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise comparisons of float results run the kernels with one thread: multi-threaded CPU
+    kernels split reductions by thread count, and some split them differently from run to run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

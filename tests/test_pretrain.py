@@ -24,6 +24,8 @@ from stages.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig, param_coun
 from storage.checkpoint import load_checkpoint
 from storage.feature_store import StoreError
 
+from helpers import reseal
+
 SMALL_GRID = Grid(cell=4.0)  # 32 x 32 x 4 cells: fast on CPU
 TINY = WaffleIronConfig(depth=3, width=16, grid_shape=SMALL_GRID.shape)
 SAMPLE = SampleConfig(max_points=3000, grid=SMALL_GRID)
@@ -123,16 +125,6 @@ def test_loss_decreases_and_the_run_is_recorded(nus_store, tmp_path):
     assert state["step"] == 16 and {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
 
 
-@pytest.fixture
-def one_thread():
-    """Multi-threaded CPU kernels are not bitwise reproducible from run to run (two uninterrupted
-    runs differ in the last bits with 2 threads); bitwise checks run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_continues_exactly(nus_store, tmp_path, one_thread):
     straight = pretrain(tiny_cfg([nus_store.path], tmp_path / "a", epochs=2, num_workers=2))
     half = tiny_cfg([nus_store.path], tmp_path / "b", epochs=2, max_steps=5, num_workers=2)  # stops in epoch 1 of 2
@@ -210,6 +202,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(kitti_root, tm
     good = load_checkpoint(run / "checkpoints/last.pt")
     arr = zarr.open_array(str(store.path / "parts/part-000000/features"), mode="r+")
     arr[:] = np.full(arr.shape, np.inf, dtype=np.float16)
+    reseal(store.path, 0, keep_sha256=False)  # as if a teacher had produced these
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 2 .* last good checkpoint is .*last.pt"):
         pretrain(tiny_cfg([store.path], run, epochs=2))
     after = load_checkpoint(run / "checkpoints/last.pt")

@@ -1,5 +1,7 @@
 """Downstream: probing, finetuning, evaluation."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from stages.segment import SegmentConfig, SegmentationModel, label_subset, layer
 from stages.student_data import SampleConfig
 from stages.train import OptimConfig, TrainConfig
 from stages.waffleiron import WaffleIron, WaffleIronConfig
-from storage.checkpoint import load_checkpoint
+from storage.checkpoint import CheckpointError, load_checkpoint
 
 GRID = Grid(cell=4.0)
 SAMPLE = SampleConfig(max_points=10**9, grid=GRID)
@@ -106,7 +108,7 @@ def test_bad_downstream_input(kitti_root, kitti_copy, pretrained, tmp_path):
     state = load_checkpoint(pretrained)
     state["config"]["config"]["model"]["width"] = 32
     torch.save(state, other)
-    with pytest.raises(ValueError, match="backbone weights do not fit the recorded student 2x32"):
+    with pytest.raises(CheckpointError, match=r"other.pt: weights do not fit the recorded student \(depth 2, width 32\) .*first: embedding.point.weight is \(16, 5\), the model's is \(32, 5\)"):
         load_backbone(other, 0.0)
     with pytest.raises(ValueError, match="not a segmentation model"):
         evaluate(EvaluateConfig("semantickitti", kitti_root, pretrained))
@@ -117,6 +119,48 @@ def test_bad_downstream_input(kitti_root, kitti_copy, pretrained, tmp_path):
         train_segmentation(probe_cfg(kitti_copy, tmp_path / "nolabels", pretrained, epochs=1))
     with pytest.raises(ValueError, match="probe needs --checkpoint"):
         train_segmentation(probe_cfg(kitti_root, tmp_path / "x", None, epochs=1))
+
+
+@pytest.fixture(scope="module")
+def segmenter(kitti_root, pretrained, tmp_path_factory):
+    return train_segmentation(probe_cfg(kitti_root, tmp_path_factory.mktemp("seg") / "probe", pretrained, epochs=1))["checkpoint"]
+
+
+def bad_checkpoints(good: str, segmenter: str, folder) -> dict:
+    """Damaged or foreign checkpoint files, each with the words its one-line error must say."""
+    bad = {}
+    state = load_checkpoint(segmenter)
+    state["config"]["config"]["model"]["depth"] = 3  # another architecture than its tensors
+    torch.save(state, folder / "other-arch.pt")
+    bad["other-arch.pt"] = "weights do not fit"
+    (folder / "truncated.pt").write_bytes(Path(segmenter).read_bytes()[:5000])
+    bad["truncated.pt"] = "not a readable checkpoint"
+    torch.save([1, 2, 3], folder / "list.pt")
+    bad["list.pt"] = "holds a list, not a checkpoint dict"
+    torch.save({"weights": torch.zeros(3)}, folder / "no-model.pt")
+    bad["no-model.pt"] = "has no 'model' state dict"
+    (folder / "text.pt").write_text("not a checkpoint at all\n")
+    bad["text.pt"] = "not a readable checkpoint"
+    state = load_checkpoint(good)
+    del state["config"]["config"]
+    torch.save(state, folder / "no-student.pt")
+    bad["no-student.pt"] = "no student configuration recorded"
+    return bad
+
+
+@pytest.mark.parametrize("command", ["probe", "finetune", "evaluate", "plot-features"])
+def test_every_command_names_a_bad_checkpoint(command, kitti_root, pretrained, segmenter, tmp_path):
+    data = ["--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val"]
+    extra = {"probe": ["--out", str(tmp_path / "run"), "--epochs", "1"], "finetune": ["--out", str(tmp_path / "run"), "--epochs", "1"],
+             "evaluate": [], "plot-features": ["--scan", "08/000000", "--out", str(tmp_path / "pics")]}[command]  # fmt: skip
+    for name, said in bad_checkpoints(pretrained, segmenter, tmp_path).items():
+        if command == "evaluate" and name == "no-student.pt":
+            said = "a pretrain checkpoint, not a segmentation model"
+        result = CliRunner().invoke(main, [command, *data, "--checkpoint", str(tmp_path / name), *extra])
+        assert result.exit_code == 1, (name, result.output)
+        assert f"{tmp_path / name}: " in result.output and said in result.output and "Traceback" not in result.output, (name, result.output)
+    result = CliRunner().invoke(main, [command, *data, "--checkpoint", str(tmp_path / "absent.pt"), *extra])
+    assert result.exit_code == 1 and "absent.pt: checkpoint file is missing" in result.output
 
 
 def test_cli_probe_and_evaluate(kitti_root, pretrained, tmp_path):
