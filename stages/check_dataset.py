@@ -44,9 +44,11 @@ class CheckReport:
     visible: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # camera -> per-scan counts
     labels: Counter = field(default_factory=Counter)  # class name -> points
     unlabelled_scans: int = 0
-    errors: list[str] = field(default_factory=list)
+    empty_scans: list[str] = field(default_factory=list)  # scans with zero points (read fine, nothing to train on)
+    errors: list[str] = field(default_factory=list)  # one line per bad file (the same file breaking many scans: once)
     absent: list[str] = field(default_factory=list)  # parts of the split not on disk (e.g. KITTI sequences)
     plots: list[Path] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set, repr=False)
 
     def lines(self) -> list[str]:
         out = [f"{self.dataset} {self.split}: {self.scans} scans, {self.points:,} points ({self.points / max(self.scans, 1):,.0f} per scan)"]
@@ -63,17 +65,28 @@ class CheckReport:
                 out.append(f"    {name:<22}{n:>12,}  {100 * n / total:5.1f}%")
         if self.unlabelled_scans:
             out.append(f"  {self.unlabelled_scans} scans have no labels")
+        if self.empty_scans:
+            shown = ", ".join(self.empty_scans[:20]) + (" ..." if len(self.empty_scans) > 20 else "")
+            out.append(f"  {len(self.empty_scans)} scans have zero points: {shown}")
         for path in self.plots:
             out.append(f"  plot: {path}")
         out.append(f"  problems: {len(self.errors)}")
         out.extend(f"    {e}" for e in self.errors)
         return out
 
+    def add_error(self, error: DatasetError) -> None:
+        message = str(error)
+        if message not in self._seen:
+            self._seen.add(message)
+            self.errors.append(message)
+
 
 def check_dataset(cfg: CheckConfig) -> CheckReport:
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = open_dataset(cfg.dataset, cfg.root, cfg.split, keep_going=True)
     meta = ds.meta
     report = CheckReport(cfg.dataset, cfg.split)
+    for problem in ds.problems:  # bad index files: listed, and the check goes on
+        report.add_error(problem)
     report.absent = list(getattr(ds, "missing_sequences", ()))
     count = len(ds) if cfg.max_scans is None else min(cfg.max_scans, len(ds))
     for index in tqdm(range(count), desc=f"check {cfg.dataset} {cfg.split}", unit="scan"):
@@ -86,10 +99,12 @@ def check_dataset(cfg: CheckConfig) -> CheckReport:
                     raise DatasetError(camera.image_path, f"image is {on_disk[1]}x{on_disk[0]} but the calibration says {camera.image_size[1]}x{camera.image_size[0]}")
                 views.append((camera, ds.project(scan, camera.name)))
         except DatasetError as err:
-            report.errors.append(str(err))
+            report.add_error(err)
             continue
         report.scans += 1
         report.points += scan.num_points
+        if scan.num_points == 0:
+            report.empty_scans.append(scan.scan_id)
         for camera, proj in views:
             report.visible[camera.name].append(len(proj))
         if scan.labels is None:

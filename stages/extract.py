@@ -88,6 +88,7 @@ def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str]) -> 
         "sampling": SAMPLING,
         "dataset": {"name": ds.meta.name, "split": cfg.split, "scans": len(scans), "scan_ids_sha256": hashlib.sha256("\n".join(scans).encode()).hexdigest()},
         "dataset_root": str(Path(cfg.root).resolve()),
+        "index_problems": sorted({str(p) for p in ds.problems}),  # with --on-error skip: what was passed over
         "cameras": list(ds.meta.camera_names),
         "intensity_max": ds.meta.intensity_max,
         "plan": {"scans": len(scans), "scans_per_part": cfg.scans_per_part},
@@ -273,7 +274,10 @@ def rank_and_world(cfg: ExtractConfig) -> tuple[int, int]:
 
 def extract(cfg: ExtractConfig) -> FeatureStore:
     """Fill the store at cfg.out (creating or continuing it) and return it."""
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = open_dataset(cfg.dataset, cfg.root, cfg.split, keep_going=cfg.on_error == "skip")
+    if ds.problems:  # only with --on-error skip: the scans they break become recorded skips
+        log.warning("%s: %d bad index file(s); the scans they describe are recorded as skipped (see `scalr inspect`), sequences whose split is unknown are left out:\n  %s",
+                    cfg.root, len(ds.problems), "\n  ".join(sorted({str(p) for p in ds.problems})))  # fmt: skip
     scans = ds.scan_ids if cfg.max_scans is None else ds.scan_ids[: cfg.max_scans]
     if not scans:
         raise DatasetError(cfg.root, f"split {cfg.split} has no scans")
@@ -308,7 +312,7 @@ def _dask_part(cfg: ExtractConfig, part: int) -> int:
         device = pick_device(cfg.device)
         cache["device"] = device
         cache["teacher"] = load_teacher(cfg.teacher, cfg.image_size, cfg.weights, cfg.weights_dir, cfg.random_init, cfg.seed).to(device)
-        cache["dataset"] = open_dataset(cfg.dataset, cfg.root, cfg.split)
+        cache["dataset"] = open_dataset(cfg.dataset, cfg.root, cfg.split, keep_going=cfg.on_error == "skip")
     store = FeatureStore(cfg.out, check=False)
     extract_parts(cfg, store, cache["teacher"], cache["dataset"], [part], 0, cache["device"])
     return part

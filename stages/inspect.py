@@ -56,6 +56,9 @@ def summary_lines(store: FeatureStore) -> list[str]:
     if skipped:
         lines.append("skipped entries:")
         lines += [f"  {r['scan_id']} {r['camera']}: {r['reason']}" for r in skipped]
+    if a.get("index_problems"):
+        lines.append("bad index files passed over at extraction (--on-error skip):")
+        lines += [f"  {p}" for p in a["index_problems"]]
     return lines
 
 

@@ -62,9 +62,14 @@ class StoreGroup:
             r = rows[0]
             if r["status"] == "ok" and r["count"] > 0:
                 self.by_scan.setdefault(r["scan_id"], []).append((r["camera"], tuple((x["part"], x["offset"], x["count"]) for x in rows)))
-        scans = {r["scan_id"] for r in manifests[0]}
-        if len(self.by_scan) < len(scans):
-            log.info("%s: %d of %d scans have no visible point in any camera and are not trained on", first.path, len(scans) - len(self.by_scan), len(scans))
+        rows = manifests[0]
+        scans = {r["scan_id"] for r in rows}
+        empty = sorted({r["scan_id"] for r in rows if r["status"] == "ok" and r["scan_points"] == 0})
+        skipped = sorted({r["scan_id"] for r in rows if r["status"] == "skipped"} - set(self.by_scan) - set(empty))
+        unseen = len(scans - set(self.by_scan) - set(empty) - set(skipped))
+        for count, what, ids in ((len(empty), "have zero points", empty), (len(skipped), "were skipped at extraction (see `scalr inspect`)", skipped), (unseen, "have no point visible in any camera", [])):
+            if count:
+                log.warning("%s: %d of %d scans %s and are not trained on%s", first.path, count, len(scans), what, f" ({', '.join(ids[:5])}{' ...' if count > 5 else ''})" if ids else "")
 
     @property
     def name(self) -> str:

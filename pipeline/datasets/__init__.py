@@ -19,13 +19,15 @@ READERS: dict[str, type[LidarDataset]] = {
 }
 
 
-def open_dataset(name: str, root: str | Path, split: str) -> LidarDataset:
-    """The reader registered under `name` over `root`, for one split."""
+def open_dataset(name: str, root: str | Path, split: str, keep_going: bool = False) -> LidarDataset:
+    """The reader registered under `name` over `root`, for one split. A bad index file raises,
+    unless `keep_going`: then it is listed in `.problems` and the scans it describes raise it
+    when loaded."""
     try:
         reader = READERS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(READERS)}") from None
-    return reader(root, split)
+    return reader(root, split, keep_going)
 
 
 __all__ = ["READERS", "LidarDataset", "open_dataset"]

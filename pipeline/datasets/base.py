@@ -23,13 +23,27 @@ class LidarDataset(abc.ABC):
 
     meta: DatasetMeta
 
-    def __init__(self, root: str | Path, split: str):
+    def __init__(self, root: str | Path, split: str, keep_going: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(self.root, f"{self.meta.name} root is not a directory")
         if split not in self.meta.splits:
             raise DatasetError(self.root, f"unknown split {split!r} for {self.meta.name}; one of {self.meta.splits}")
         self.split = split
+        # Bad index files found while indexing. Each also makes its scans fail to load (`broken`)
+        # or, where not even the scans can be listed, stands alone. Raised at once unless
+        # `keep_going` (check-dataset lists them all and goes on).
+        self.keep_going = keep_going
+        self.problems: list[DatasetError] = []
+        self.broken: dict[str, DatasetError] = {}  # scan id -> why it cannot be read
+
+    def index_problem(self, error: DatasetError, scan_ids=()) -> None:
+        """Record a bad index file; the scans it describes will raise it when loaded."""
+        if not self.keep_going:
+            raise error
+        self.problems.append(error)
+        for scan_id in scan_ids:
+            self.broken[scan_id] = error
 
     @property
     @abc.abstractmethod
@@ -46,6 +60,8 @@ class LidarDataset(abc.ABC):
     def __getitem__(self, index: int) -> Scan:
         if not 0 <= index < len(self):
             raise IndexError(f"scan index {index} out of range for {len(self)} scans")
+        if self.broken and self.scan_ids[index] in self.broken:
+            raise self.broken[self.scan_ids[index]]
         return self.load(index)
 
     def index_of(self, scan_id: str) -> int:

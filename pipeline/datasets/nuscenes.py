@@ -12,13 +12,13 @@ Scan id: the LIDAR_TOP keyframe's sample_data token.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.datasets.base import LidarDataset, read_labels, read_point_records
+from pipeline.datasets.records import Record, read_json, records
 from pipeline.errors import DatasetError
 from pipeline.geometry import check_intrinsics, check_rigid, invert_rigid, pose_matrix
 from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRule
@@ -134,8 +134,8 @@ class NuScenes(LidarDataset):
 
     meta = META
 
-    def __init__(self, root: str | Path, split: str = "train"):
-        super().__init__(root, split)
+    def __init__(self, root: str | Path, split: str = "train", keep_going: bool = False):
+        super().__init__(root, split, keep_going)
         self.version = SPLIT_VERSION[split]
         tables_dir = self.root / self.version
         if not tables_dir.is_dir():
@@ -150,84 +150,94 @@ class NuScenes(LidarDataset):
         return self._ids
 
     def _index(self, tables_dir: Path) -> list[_ScanRecord]:
-        def table(name: str, required: bool = True) -> list[dict] | None:
-            path = tables_dir / f"{name}.json"
-            if not path.is_file():
-                if required:
-                    raise DatasetError(path, "nuScenes table is missing")
-                return None
-            try:
-                return json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DatasetError(path, f"not valid JSON ({err})") from None
+        """Every table is a list of records and every field is read through a checker. A table
+        that cannot be parsed stops the index; a bad record breaks only the scans that use it."""
 
-        def lookup(records: dict, token: str, name: str, referrer: str):
-            if token not in records:
+        def table(name: str, required: bool = True) -> list[Record] | None:
+            path = tables_dir / f"{name}.json"
+            if not path.is_file() and not required:
+                return None
+            return records(path, read_json(path, "nuScenes table"), name)
+
+        def by_token(rows: list[Record]) -> dict[str, Record]:
+            return {r.str("token"): r for r in rows}
+
+        def lookup(rows: dict[str, Record], token: str, name: str, referrer: str) -> Record:
+            if token not in rows:
                 raise DatasetError(tables_dir / f"{name}.json", f"token {token} (used by {referrer}) is missing")
-            return records[token]
+            return rows[token]
 
         scenes = table("scene")
         samples = table("sample")
         sample_data = table("sample_data")
-        calibrated = {r["token"]: r for r in table("calibrated_sensor")}
-        poses = {r["token"]: r for r in table("ego_pose")}
-        channels = {r["token"]: r["channel"] for r in table("sensor")}
-        self._check_categories(table("category", required=False), tables_dir / "category.json")
-        lidarseg_rows = table("lidarseg", required=False)
-        lidarseg = {r["sample_data_token"]: r["filename"] for r in lidarseg_rows or []}
+        calibrated = by_token(table("calibrated_sensor"))
+        poses = by_token(table("ego_pose"))
+        channels = {r.str("token"): r for r in table("sensor")}
+        self._check_categories(table("category", required=False))
+        lidarseg = {r.str("sample_data_token"): r.str("filename") for r in table("lidarseg", required=False) or []}
 
-        wanted = split_scenes(self.split, [s["name"] for s in scenes])
-        scene_tokens = {s["token"] for s in scenes if s["name"] in wanted}
-        scene_name = {s["token"]: s["name"] for s in scenes}
+        scene_name = {s.str("token"): s.str("name") for s in scenes}
+        wanted = split_scenes(self.split, list(scene_name.values()))
+        scene_tokens = {t for t, name in scene_name.items() if name in wanted}
 
-        keyframes: dict[str, dict[str, dict]] = {}
+        keyframes: dict[str, dict[str, Record]] = {}
         for sd in sample_data:
-            if not sd.get("is_key_frame"):
-                continue
-            cs = lookup(calibrated, sd["calibrated_sensor_token"], "calibrated_sensor", f"sample_data {sd['token']}")
-            channel = lookup(channels, cs["sensor_token"], "sensor", f"calibrated_sensor {cs['token']}")
-            if channel == LIDAR or channel in CAMERAS:
-                keyframes.setdefault(sd["sample_token"], {})[channel] = sd
-
-        def transform(record: dict, table_name: str) -> np.ndarray:
             try:
-                with np.errstate(all="ignore"):  # a zero quaternion becomes NaN, reported below
-                    t = pose_matrix(record["rotation"], record["translation"])
-            except (KeyError, TypeError, ValueError):
-                t = np.full((4, 4), np.nan)
-            return check_rigid(t, tables_dir / f"{table_name}.json", f"{table_name} {record['token']}")
+                if not sd.bool("is_key_frame", False):
+                    continue
+                cs = lookup(calibrated, sd.str("calibrated_sensor_token"), "calibrated_sensor", f"sample_data {sd.str('token')}")
+                channel = lookup(channels, cs.str("sensor_token"), "sensor", f"calibrated_sensor {cs.str('token')}").str("channel")
+                if channel == LIDAR or channel in CAMERAS:
+                    keyframes.setdefault(sd.str("sample_token"), {})[channel] = sd
+            except DatasetError as err:  # its scan then lacks this keyframe and says so below
+                self.index_problem(err)
 
-        chosen = sorted(
-            (s for s in samples if s["scene_token"] in scene_tokens),
-            key=lambda s: (scene_name[s["scene_token"]], s["timestamp"]),
-        )
-        records = []
+        def transform(record: Record) -> np.ndarray:
+            with np.errstate(all="ignore"):  # a zero quaternion becomes NaN, reported below
+                t = pose_matrix(record.array("rotation", (4,)), record.array("translation", (3,)))
+            return check_rigid(t, record.path, f"{record.path.stem} {record.str('token')}")
+
+        chosen = [s for s in samples if s.str("scene_token") in scene_tokens]
+        chosen.sort(key=lambda s: (scene_name[s.str("scene_token")], s.int("timestamp")))
+        out = []
         for sample in chosen:
-            frames = keyframes.get(sample["token"], {})
-            missing = [c for c in (LIDAR, *CAMERAS) if c not in frames]
-            if missing:
-                raise DatasetError(tables_dir / "sample_data.json", f"sample {sample['token']} has no keyframe for {missing}")
-            lidar = frames[LIDAR]
-            lidar_cs = calibrated[lidar["calibrated_sensor_token"]]
-            lidar_pose = lookup(poses, lidar["ego_pose_token"], "ego_pose", f"sample_data {lidar['token']}")
-            lidar_to_global = transform(lidar_pose, "ego_pose") @ transform(lidar_cs, "calibrated_sensor")
-            cameras = []
-            for name in CAMERAS:
-                sd = frames[name]
-                cs = calibrated[sd["calibrated_sensor_token"]]
-                pose = lookup(poses, sd["ego_pose_token"], "ego_pose", f"sample_data {sd['token']}")
-                k = check_intrinsics(cs.get("camera_intrinsic") or np.full((3, 3), np.nan), tables_dir / "calibrated_sensor.json", f"camera_intrinsic of {cs['token']}")
-                global_to_camera = invert_rigid(transform(pose, "ego_pose") @ transform(cs, "calibrated_sensor"))
-                cameras.append(_CameraRecord(name, sd["filename"], (int(sd["height"]), int(sd["width"])), k, global_to_camera))
-            records.append(_ScanRecord(lidar["token"], lidar["filename"], lidarseg.get(lidar["token"]), lidar_to_global, tuple(cameras)))
-        return records
+            frames = keyframes.get(sample.str("token"), {})
+            try:
+                out.append(self._scan_record(tables_dir, sample, frames, calibrated, poses, lidarseg, lookup, transform))
+            except DatasetError as err:  # this scan cannot be read; the others still can
+                token = frames[LIDAR].str("token") if LIDAR in frames else f"sample {sample.str('token')}"
+                self.index_problem(err, [token])
+                out.append(_ScanRecord(token, "", None, np.eye(4), ()))
+        return out
 
-    def _check_categories(self, categories: list[dict] | None, path: Path) -> None:
+    def _scan_record(self, tables_dir, sample, frames, calibrated, poses, lidarseg, lookup, transform) -> _ScanRecord:
+        missing = [c for c in (LIDAR, *CAMERAS) if c not in frames]
+        if missing:
+            raise DatasetError(tables_dir / "sample_data.json", f"sample {sample.str('token')} has no keyframe for {missing}")
+        lidar = frames[LIDAR]
+        lidar_cs = lookup(calibrated, lidar.str("calibrated_sensor_token"), "calibrated_sensor", f"sample_data {lidar.str('token')}")
+        lidar_pose = lookup(poses, lidar.str("ego_pose_token"), "ego_pose", f"sample_data {lidar.str('token')}")
+        lidar_to_global = transform(lidar_pose) @ transform(lidar_cs)
+        cameras = []
+        for name in CAMERAS:
+            sd = frames[name]
+            cs = lookup(calibrated, sd.str("calibrated_sensor_token"), "calibrated_sensor", f"sample_data {sd.str('token')}")
+            pose = lookup(poses, sd.str("ego_pose_token"), "ego_pose", f"sample_data {sd.str('token')}")
+            k = check_intrinsics(cs.array("camera_intrinsic", (3, 3)), cs.path, f"camera_intrinsic of {cs.str('token')}")
+            global_to_camera = invert_rigid(transform(pose) @ transform(cs))
+            size = (sd.int("height"), sd.int("width"))
+            if min(size) <= 0:
+                raise DatasetError(sd.path, f"sample_data {sd.str('token')}: image size {size[1]}x{size[0]} is not positive")
+            cameras.append(_CameraRecord(name, sd.str("filename"), size, k, global_to_camera))
+        return _ScanRecord(lidar.str("token"), lidar.str("filename"), lidarseg.get(lidar.str("token")), lidar_to_global, tuple(cameras))
+
+    def _check_categories(self, categories: list[Record] | None) -> None:
         for cat in categories or []:
-            if "index" not in cat:
+            if "index" not in cat.value:
                 continue  # pre-lidarseg table: labels cannot be read anyway
-            if self.meta.raw_names.get(cat["index"]) != cat["name"]:
-                raise DatasetError(path, f"category index {cat['index']} is {cat['name']!r}, expected {self.meta.raw_names.get(cat['index'])!r}")
+            index, name = cat.int("index"), cat.str("name")
+            if self.meta.raw_names.get(index) != name:
+                raise DatasetError(cat.path, f"category index {index} is {name!r}, expected {self.meta.raw_names.get(index)!r}")
 
     def load(self, index: int) -> Scan:
         rec = self._records[index]

@@ -16,16 +16,14 @@ camera transforms account for that. Split by the latitude of the sequence's firs
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.datasets.base import LidarDataset, image_size
+from pipeline.datasets.records import Record, read_json, records
 from pipeline.errors import DatasetError
 from pipeline.geometry import check_intrinsics, check_rigid, invert_rigid, pose_matrix, rigid
 from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRule
@@ -75,36 +73,46 @@ def _meta(name: str, cameras: tuple[str, ...]) -> DatasetMeta:
     )
 
 
-def read_table(path: Path) -> dict[str, np.ndarray]:
-    """A pickled (gzip) pandas DataFrame as {column: array}; pandas does the unpickling."""
-    try:
-        import pandas as pd
+def read_table(path: Path, numeric: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """A pickled (gzip) pandas DataFrame as {column: array}; pandas does the unpickling. The
+    `numeric` columns must be there and hold finite numbers."""
+    import pandas as pd
 
+    try:
         frame = pd.read_pickle(path)
     except FileNotFoundError:
         raise DatasetError(path, "file is missing") from None
-    except (OSError, EOFError, pickle.UnpicklingError, gzip.BadGzipFile, ValueError, AttributeError) as err:
-        raise DatasetError(path, f"unreadable pickled table ({type(err).__name__}: {err})") from None
-    return {str(c): frame[c].to_numpy() for c in frame.columns}
+    except Exception as err:  # noqa: BLE001 - unpickling can fail in any way: all mean a bad file
+        raise DatasetError(path, f"unreadable pickled table ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(frame, pd.DataFrame):
+        raise DatasetError(path, f"holds a {type(frame).__name__}, not a pandas DataFrame")
+    table = {str(c): frame[c].to_numpy() for c in frame.columns}
+    missing = [c for c in numeric if c not in table]
+    if missing:
+        raise DatasetError(path, f"columns {missing} are missing (it has {list(table)})")
+    for c in numeric:
+        if table[c].dtype.kind not in "biuf":
+            raise DatasetError(path, f"column {c!r} holds {table[c].dtype} values, not numbers")
+        if table[c].dtype.kind == "f" and not np.isfinite(table[c]).all():
+            raise DatasetError(path, f"column {c!r} has NaN or infinite values")
+    return table
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(path, "file is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(path, f"not valid JSON ({err})") from None
+def _poses(path: Path) -> list[Record]:
+    return records(path, read_json(path), "pose")
 
 
-def _pose(record: dict, path: Path, what: str) -> np.ndarray:
-    try:
-        h, p = record["heading"], record["position"]
-        with np.errstate(all="ignore"):
-            t = pose_matrix([h["w"], h["x"], h["y"], h["z"]], [p["x"], p["y"], p["z"]])
-    except (KeyError, TypeError):
-        t = np.full((4, 4), np.nan)
-    return check_rigid(t, path, what)
+def _pose(record: Record, what: str) -> np.ndarray:
+    h, p = record.record("heading"), record.record("position")
+    with np.errstate(all="ignore"):
+        t = pose_matrix([h.number(k) for k in "wxyz"], [p.number(k) for k in "xyz"])
+    return check_rigid(t, record.path, what)
+
+
+def _frame_pose(path: Path, poses: list[Record], number: int, what: str) -> np.ndarray:
+    if number >= len(poses):
+        raise DatasetError(path, f"no pose for frame {number:02d} ({len(poses)} poses)")
+    return _pose(poses[number], what)
 
 
 @dataclass(frozen=True)
@@ -116,25 +124,25 @@ class _Sequence:
 class _PandaSet(LidarDataset):
     sensor: int = 0
 
-    def __init__(self, root: str | Path, split: str = "train"):
-        super().__init__(root, split)
+    def __init__(self, root: str | Path, split: str = "train", keep_going: bool = False):
+        super().__init__(root, split, keep_going)
         self._sequences: dict[str, _Sequence] = {}
         self._ids: list[str] = []
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
             folder = Path(entry.path)
-            if not (folder / "lidar").is_dir() or not (folder / "meta" / "gps.json").is_file():
-                continue
-            gps = _read_json(folder / "meta" / "gps.json")
+            if not (folder / "lidar").is_dir():
+                continue  # not a sequence folder
             try:
-                latitude = float(gps[0]["lat"])
-            except (IndexError, KeyError, TypeError, ValueError):
-                raise DatasetError(folder / "meta" / "gps.json", "no latitude in the first GPS fix") from None
+                latitude = _latitude(folder / "meta" / "gps.json")
+            except DatasetError as err:  # the split of this sequence is unknown: never silently dropped
+                self.index_problem(err)
+                continue
             if (latitude > TRAIN_LATITUDE) != (split == "train"):
                 continue
             frames = tuple(sorted(e.name[: -len(".pkl.gz")] for e in os.scandir(folder / "lidar") if e.name.endswith(".pkl.gz")))
             self._sequences[entry.name] = _Sequence(entry.name, frames)
             self._ids.extend(f"{entry.name}/{f}" for f in frames)
-        if not self._ids:
+        if not self._ids and not self.problems:
             raise DatasetError(self.root, f"no PandaSet sequence of the {split} split (sequence folders with lidar/ and meta/gps.json)")
 
     @property
@@ -146,19 +154,11 @@ class _PandaSet(LidarDataset):
         folder = self.root / seq_name
         number = int(frame)
         lidar_path = folder / "lidar" / f"{frame}.pkl.gz"
-        table = read_table(lidar_path)
-        missing = [c for c in ("x", "y", "z", "i", "d") if c not in table]
-        if missing:
-            raise DatasetError(lidar_path, f"columns {missing} are missing")
+        table = read_table(lidar_path, ("x", "y", "z", "i", "d"))
         mine = table["d"] == self.sensor
         world = np.stack([table[c][mine] for c in ("x", "y", "z")], axis=1).astype(np.float64)
-        if not np.isfinite(world).all() or not np.isfinite(table["i"][mine].astype(float)).all():
-            raise DatasetError(lidar_path, "NaN or infinite values")
         poses_path = folder / "lidar" / "poses.json"
-        poses = _read_json(poses_path)
-        if number >= len(poses):
-            raise DatasetError(poses_path, f"no pose for frame {frame}")
-        lidar_to_world = _pose(poses[number], poses_path, f"lidar pose {frame}")
+        lidar_to_world = _frame_pose(poses_path, _poses(poses_path), number, f"lidar pose {frame}")
         # points in the scan frame: lidar-pose frame shifted by EGO_Z_SHIFT
         scan_to_world = lidar_to_world @ rigid(np.eye(3), (0.0, 0.0, -EGO_Z_SHIFT))
         xyz = (world - scan_to_world[:3, 3]) @ scan_to_world[:3, :3]
@@ -166,9 +166,7 @@ class _PandaSet(LidarDataset):
         raw_labels = labels = None
         label_path = folder / "annotations" / "semseg" / f"{frame}.pkl.gz"
         if (folder / "annotations" / "semseg").is_dir():
-            semseg = read_table(label_path)
-            if "class" not in semseg:
-                raise DatasetError(label_path, "no 'class' column")
+            semseg = read_table(label_path, ("class",))
             if len(semseg["class"]) != len(table["d"]):
                 raise DatasetError(label_path, f"{len(semseg['class'])} labels for {len(table['d'])} points")
             raw_labels = semseg["class"][mine].astype(np.int64)
@@ -176,19 +174,22 @@ class _PandaSet(LidarDataset):
         cameras = []
         for name in self.meta.camera_names:
             cam_dir = folder / "camera" / name
-            cam_poses = _read_json(cam_dir / "poses.json")
-            if number >= len(cam_poses):
-                raise DatasetError(cam_dir / "poses.json", f"no pose for frame {frame}")
-            camera_to_world = _pose(cam_poses[number], cam_dir / "poses.json", f"{name} pose {frame}")
-            intr = _read_json(cam_dir / "intrinsics.json")
-            try:
-                k = np.array([[intr["fx"], 0.0, intr["cx"]], [0.0, intr["fy"], intr["cy"]], [0.0, 0.0, 1.0]], dtype=np.float64)
-            except (KeyError, TypeError):
-                raise DatasetError(cam_dir / "intrinsics.json", "needs fx, fy, cx, cy") from None
-            k = check_intrinsics(k, cam_dir / "intrinsics.json", "intrinsics")
+            camera_to_world = _frame_pose(cam_dir / "poses.json", _poses(cam_dir / "poses.json"), number, f"{name} pose {frame}")
+            intr = Record(cam_dir / "intrinsics.json", "intrinsics", read_json(cam_dir / "intrinsics.json"))
+            fx, fy, cx, cy = (intr.number(k) for k in ("fx", "fy", "cx", "cy"))
+            k = check_intrinsics(np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]), cam_dir / "intrinsics.json", "intrinsics")
             image_path = cam_dir / f"{frame}.jpg"
             cameras.append(Camera(name, image_path, image_size(image_path), k, invert_rigid(camera_to_world) @ scan_to_world))
         return Scan(self._ids[index], points, tuple(cameras), raw_labels, labels)
+
+
+def _latitude(path: Path) -> float:
+    if not path.is_file():
+        raise DatasetError(path, "missing: the sequence's split (by latitude) cannot be decided")
+    fixes = records(path, read_json(path), "GPS fix")
+    if not fixes:
+        raise DatasetError(path, "no GPS fix: the sequence's split (by latitude) cannot be decided")
+    return fixes[0].number("lat")
 
 
 class Pandar64(_PandaSet):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets.base import LidarDataset, image_size, read_labels, read_point_records
+from pipeline.datasets.records import read_text
 from pipeline.errors import DatasetError
 from pipeline.geometry import check_intrinsics, check_rigid, rigid
 from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRule
@@ -71,10 +72,7 @@ META = DatasetMeta(
 
 def read_calib(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(K, lidar_to_camera) of image_2 from a calib.txt, such that pixel ~ K @ lidar_to_camera @ p."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise DatasetError(path, "calibration file is missing") from None
+    lines = read_text(path, "calibration file").splitlines()
     entries = {}
     for line in lines:
         key, sep, values = line.partition(":")
@@ -98,12 +96,24 @@ def read_calib(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return k, cam0_to_cam2 @ tr
 
 
+def _first_image_size(folder: Path, frames: list[str]) -> tuple[int, int] | None:
+    """(H, W) of the first readable image of a sequence (header only): every other image of the
+    sequence must have it, since the calibration is per sequence."""
+    for frame in frames[:8]:
+        try:
+            return image_size(folder / f"{frame}.png")
+        except DatasetError:
+            continue  # reported when that scan is read
+    return None
+
+
 @dataclass(frozen=True)
 class _Sequence:
     name: str
     intrinsics: np.ndarray | None
     lidar_to_camera: np.ndarray | None
     has_labels: bool
+    image_size: tuple[int, int] | None = None  # (H, W) of the first frame's image: the calibration's
 
 
 class SemanticKITTI(LidarDataset):
@@ -114,8 +124,8 @@ class SemanticKITTI(LidarDataset):
     sequences = SPLITS
     camera = CAMERA
 
-    def __init__(self, root: str | Path, split: str = "train"):
-        super().__init__(root, split)
+    def __init__(self, root: str | Path, split: str = "train", keep_going: bool = False):
+        super().__init__(root, split, keep_going)
         self._sequences: dict[str, _Sequence] = {}
         self._ids: list[str] = []
         missing = []
@@ -124,10 +134,17 @@ class SemanticKITTI(LidarDataset):
             if not (folder / "velodyne").is_dir():
                 missing.append(seq)
                 continue
-            k, lidar_to_camera = read_calib(folder / "calib.txt") if self.camera else (None, None)
-            self._sequences[seq] = _Sequence(seq, k, lidar_to_camera, (folder / "labels").is_dir())
             frames = sorted(e.name[:-4] for e in os.scandir(folder / "velodyne") if e.name.endswith(".bin"))
-            self._ids.extend(f"{seq}/{f}" for f in frames)
+            ids = [f"{seq}/{f}" for f in frames]
+            self._ids.extend(ids)
+            k = lidar_to_camera = size = None
+            if self.camera:
+                try:
+                    k, lidar_to_camera = read_calib(folder / "calib.txt")
+                except DatasetError as err:  # every scan of the sequence is unreadable, not the others
+                    self.index_problem(err, ids)
+                size = _first_image_size(folder / self.camera, frames)
+            self._sequences[seq] = _Sequence(seq, k, lidar_to_camera, (folder / "labels").is_dir(), size)
         if not self._sequences:
             raise DatasetError(self.root / "sequences", f"none of the {split} sequences {self.sequences[split]} has a velodyne/ folder")
         if missing:
@@ -152,5 +169,8 @@ class SemanticKITTI(LidarDataset):
         if not self.camera:
             return Scan(scan_id, points, (), raw_labels, labels)
         image_path = folder / self.camera / f"{frame}.png"
-        camera = Camera(self.camera, image_path, image_size(image_path), seq.intrinsics, seq.lidar_to_camera)
+        size = image_size(image_path)
+        if seq.image_size is not None and size != seq.image_size:  # one calibration per sequence
+            raise DatasetError(image_path, f"image is {size[1]}x{size[0]} but sequence {seq_name}'s images (and its calibration) are {seq.image_size[1]}x{seq.image_size[0]}")
+        camera = Camera(self.camera, image_path, size, seq.intrinsics, seq.lidar_to_camera)
         return Scan(scan_id, points, (camera,), raw_labels, labels)
