@@ -391,6 +391,17 @@ def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device
         Path(json_out).write_text(json.dumps(result, indent=2))
 
 
+@bench.command("open")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--repeats", default=3)
+@reports_bad_input
+def bench_open_cmd(store, repeats):
+    """Opening a store: the time of the integrity gate every reader runs (no chunk decoded)."""
+    from stages.bench import bench_open, open_report_lines
+
+    click.echo("\n".join(open_report_lines(bench_open(store, repeats))))
+
+
 @bench.command("pretrain")
 @click.option("--store", type=click.Path(path_type=Path), required=True, help="Feature store (its raw dataset must still be there for the online-teacher comparison).")
 @click.option("--student", default="WI-48-256")

@@ -99,6 +99,32 @@ def report_lines(result: dict) -> list[str]:
     ]
 
 
+# ---- open: the integrity gate ------------------------------------------------------------------
+def bench_open(store_path: Path, repeats: int = 3) -> dict:
+    """Time to open a store, which runs the integrity gate every reader runs (stat of every chunk
+    file, a manifest and four small JSON files per part; nothing decoded). The first repeat may
+    include a cold file-system cache."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        store = FeatureStore(store_path)
+        times.append(time.perf_counter() - t0)
+    parts = store.committed_parts()
+    files = sum(len(rec["chunk_bytes"]) for p in parts for rec in store.part_record(p)["arrays"].values())
+    return {
+        "store": str(store_path), "parts": len(parts), "chunk_files": files, "open_s_first": round(times[0], 4),
+        "open_s_best": round(min(times), 4), "ms_per_part": round(1e3 * min(times) / max(len(parts), 1), 3),
+    }  # fmt: skip
+
+
+def open_report_lines(r: dict) -> list[str]:
+    return [
+        f"open benchmark (integrity gate): {r['store']}",
+        f"  {r['parts']} parts, {r['chunk_files']} chunk files: {r['open_s_best']:.3f} s (first {r['open_s_first']:.3f} s), {r['ms_per_part']:.2f} ms per part",
+        "  " + json.dumps(r),
+    ]
+
+
 # ---- pretrain ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchPretrainConfig:

@@ -34,8 +34,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     """The checkpoint dict, checked to hold a state dict of tensors and a run record."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(path, "checkpoint file is missing")
+    if not path.is_file():
+        raise CheckpointError(path, "is not a file (give the checkpoint file, e.g. RUN/checkpoints/last.pt)")
     try:
         # weights_only: tensors, dicts, lists and plain values only; never runs a pickled object
         state = torch.load(path, map_location="cpu", weights_only=True)

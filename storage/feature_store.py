@@ -115,7 +115,7 @@ class FeatureStore:
         self.path = Path(path)
         self.attrs = _read_root_attributes(self.path)
         self._manifest: pa.Table | None = None
-        self._records: dict[int, dict] = {}
+        self._parts: dict[int, tuple[pa.Table, dict]] = {}  # part -> (manifest rows, integrity record), as read
         self._arrays: dict[int, dict[str, zarr.Array]] = {}
         self._pid = os.getpid()
         if check:
@@ -171,7 +171,13 @@ class FeatureStore:
         return [int(n[5:11]) for n in names]
 
     def read_part_manifest(self, part: int) -> tuple[pa.Table, dict]:
-        """(rows, integrity record) of one committed part; StoreError naming the file if unreadable."""
+        """(rows, integrity record) of one committed part, read once; StoreError naming the file
+        if unreadable."""
+        if part not in self._parts:
+            self._parts[part] = self._read_part_manifest(part)
+        return self._parts[part]
+
+    def _read_part_manifest(self, part: int) -> tuple[pa.Table, dict]:
         path = self.manifest_path(part)
         try:
             file = pq.ParquetFile(path, page_checksum_verification=True)
@@ -195,10 +201,7 @@ class FeatureStore:
     def manifest(self) -> pa.Table:
         """All committed manifest rows, ordered by scan then camera order within the part."""
         if self._manifest is None:
-            tables = []
-            for part in self.planned_committed_parts():
-                table, self._records[part] = self.read_part_manifest(part)
-                tables.append(table)
+            tables = [self.read_part_manifest(part)[0] for part in self.planned_committed_parts()]
             self._manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
         return self._manifest
 
@@ -239,7 +242,7 @@ class FeatureStore:
         the file: attributes, plan completeness, each part's manifest against its rows, its
         record and its arrays' metadata, each chunk file's presence and size. Caches the manifest."""
         problems = self.store_problems()
-        if problems and not self.attrs_usable:
+        if not self.attrs_usable:
             return problems
         parts = self.planned_committed_parts()
         with ThreadPoolExecutor(max_workers=8) as pool:  # stat-bound: threads hide file-system latency
@@ -279,7 +282,6 @@ class FeatureStore:
             table, record = self.read_part_manifest(part)
         except StoreError as err:
             return [str(err)]
-        self._records[part] = record
         where = self.manifest_path(part)
         rows = table.to_pydict()
         problems = []
@@ -301,9 +303,7 @@ class FeatureStore:
         return problems
 
     def part_record(self, part: int) -> dict:
-        if part not in self._records:
-            self._records[part] = self.read_part_manifest(part)[1]
-        return self._records[part]
+        return self.read_part_manifest(part)[1]
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -201,3 +201,8 @@ def test_every_chunk_is_a_file_even_when_all_zero(tmp_path):
     for name, rec in record["arrays"].items():
         files = [f for f in (tmp_path / f"z.zarr/parts/part-000000/{name}").rglob("c/**/*") if f.is_file()]
         assert len(files) == len(rec["chunk_bytes"]) == -(-n // rec["chunk_rows"]) >= 2, name
+
+
+def test_bench_open_counts_what_the_gate_reads(store):
+    result = CliRunner().invoke(main, ["bench", "open", str(store.path), "--repeats", "1"])
+    assert result.exit_code == 0 and "4 parts, 16 chunk files" in result.output, result.output
