@@ -180,3 +180,25 @@ def test_pandaset_sequence_without_gps_is_never_dropped_silently(pandaset_root, 
     result = CliRunner().invoke(main, ["check-dataset", "--dataset", "pandar64", "--root", str(root), "--split", "train"])
     assert result.exit_code == 1 and "002/meta/gps.json: missing" in result.output
     assert "pandar64 train: 2 scans" in result.output  # the other sequence is still checked
+
+
+def test_bad_file_met_in_a_loader_worker_is_one_line(kitti_copy, tmp_path):
+    """A DatasetError raised in a DataLoader worker reaches the command line as its own message."""
+    from stages.extract import ExtractConfig, extract
+    from stages.pretrain import PretrainConfig, pretrain
+    from stages.student_data import SampleConfig
+    from stages.train import OptimConfig, TrainConfig
+    from pipeline.transforms import Grid
+    from stages.waffleiron import WaffleIronConfig
+
+    grid = Grid(cell=4.0)
+    store = extract(ExtractConfig("semantickitti", kitti_copy, "train", "test-vit", tmp_path / "s.zarr", random_init=True, image_size=(32, 64), num_workers=0))
+    cfg = PretrainConfig((store.path,), tmp_path / "pre", model=WaffleIronConfig(depth=2, width=8, grid_shape=grid.shape), sample=SampleConfig(max_points=1000, grid=grid),
+                         optim=OptimConfig(warmup_iters=1), train=TrainConfig(batch_size=2, epochs=1, num_workers=0))  # fmt: skip
+    checkpoint = pretrain(cfg)["checkpoint"]
+    bad = kitti_copy / "sequences/00/velodyne/000001.bin"
+    bad.write_bytes(bad.read_bytes()[:-6])
+    result = CliRunner().invoke(main, ["probe", "--dataset", "semantickitti", "--root", str(kitti_copy), "--checkpoint", checkpoint, "--out", str(tmp_path / "probe"),
+                                       "--epochs", "1", "--batch-size", "2", "--num-workers", "1", "--set", "sample.grid.cell=4.0"])  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: {bad}: size" in result.output and "not a multiple of the 16-byte record" in result.output
