@@ -365,10 +365,11 @@ def _array_problems(folder: Path, record: dict | None, shape: tuple[int, ...], d
     if len(sizes) != chunks:
         return [f"{folder}: the part's record lists {len(sizes)} chunk files, the shape needs {chunks}"]
     problems, absent = [], []
-    for i, size in enumerate(sizes):
-        path = folder / chunk_key(i, len(shape))
+    base, ndim = str(folder), len(shape)
+    for i, size in enumerate(sizes):  # plain os.stat on strings: ~3x faster than Path.stat here
+        path = f"{base}/{chunk_key(i, ndim)}"
         try:
-            actual = path.stat().st_size
+            actual = os.stat(path).st_size
         except FileNotFoundError:
             absent.append(i)
             continue
