@@ -142,6 +142,11 @@ def plot_projection(dataset, root, split, scan_id, camera, colour_by, out):
     click.echo(projection_figure(scan, views, colour_by, out, ds.meta.class_names))
 
 
+LAYOUT = click.option("--layout", type=click.Choice(["grid", "points"]), default="grid",
+                      help="grid: each image's token grid, targets sampled when read (~8x smaller at 224x448 with a /14 teacher); points: per-point features.")
+QUANTIZE = click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", help="int8 grids with a float32 scale per token (grid layout; ~1.9x smaller, targets within cosine 0.999).")
+
+
 def parse_size(text: str) -> tuple[int, int]:
     h, _, w = text.lower().partition("x")
     try:
@@ -170,17 +175,19 @@ def parse_size(text: str) -> tuple[int, int]:
 @click.option("--workers", "dask_workers", default=0, help="> 1: run parts on a local dask cluster of this many processes.")
 @click.option("--scheduler", default=None, help="Address of a running dask scheduler: run parts as tasks on its workers.")
 @click.option("--max-scans", type=int, default=None, help="Only the first N scans of the split.")
+@LAYOUT
+@QUANTIZE
 @reports_bad_input
-def extract_features(dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision, batch_size, num_workers, scans_per_part, on_error, dask_workers, scheduler, max_scans):
-    """Stage 1: run a frozen teacher over every camera image and write per-point features into a
-    Zarr feature store keyed by (scan, camera). Rerunning the same command finishes an
-    interrupted store. Under torchrun, each rank takes parts rank::world."""
+def extract_features(dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision, batch_size, num_workers, scans_per_part, on_error, dask_workers, scheduler, max_scans, layout, quantize):
+    """Stage 1: run a frozen teacher over every camera image and write its targets into a Zarr
+    feature store keyed by (scan, camera). Rerunning the same command finishes an interrupted
+    store. Under torchrun, each rank takes parts rank::world."""
     from stages.extract import ExtractConfig, extract
     from stages.inspect import summary_lines
 
     cfg = ExtractConfig(
         dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision,
-        batch_size, num_workers, scans_per_part, on_error, None, None, dask_workers, scheduler, max_scans,
+        batch_size, num_workers, scans_per_part, on_error, None, None, dask_workers, scheduler, max_scans, layout, quantize,
     )  # fmt: skip
     store = extract(cfg)
     click.echo("\n".join(summary_lines(store)))
@@ -375,16 +382,18 @@ def bench():
 @click.option("--max-scans", type=int, default=None, help="Only the first N scans.")
 @click.option("--repeats", default=1, help="Repeat and keep the best time.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON here.")
+@LAYOUT
+@QUANTIZE
 @reports_bad_input
-def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device, precision, batch_size, num_workers, scans_per_part, max_scans, repeats, json_out):
+def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device, precision, batch_size, num_workers, scans_per_part, max_scans, repeats, json_out, layout, quantize):
     """Extraction: images/s, extraction time / bare teacher forward time on the same images
-    (goal <= 1.15), bytes on disk / (points x dim x 2) (goal <= 1.0)."""
+    (goal <= 1.15), store bytes on disk, per entry and / (points x dim x 2)."""
     from stages.bench import BenchExtractConfig, bench_extract, report_lines
     from stages.extract import ExtractConfig
 
     ecfg = ExtractConfig(dataset, root, split, teacher, Path("unused"), weights=weights, random_init=weights is None,
                          image_size=image_size, device=device, precision=precision, batch_size=batch_size,
-                         num_workers=num_workers, scans_per_part=scans_per_part, max_scans=max_scans)  # fmt: skip
+                         num_workers=num_workers, scans_per_part=scans_per_part, max_scans=max_scans, layout=layout, quantize=quantize)  # fmt: skip
     result = bench_extract(BenchExtractConfig(ecfg, repeats))
     click.echo("\n".join(report_lines(result)))
     if json_out:

@@ -158,7 +158,7 @@ def bench_pretrain(cfg: BenchPretrainConfig) -> dict:
     from stages.extract import load_resized
     from stages.pretrain import build_student
     from stages.student_data import DistillationData, EpochSampler, SampleConfig, collate
-    from stages.teachers import sample_grid
+    from storage.targets import sample_grid
     from stages.waffleiron import STUDENTS, cosine_distance_loss
 
     device = pick_device(cfg.device)

@@ -30,7 +30,8 @@ from pipeline import __version__
 from pipeline.datasets import LidarDataset, open_dataset
 from pipeline.errors import DatasetError
 from pipeline.geometry import resize_pixels
-from stages.teachers import Teacher, get_spec, load_teacher, resolve_weights, sample_grid, sha256_file
+from stages.teachers import Teacher, get_spec, load_teacher, resolve_weights, sha256_file
+from storage.targets import sample_grid
 from storage.feature_store import FORMAT, FORMAT_VERSION, FeatureStore, PartWriter, StorePlan
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,14 @@ class ExtractConfig:
     dask_workers: int = 0  # > 1: a local dask cluster with this many worker processes
     scheduler: str | None = None  # address of a running dask scheduler
     max_scans: int | None = None  # only the first N scans of the split
+    layout: str = "grid"  # grid: each image's token grid, sampled when read; points: per-point features
+    quantize: str = "none"  # none, or int8 (grid layout only: a float32 scale per token)
+
+    def __post_init__(self):
+        if self.layout not in ("grid", "points") or self.quantize not in ("none", "int8"):
+            raise ValueError(f"layout {self.layout!r} / quantize {self.quantize!r}: layout is grid or points, quantize none or int8")
+        if self.quantize != "none" and self.layout != "grid":
+            raise ValueError("--quantize int8 needs --layout grid (per-point features are stored as float16)")
 
 
 def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str]) -> dict:
@@ -94,6 +103,9 @@ def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str]) -> 
         "plan": {"scans": len(scans), "scans_per_part": cfg.scans_per_part},
         "projection": ds.meta.visibility.name,
         "dtype": "float16",
+        "layout": cfg.layout,
+        "quantize": cfg.quantize,
+        "grid_size": [cfg.image_size[0] // spec.patch, cfg.image_size[1] // spec.patch] if cfg.layout == "grid" else None,
     }
 
 
@@ -187,7 +199,7 @@ def extract_parts(cfg: ExtractConfig, store: FeatureStore, teacher: Teacher, ds:
                 if writer is None or writer.part != part:
                     if writer is not None:
                         background.submit(writer.commit)
-                    writer = PartWriter(store, part, teacher.spec.dim)
+                    writer = PartWriter(store, part)
                 k = _write_scan(cfg, writer, item, grids, k, ds.meta.camera_names, background)
             if progress is not None:
                 progress(len(images))
@@ -243,17 +255,16 @@ def _write_scan(cfg: ExtractConfig, writer: PartWriter, item: dict, grids: torch
             _skip_or_raise(cfg, cam["error"])
             background.submit(writer.add, {**row, "status": "skipped", "reason": "%s: %s" % cam["error"]})
             continue
-        pixel = torch.from_numpy(cam["pixel"])
-        features = sample_grid(grids[k], pixel, cfg.image_size).to(torch.float16)
-        k += 1
-        if not torch.isfinite(features).all():  # finite in float32, beyond float16's 65504
+        grid, k = grids[k], k + 1
+        data = {"points": item["points"][cam["point_index"]], "point_index": cam["point_index"], "pixel": cam["pixel"]}
+        if cfg.layout == "grid":  # the whole token grid; targets are sampled when read
+            stored = grid.to(torch.float16)
+            data["grid"] = (grid if cfg.quantize == "int8" else stored).float().cpu().numpy()
+        else:
+            stored = sample_grid(grid, torch.from_numpy(cam["pixel"]), cfg.image_size).to(torch.float16)
+            data["features"] = stored.cpu().numpy()
+        if not torch.isfinite(stored).all():  # finite in float32, beyond float16's 65504
             raise FloatingPointError(f"teacher features of {item['scan_id']}/{cam['camera']} overflow float16 (|x| > 65504); the store cannot hold them")
-        data = {
-            "features": features.cpu().numpy(),
-            "points": item["points"][cam["point_index"]],
-            "point_index": cam["point_index"],
-            "pixel": cam["pixel"],
-        }
         background.submit(writer.add, {**row, "status": "ok", "reason": ""}, data)
     return k
 

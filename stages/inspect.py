@@ -39,11 +39,12 @@ def summary_lines(store: FeatureStore) -> list[str]:
         f"store      {store.path}",
         f"teacher    {t['name']} ({t['timm_name']}), dim {t['dim']}, patch {t['patch']}, {weights}",
         f"images     resized to {a['image_size'][0]} x {a['image_size'][1]}; {a['projection']}",
+        f"layout     {_layout_line(a)}",
         f"dataset    {a['dataset']['name']} {a['dataset']['split']}: {a['dataset']['scans']} scans (root when extracted: {a['dataset_root']})",
         f"parts      {len(store.committed_parts())} of {store.plan.parts} committed",
         f"entries    {len(m)} (scan, camera), {sum(r['status'] == 'skipped' for r in m)} skipped",
         f"points     {points:,}",
-        f"on disk    {size / 2**20:,.1f} MiB = {size / max(points * t['dim'] * 2, 1):.3f} x (points x dim x 2 bytes)",
+        f"on disk    {size / 2**20:,.1f} MiB, {size / max(len(m), 1) / 1024:,.1f} KiB per entry = {size / max(points * t['dim'] * 2, 1):.3f} x (points x dim x 2 bytes)",
         f"{'camera':<18}{'entries':>9}{'empty':>7}{'points':>12}{'mean':>9}",
     ]
     per_cam: dict[str, list[int]] = defaultdict(list)
@@ -62,6 +63,14 @@ def summary_lines(store: FeatureStore) -> list[str]:
     return lines
 
 
+def _layout_line(a: dict) -> str:
+    if a["layout"] == "points":
+        return "points: a float16 feature per visible point"
+    h, w = a["grid_size"]
+    kind = "int8 with a float32 scale per token" if a["quantize"] == "int8" else "float16"
+    return f"grid: each image's {h} x {w} token grid ({kind}), targets sampled at the points' pixels when read"
+
+
 def entry_lines(store: FeatureStore, scan: str, camera: str) -> list[str]:
     row, data = store.entry(scan, camera)
     lines = [f"entry {scan} / {camera}: part {row['part']}, offset {row['offset']}, count {row['count']}, status {row['status']} {row['reason']}".rstrip()]
@@ -76,18 +85,29 @@ def entry_lines(store: FeatureStore, scan: str, camera: str) -> list[str]:
 
 
 def feature_statistics(store: FeatureStore) -> dict:
-    """Per-channel mean/variance and norm statistics over every stored feature, out of core."""
-    parts = [da.from_zarr(store.arrays(p)["features"]) for p in store.committed_parts()]
+    """Per-channel mean/variance and norm statistics over every stored feature (points layout) or
+    token (grid layout: the per-point targets are bilinear mixes of these), out of core."""
+    parts = [_stored_vectors(store.arrays(p)) for p in store.committed_parts()]
     parts = [p for p in parts if p.shape[0]]
     if not parts:
-        return {"rows": 0}
-    f = da.concatenate(parts, axis=0).astype(np.float32)
+        return {"rows": 0, "what": "features"}
+    f = da.concatenate(parts, axis=0)
     norms = da.sqrt((f * f).sum(axis=1))
     try:
         mean, var, n_mean, n_std, n_min, n_max = da.compute(f.mean(axis=0), f.var(axis=0), norms.mean(), norms.std(), norms.min(), norms.max())
     except Exception as err:  # noqa: BLE001 - a chunk failing its checksum mid-way
         raise StoreError(f"{store.path}: a features chunk failed to decode ({type(err).__name__}: {err}); run `scalr verify {store.path}`") from None
-    return {"rows": int(f.shape[0]), "channel_mean": mean, "channel_var": var, "norm_mean": float(n_mean), "norm_std": float(n_std), "norm_min": float(n_min), "norm_max": float(n_max)}
+    return {"what": "features" if store.layout == "points" else "tokens", "rows": int(f.shape[0]), "channel_mean": mean, "channel_var": var, "norm_mean": float(n_mean), "norm_std": float(n_std), "norm_min": float(n_min), "norm_max": float(n_max)}
+
+
+def _stored_vectors(arrays: dict) -> da.Array:
+    """(rows, D) float32: the features, or the grids' tokens (dequantised), lazily."""
+    if "features" in arrays:
+        return da.from_zarr(arrays["features"]).astype(np.float32)
+    grids = da.from_zarr(arrays["grids"]).astype(np.float32)
+    if "grid_scale" in arrays:
+        grids = grids * da.from_zarr(arrays["grid_scale"])[:, None]
+    return grids.transpose(0, 2, 3, 1).reshape(-1, grids.shape[1])
 
 
 def stats_lines(stats: dict) -> list[str]:
@@ -96,7 +116,7 @@ def stats_lines(stats: dict) -> list[str]:
     var = stats["channel_var"]
     top = np.argsort(var)[::-1][:5]
     return [
-        f"feature statistics over {stats['rows']:,} points (dask, out of core):",
+        f"feature statistics over {stats['rows']:,} {'points' if stats['what'] == 'features' else 'grid tokens'} (dask, out of core):",
         f"  norm mean {stats['norm_mean']:.3f}, std {stats['norm_std']:.3f}, min {stats['norm_min']:.3f}, max {stats['norm_max']:.3f}",
         f"  channel mean: {stats['channel_mean'].mean():+.4f} on average (min {stats['channel_mean'].min():+.3f}, max {stats['channel_mean'].max():+.3f})",
         f"  channel variance: mean {var.mean():.4f}; largest at channels {top.tolist()} ({', '.join(f'{v:.3f}' for v in var[top])})",

@@ -35,7 +35,7 @@ class SampleConfig:
 class _Scan:
     group: int  # index of the dataset group
     scan_id: str
-    entries: tuple[tuple[str, tuple[tuple[int, int, int], ...]], ...]  # (camera, ((part, offset, count) per store))
+    entries: tuple[tuple[str, tuple[tuple[int, int, int, int], ...]], ...]  # (camera, ((part, offset, count, grid) per store))
 
 
 class StoreGroup:
@@ -61,7 +61,7 @@ class StoreGroup:
         for rows in zip(*manifests):
             r = rows[0]
             if r["status"] == "ok" and r["count"] > 0:
-                self.by_scan.setdefault(r["scan_id"], []).append((r["camera"], tuple((x["part"], x["offset"], x["count"]) for x in rows)))
+                self.by_scan.setdefault(r["scan_id"], []).append((r["camera"], tuple((x["part"], x["offset"], x["count"], x["grid"]) for x in rows)))
         rows = manifests[0]
         scans = {r["scan_id"] for r in rows}
         empty = sorted({r["scan_id"] for r in rows if r["status"] == "ok" and r["scan_points"] == 0})

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -181,17 +180,3 @@ def load_teacher(
         load_weights(model, spec, path)
         provenance = {"weights": str(path.resolve()), "weights_sha256": sha256_file(path), "random_init": False}
     return Teacher(spec, model, provenance)
-
-
-def sample_grid(grid: torch.Tensor, pixels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Per-point features from one token grid (D, h, w) at integer pixels (M, 2) = (col, row) of the
-    (H, W) image: exactly `interpolate(grid, (H, W), bilinear, align_corners=True)[:, row, col]`,
-    without materialising the full-resolution map."""
-    h_img, w_img = image_size
-    if len(pixels) == 0:
-        return grid.new_zeros((0, grid.shape[0]))
-    # align_corners=True maps pixel c of W onto grid x = c (w - 1) / (W - 1), which grid_sample
-    # (also align_corners=True) addresses as 2 x / (w - 1) - 1 = 2 c / (W - 1) - 1.
-    norm = torch.stack([2 * pixels[:, 0] / (w_img - 1) - 1, 2 * pixels[:, 1] / (h_img - 1) - 1], dim=-1)
-    out = F.grid_sample(grid[None].float(), norm.view(1, 1, -1, 2).to(grid.device, torch.float32), mode="bilinear", align_corners=True)
-    return out[0, :, 0].T

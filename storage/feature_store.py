@@ -39,12 +39,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from storage.targets import dequantize, quantize_int8, sample_grid
+
 FORMAT = "scalr-feature-store"
-FORMAT_VERSION = 2  # 2: CRC-32C per chunk and a per-part integrity record (1 had neither)
-ARRAYS = ("features", "points", "point_index", "pixel")
+FORMAT_VERSION = 2  # 2: CRC-32C per chunk, a per-part integrity record, the grid layout (1 had none)
+LAYOUTS = ("points", "grid")  # per-point features, or each entry's token grid (sampled when read)
+QUANTIZE = ("none", "int8")  # int8: grid layout only, a float32 scale per token
+POINT_ARRAYS = ("points", "point_index", "pixel")  # every layout, one row per visible point
 MANIFEST_SCHEMA = pa.schema(
     [
         ("scan_index", pa.int32()),
@@ -53,6 +58,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("part", pa.int32()),
         ("offset", pa.int64()),
         ("count", pa.int64()),
+        ("grid", pa.int32()),  # grid layout: the entry's index in the part's `grids` (-1: none)
         ("scan_points", pa.int64()),
         ("image_height", pa.int32()),
         ("image_width", pa.int32()),
@@ -62,8 +68,9 @@ MANIFEST_SCHEMA = pa.schema(
 )
 PART_RECORD_KEY = b"scalr.part"  # manifest schema metadata: the part's integrity record (JSON)
 # Attributes that must agree for a rerun to continue an existing store.
-IDENTITY_KEYS = ("format", "format_version", "teacher", "image_size", "dataset", "plan", "projection", "dtype")
+IDENTITY_KEYS = ("format", "format_version", "teacher", "image_size", "dataset", "plan", "projection", "dtype", "layout", "quantize", "grid_size")
 REQUIRED_KEYS = IDENTITY_KEYS + ("cameras", "intensity_max")
+GRID_POINT_CHUNK_ROWS = 1 << 16  # grid layout: per-point arrays are small (24 bytes a row)
 
 
 class StoreError(Exception):
@@ -79,9 +86,29 @@ def chunk_rows_for(dim: int, target_bytes: int = 4 << 20) -> int:
     return max(1024, 1 << int(np.log2(max(target_bytes // (2 * dim), 1))))
 
 
-def array_layout(dim: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Per-row shape and dtype of each array of a part."""
-    return {"features": ((dim,), "float16"), "points": ((4,), "float32"), "point_index": ((), "int32"), "pixel": ((2,), "float32")}
+@dataclass(frozen=True)
+class ArraySpec:
+    tail: tuple[int, ...]  # shape of one row
+    dtype: str
+    chunk_rows: int
+    per: str  # "point": one row per visible point; "grid": one row per stored grid
+
+
+def array_layout(attrs: dict) -> dict[str, ArraySpec]:
+    """The arrays of a part of a store with these attributes."""
+    dim = int(attrs["teacher"]["dim"])
+    if attrs.get("layout", "points") == "points":
+        rows = chunk_rows_for(dim)
+        return {"features": ArraySpec((dim,), "float16", rows, "point"), "points": ArraySpec((4,), "float32", rows, "point"),
+                "point_index": ArraySpec((), "int32", rows, "point"), "pixel": ArraySpec((2,), "float32", rows, "point")}  # fmt: skip
+    h, w = attrs["grid_size"]
+    int8 = attrs.get("quantize") == "int8"
+    arrays = {"grids": ArraySpec((dim, h, w), "int8" if int8 else "float16", 1, "grid")}  # one grid a chunk: one read per entry
+    if int8:
+        arrays["grid_scale"] = ArraySpec((h, w), "float32", 1, "grid")
+    rows = GRID_POINT_CHUNK_ROWS
+    arrays.update(points=ArraySpec((4,), "float32", rows, "point"), point_index=ArraySpec((), "int32", rows, "point"), pixel=ArraySpec((2,), "float32", rows, "point"))
+    return arrays
 
 
 def chunk_key(index: int, ndim: int) -> str:
@@ -160,6 +187,14 @@ class FeatureStore:
     def dim(self) -> int:
         return int(self.attrs["teacher"]["dim"])
 
+    @property
+    def layout(self) -> str:
+        return self.attrs["layout"]
+
+    @property
+    def specs(self) -> dict[str, ArraySpec]:
+        return array_layout(self.attrs)
+
     def manifest_path(self, part: int) -> Path:
         return self.path / "manifest" / f"{part_name(part)}.parquet"
 
@@ -211,21 +246,37 @@ class FeatureStore:
         if part not in self._arrays:
             folder = self.part_folder(part)
             try:
-                self._arrays[part] = {name: zarr.open_array(str(folder / name), mode="r") for name in ARRAYS}
+                self._arrays[part] = {name: zarr.open_array(str(folder / name), mode="r") for name in self.specs}
             except Exception as err:  # noqa: BLE001 - any metadata failure is a damaged part
                 raise StoreError(f"{folder}: part arrays unreadable ({type(err).__name__}: {err})") from None
         return self._arrays[part]
 
-    def read(self, part: int, offset: int, count: int) -> dict[str, np.ndarray]:
-        """The rows of one entry: one slice per array. A chunk that fails its checksum or does
+    def read(self, part: int, offset: int, count: int, grid: int = -1) -> dict[str, np.ndarray]:
+        """The per-point arrays of one entry and its `features` (float16): one slice per array,
+        or, in the grid layout, one grid read and sampled at the entry's pixels with the rule
+        stage 1 uses (storage/targets.py). Sampling runs here, in the caller's process (a
+        DataLoader worker when training): the step then gets targets as from a points store, and
+        one grid is read instead of a slice ~8x its size. A chunk that fails its checksum or does
         not decode is a StoreError naming the array and rows, never garbage or a crash."""
-        out = {}
-        for name, arr in self.arrays(part).items():
-            try:
-                out[name] = arr[offset : offset + count]
-            except Exception as err:  # noqa: BLE001 - checksum mismatch, truncated or corrupt chunk
-                raise StoreError(f"{self.part_folder(part) / name}: rows {offset}-{offset + count - 1} unreadable, a chunk is corrupt ({type(err).__name__}: {err}); run `scalr verify {self.path}`") from None
+        arrays = self.arrays(part)
+        out = {name: self._slice(part, name, arrays[name], offset, offset + count) for name in POINT_ARRAYS}
+        if self.layout == "points":
+            out["features"] = self._slice(part, "features", arrays["features"], offset, offset + count)
+        elif count == 0 or grid < 0:
+            out["features"] = np.zeros((0, self.dim), np.float16)
+        else:
+            token_grid = self._slice(part, "grids", arrays["grids"], grid, grid + 1)[0]
+            if "grid_scale" in arrays:
+                token_grid = dequantize(token_grid, self._slice(part, "grid_scale", arrays["grid_scale"], grid, grid + 1)[0])
+            features = sample_grid(torch.from_numpy(np.asarray(token_grid, np.float32)), torch.from_numpy(out["pixel"]), tuple(self.attrs["image_size"]))
+            out["features"] = features.numpy().astype(np.float16)
         return out
+
+    def _slice(self, part: int, name: str, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+        try:
+            return arr[start:stop]
+        except Exception as err:  # noqa: BLE001 - checksum mismatch, truncated or corrupt chunk
+            raise StoreError(f"{self.part_folder(part) / name}: rows {start}-{stop - 1} unreadable, a chunk is corrupt ({type(err).__name__}: {err}); run `scalr verify {self.path}`") from None
 
     def entry(self, scan_id: str, camera: str) -> tuple[dict, dict[str, np.ndarray]]:
         """(manifest row, arrays) of one (scan, camera)."""
@@ -234,7 +285,7 @@ class FeatureStore:
         if not rows:
             raise KeyError(f"{self.path}: no entry for scan {scan_id!r}, camera {camera!r}")
         row = rows[0]
-        return row, self.read(row["part"], row["offset"], row["count"])
+        return row, self.read(row["part"], row["offset"], row["count"], row["grid"])
 
     # ---- the integrity gate ---------------------------------------------------------------
     def integrity_problems(self) -> list[str]:
@@ -290,16 +341,20 @@ class FeatureStore:
         if present != expected or len(rows["camera"]) != len(expected):
             lost, extra = sorted(expected - present)[:5], sorted(present - expected)[:5]
             problems.append(f"{where}: entries do not match the plan (missing {lost}, unexpected {extra}, {len(rows['camera'])} rows for {len(expected)} entries)")
-        offset = 0
-        for scan_id, camera, p, o, n in zip(rows["scan_id"], rows["camera"], rows["part"], rows["offset"], rows["count"]):
+        offset, grids = 0, 0
+        with_grids = self.layout == "grid"
+        for scan_id, camera, p, o, n, g in zip(rows["scan_id"], rows["camera"], rows["part"], rows["offset"], rows["count"], rows["grid"]):
             if p != part or o != offset or n < 0:
                 return problems + [f"{where}: row {scan_id}/{camera} has part {p}, offset {o}, count {n}; after the previous rows it must be part {part}, offset {offset}"]
-            offset += n
+            if g != (grids if with_grids and n > 0 else -1):
+                return problems + [f"{where}: row {scan_id}/{camera} has grid {g}; after the previous rows it must be {grids if with_grids and n > 0 else -1}"]
+            offset, grids = offset + n, grids + (g >= 0)
         if record.get("rows") != offset:
             return problems + [f"{where}: the rows' counts add up to {offset} points but the part recorded {record.get('rows')}"]
         folder = self.part_folder(part)
-        for name, (tail, dtype) in array_layout(self.dim).items():
-            problems += _array_problems(folder / name, record.get("arrays", {}).get(name), (offset, *tail), dtype)
+        for name, spec in self.specs.items():
+            length = offset if spec.per == "point" else grids
+            problems += _array_problems(folder / name, record.get("arrays", {}).get(name), (length, *spec.tail), spec.dtype, spec.chunk_rows)
         return problems
 
     def part_record(self, part: int) -> dict:
@@ -343,10 +398,15 @@ def _attribute_problems(path: Path, attrs: dict) -> list[str]:
         return [f"{where}: plan {plan!r} is not {{scans, scans_per_part}} of positive integers"]
     if not (isinstance(attrs["cameras"], list) and attrs["cameras"] and all(isinstance(c, str) for c in attrs["cameras"])):
         return [f"{where}: cameras {attrs['cameras']!r} is not a list of camera names"]
+    layout, quantize, grid_size = attrs["layout"], attrs["quantize"], attrs["grid_size"]
+    if layout not in LAYOUTS or quantize not in QUANTIZE or (layout == "points" and (quantize != "none" or grid_size is not None)):
+        return [f"{where}: layout {layout!r} with quantize {quantize!r} and grid_size {grid_size!r} is not one of the store layouts"]
+    if layout == "grid" and not (isinstance(grid_size, list) and len(grid_size) == 2 and all(isinstance(v, int) and v > 0 for v in grid_size)):
+        return [f"{where}: grid_size {grid_size!r} is not [rows, columns] of tokens"]
     return []
 
 
-def _array_problems(folder: Path, record: dict | None, shape: tuple[int, ...], dtype: str) -> list[str]:
+def _array_problems(folder: Path, record: dict | None, shape: tuple[int, ...], dtype: str, chunk_rows: int) -> list[str]:
     """One array of a part against the manifest's rows and the part's record, without decoding."""
     if not isinstance(record, dict):
         return [f"{folder}: no integrity record for this array in the manifest"]
@@ -357,11 +417,11 @@ def _array_problems(folder: Path, record: dict | None, shape: tuple[int, ...], d
         return [f"{folder / 'zarr.json'}: array metadata is missing"]
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         return [f"{folder / 'zarr.json'}: corrupt array metadata ({type(err).__name__}: {err})"]
-    expected = (shape, dtype, (record.get("chunk_rows"), *shape[1:]))
-    if on_disk != expected or tuple(record.get("shape", ())) != shape:
+    expected = (shape, dtype, (chunk_rows, *shape[1:]))
+    if on_disk != expected or tuple(record.get("shape", ())) != shape or record.get("chunk_rows") != chunk_rows:
         return [f"{folder}: array is {on_disk[0]} {on_disk[1]} in chunks of {on_disk[2]}; the manifest and the part's record say {shape} {dtype} in chunks of {expected[2]}"]
     sizes = record.get("chunk_bytes", [])
-    chunks = -(-shape[0] // record["chunk_rows"]) if shape[0] else 0
+    chunks = -(-shape[0] // chunk_rows)
     if len(sizes) != chunks:
         return [f"{folder}: the part's record lists {len(sizes)} chunk files, the shape needs {chunks}"]
     problems, absent = [], []
@@ -384,70 +444,81 @@ class PartWriter:
     """Writes one part: buffers rows and writes whole chunks; `commit()` flushes the rest, records
     the part's integrity record and then publishes the manifest by atomic rename."""
 
-    def __init__(self, store: FeatureStore, part: int, dim: int):
-        self.store, self.part, self.dim = store, part, dim
+    def __init__(self, store: FeatureStore, part: int):
+        self.store, self.part = store, part
+        self.specs = store.specs
         self.folder = store.part_folder(part)
         shutil.rmtree(self.folder, ignore_errors=True)  # leftovers of a crashed writer
-        self.chunk_rows = chunk_rows_for(dim)
         zarr.open_group(str(self.folder), mode="w", attributes={"part": part})
         # zstd-1 bit-shuffled: measured ~0.9x float16 size at half zstd-3's cost. crc32c last: it
         # is checked first on every read, before the decompressor sees a damaged chunk.
         codecs = [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"), Crc32cCodec()]
         self.arrays = {
             name: zarr.create_array(
-                store=str(self.folder / name), shape=(0, *tail), chunks=(self.chunk_rows, *tail), dtype=dtype,
+                store=str(self.folder / name), shape=(0, *spec.tail), chunks=(spec.chunk_rows, *spec.tail), dtype=spec.dtype,
                 compressors=codecs, fill_value=0, config={"write_empty_chunks": True},  # every chunk is a file
             )  # fmt: skip
-            for name, (tail, dtype) in array_layout(dim).items()
+            for name, spec in self.specs.items()
         }
-        self.hashes = {name: hashlib.sha256() for name in ARRAYS}  # of the decoded bytes, in row order
-        self.buffer: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
-        self.buffered = 0
-        self.written = 0
+        self.hashes = {name: hashlib.sha256() for name in self.specs}  # of the decoded bytes, in row order
+        self.buffer: dict[str, list[np.ndarray]] = {name: [] for name in self.specs}
+        self.buffered = {"point": 0, "grid": 0}
+        self.written = {"point": 0, "grid": 0}
         self.rows: list[dict] = []
-
-    @property
-    def size(self) -> int:
-        return self.written + self.buffered
 
     def add(self, row: dict, data: dict[str, np.ndarray] | None = None) -> None:
         """Append one (scan, camera) entry. `row` holds the manifest fields except part/offset/
-        count; `data` the per-point arrays (None for a skipped entry)."""
+        count/grid; `data` the per-point arrays and `features` (D per point) or, in the grid
+        layout, `grid` (D, h, w); None for a skipped entry."""
         count = 0 if data is None else len(data["point_index"])
-        self.rows.append({**row, "part": self.part, "offset": self.size, "count": count})
-        if count:
-            for name in ARRAYS:
-                self.buffer[name].append(np.asarray(data[name]))
-            self.buffered += count
-            if self.buffered >= self.chunk_rows:
-                self._flush(whole_chunks_only=True)
+        has_grid = count > 0 and "grids" in self.specs
+        self.rows.append({**row, "part": self.part, "offset": self.written["point"] + self.buffered["point"], "count": count,
+                          "grid": self.written["grid"] + self.buffered["grid"] if has_grid else -1})  # fmt: skip
+        if not count:
+            return
+        for name in POINT_ARRAYS + (("features",) if "features" in self.specs else ()):
+            self.buffer[name].append(np.asarray(data[name]))
+        self.buffered["point"] += count
+        if has_grid:
+            grid = np.asarray(data["grid"])
+            if "grid_scale" in self.specs:
+                grid, scale = quantize_int8(grid)
+                self.buffer["grid_scale"].append(scale[None])
+            self.buffer["grids"].append(grid[None])
+            self.buffered["grid"] += 1
+        if self.buffered["point"] >= self.specs["points"].chunk_rows:
+            self._flush(whole_chunks_only=True)
 
     def _flush(self, whole_chunks_only: bool) -> None:
-        if not self.buffered:
-            return
-        merged = {name: np.concatenate(parts) for name, parts in self.buffer.items()}
-        n = (self.buffered // self.chunk_rows) * self.chunk_rows if whole_chunks_only else self.buffered
-        if n == 0:
-            return
-        end = self.written + n
-        for name, arr in self.arrays.items():
-            block = np.ascontiguousarray(merged[name][:n], dtype=arr.dtype)
-            arr.resize((end, *arr.shape[1:]))
-            arr[self.written : end] = block
-            self.hashes[name].update(block.tobytes())
-        self.written = end
-        self.buffer = {name: [merged[name][n:]] for name in ARRAYS}
-        self.buffered -= n
+        for per in ("point", "grid"):
+            names = [name for name, spec in self.specs.items() if spec.per == per]
+            rows_per_chunk = self.specs[names[0]].chunk_rows if names else 1
+            n = self.buffered[per]
+            if whole_chunks_only:
+                n -= n % rows_per_chunk
+            if not names or n == 0:
+                continue
+            start, end = self.written[per], self.written[per] + n
+            for name in names:
+                arr = self.arrays[name]
+                merged = np.concatenate(self.buffer[name])
+                block = np.ascontiguousarray(merged[:n], dtype=arr.dtype)
+                arr.resize((end, *arr.shape[1:]))
+                arr[start:end] = block
+                self.hashes[name].update(block.tobytes())
+                self.buffer[name] = [merged[n:]]
+            self.written[per], self.buffered[per] = end, self.buffered[per] - n
 
     def record(self) -> dict:
         """The part's integrity record: per array its shape, dtype, chunking, the size of each
         chunk file and the SHA-256 of its decoded bytes."""
         arrays = {}
         for name, arr in self.arrays.items():
-            chunks = -(-self.written // self.chunk_rows)
+            spec = self.specs[name]
+            chunks = -(-arr.shape[0] // spec.chunk_rows)
             sizes = [(self.folder / name / chunk_key(i, arr.ndim)).stat().st_size for i in range(chunks)]
-            arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunk_rows": self.chunk_rows, "chunk_bytes": sizes, "sha256": self.hashes[name].hexdigest()}
-        return {"part": self.part, "rows": self.written, "arrays": arrays}
+            arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunk_rows": spec.chunk_rows, "chunk_bytes": sizes, "sha256": self.hashes[name].hexdigest()}
+        return {"part": self.part, "rows": self.written["point"], "grids": self.written["grid"], "arrays": arrays}
 
     def commit(self) -> None:
         self._flush(whole_chunks_only=False)

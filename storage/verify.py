@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from storage.feature_store import ARRAYS, FeatureStore, StoreError, part_name
+from storage.feature_store import FeatureStore, StoreError, part_name
 
 
 def verify_store(path, teachers: Mapping[str, tuple[int, int]] | None = None) -> tuple[list[str], dict]:
@@ -61,7 +61,7 @@ def _content_problems(store: FeatureStore, part: int) -> list[str]:
         arrays = store.arrays(part)
     except StoreError as err:
         return [str(err)]
-    for name in ARRAYS:
+    for name in store.specs:
         arr, digest = arrays[name], hashlib.sha256()
         rows_per_chunk = arr.chunks[0]
         for start in range(0, arr.shape[0], rows_per_chunk):

@@ -37,7 +37,7 @@ def assert_same_store(a: Path, b: Path, same_threads: bool = True) -> None:
     for part in sa.committed_parts():
         for name, arr in sa.arrays(part).items():
             x, y = arr[:], sb.arrays(part)[name][:]
-            if name == "features" and not same_threads:
+            if name in ("features", "grids") and x.dtype == np.float16 and not same_threads:
                 assert x.shape == y.shape and features_within_one_ulp(x, y), (part, name)
             else:
                 assert np.array_equal(x, y), (part, name)

@@ -172,7 +172,9 @@ def test_pretraining_needs_only_the_store(kitti_root, tmp_path):
 
 
 def test_multi_teacher_joins_and_multi_dataset_mixes(kitti_root, nus_store, kitti_store, tmp_path):
-    dino = make_store(kitti_root, tmp_path / "kitti-dino.zarr", teacher="dino-vits8")
+    """Stores of different layouts join too: here test-vit in the grid layout, DINO per point."""
+    dino = make_store(kitti_root, tmp_path / "kitti-dino.zarr", teacher="dino-vits8", layout="points")
+    assert (kitti_store.layout, dino.layout) == ("grid", "points")
     data = DistillationData([kitti_store.path, dino.path], SAMPLE)
     assert data.target_dim == 64 + 384 and [g.teachers for g in data.groups] == [["dino-vits8", "test-vit"]]
     sample = data[(0, 5)]
@@ -200,7 +202,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(kitti_root, tm
     run = tmp_path / "run"
     pretrain(tiny_cfg([store.path], run, epochs=1))
     good = load_checkpoint(run / "checkpoints/last.pt")
-    arr = zarr.open_array(str(store.path / "parts/part-000000/features"), mode="r+")
+    arr = zarr.open_array(str(store.path / "parts/part-000000/grids"), mode="r+")
     arr[:] = np.full(arr.shape, np.inf, dtype=np.float16)
     reseal(store.path, 0, keep_sha256=False)  # as if a teacher had produced these
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 2 .* last good checkpoint is .*last.pt"):

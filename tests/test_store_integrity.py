@@ -27,12 +27,22 @@ TINY_STUDENT = ["--student", "WI-12-64", "--set", "model.depth=2", "--set", "mod
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> FeatureStore:
-    """Four SemanticKITTI-format scans, one part each."""
+def stores(tmp_path_factory) -> dict[str, FeatureStore]:
+    """Four SemanticKITTI-format scans, one part each, in each layout."""
     root = tmp_path_factory.mktemp("kitti")
     generate("semantickitti", root, SynthConfig(seed=3, scenes=1, frames=4, azimuth_steps=256, image_scale=0.3))
-    out = tmp_path_factory.mktemp("stores") / "s.zarr"
-    return extract(ExtractConfig("semantickitti", root, "train", "test-vit", out, random_init=True, image_size=(32, 64), num_workers=0, scans_per_part=1))
+    folder = tmp_path_factory.mktemp("stores")
+    return {layout: extract(ExtractConfig("semantickitti", root, "train", "test-vit", folder / f"{layout}.zarr", random_init=True, image_size=(32, 64),
+                                          num_workers=0, scans_per_part=1, layout=layout)) for layout in ("grid", "points")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(stores) -> FeatureStore:
+    return stores["grid"]
+
+
+def first_chunk(path: Path, part: int, array: str) -> Path:
+    return next(f for f in sorted((path / f"parts/part-{part:06d}/{array}").rglob("c/**/*")) if f.is_file())
 
 
 def rewrite_manifest(path: Path, edit) -> None:
@@ -59,57 +69,61 @@ def count_one_too_large(path: Path) -> None:
     rewrite_manifest(path, edit)
 
 
-# (damage, what the gate says when a reader opens the store, what verify says)
+# (damage, what the gate says when a reader opens the store, what verify says); F is the array of
+# the targets: `features` (points layout) or `grids` (grid layout)
 DAMAGES = {
-    "deleted chunk": (lambda p: (p / "parts/part-000001/points/c/0/0").unlink(),
+    "deleted chunk": (lambda p, F: first_chunk(p, 1, "points").unlink(),
                       "part-000001/points: 1 of 1 chunk files are missing", "part-000001/points: 1 of 1 chunk files are missing"),
-    "truncated chunk": (lambda p: truncate(p / "parts/part-000002/features/c/0/0"),
-                        "part-000002/features/c/0/0: chunk file is", "were written (truncated or overwritten)"),
-    "flipped bytes": (lambda p: flip_a_byte(p / "parts/part-000001/features/c/0/0"),
-                      None, "part-000001/features: chunk 0 (rows 0-"),
-    "missing manifest": (lambda p: (p / "manifest/part-000003.parquet").unlink(),
+    "truncated chunk": (lambda p, F: truncate(first_chunk(p, 2, F)),
+                        "part-000002/F/c/0/0", "were written (truncated or overwritten)"),
+    "flipped bytes": (lambda p, F: flip_a_byte(first_chunk(p, 1, F)),
+                      None, "part-000001/F: chunk 0 (rows 0-"),
+    "missing manifest": (lambda p, F: (p / "manifest/part-000003.parquet").unlink(),
                          "1 of 4 planned parts are not committed (part-000003); rerun the same extract-features command to finish it", "1 of 4 planned parts are not committed"),
-    "missing part": (lambda p: shutil.rmtree(p / "parts/part-000002"),
-                     "part-000002/features/zarr.json: array metadata is missing", "part-000002/features/zarr.json: array metadata is missing"),
-    "count one too large": (lambda p: count_one_too_large(p / "manifest/part-000001.parquet"),
+    "missing part": (lambda p, F: shutil.rmtree(p / "parts/part-000002"),
+                     "part-000002/F/zarr.json: array metadata is missing", "part-000002/F/zarr.json: array metadata is missing"),
+    "count one too large": (lambda p, F: count_one_too_large(p / "manifest/part-000001.parquet"),
                             "part-000001.parquet: the rows' counts add up to", "the part recorded"),
-    "corrupt manifest": (lambda p: truncate(p / "manifest/part-000000.parquet"),
+    "corrupt manifest": (lambda p, F: truncate(p / "manifest/part-000000.parquet"),
                          "part-000000.parquet: unreadable manifest", "part-000000.parquet: unreadable manifest"),
-    "manifest without record": (lambda p: pq.write_table(pq.read_table(p / "manifest/part-000000.parquet").replace_schema_metadata(None), p / "manifest/part-000000.parquet"),
+    "manifest without record": (lambda p, F: pq.write_table(pq.read_table(p / "manifest/part-000000.parquet").replace_schema_metadata(None), p / "manifest/part-000000.parquet"),
                                 "part-000000.parquet: the manifest has no integrity record", "no integrity record"),
-    "corrupt zarr.json": (lambda p: (p / "zarr.json").write_text('{"attributes": {"format'),
+    "corrupt zarr.json": (lambda p, F: (p / "zarr.json").write_text('{"attributes": {"format'),
                           "zarr.json: corrupt store metadata", "zarr.json: corrupt store metadata"),
-    "corrupt array metadata": (lambda p: (p / "parts/part-000001/pixel/zarr.json").write_bytes(b"\x00\x01garbage"),
+    "corrupt array metadata": (lambda p, F: (p / "parts/part-000001/pixel/zarr.json").write_bytes(b"\x00\x01garbage"),
                                "part-000001/pixel/zarr.json: corrupt array metadata", "part-000001/pixel/zarr.json: corrupt array metadata"),
-    "array of another shape": (lambda p: (p / "parts/part-000001/features/zarr.json").write_text(
-        (p / "parts/part-000001/features/zarr.json").read_text().replace('"shape": [', '"shape": [1, ', 1)),
-        "part-000001/features: array is", "the manifest and the part's record say"),
+    "array of another shape": (lambda p, F: (p / f"parts/part-000001/{F}/zarr.json").write_text(
+        (p / f"parts/part-000001/{F}/zarr.json").read_text().replace('"shape": [', '"shape": [1, ', 1)),
+        "part-000001/F: array is", "the manifest and the part's record say"),
 }  # fmt: skip
 
 
-@pytest.fixture(params=sorted(DAMAGES))
-def damaged(request, store, tmp_path):
+def damage(store: FeatureStore, kind: str, tmp_path: Path) -> tuple[Path, str | None, str]:
     path = Path(shutil.copytree(store.path, tmp_path / "damaged.zarr"))
-    damage, gate, found = DAMAGES[request.param]
-    damage(path)
-    return path, gate, found
+    harm, gate, found = DAMAGES[kind]
+    feature_array = "grids" if store.layout == "grid" else "features"
+    harm(path, feature_array)
+    return path, gate and gate.replace("/F", "/" + feature_array), found.replace("/F", "/" + feature_array)
 
 
-def test_verify_names_each_damage(damaged):
-    path, _, found = damaged
+@pytest.mark.parametrize("layout", ["grid", "points"])
+@pytest.mark.parametrize("kind", sorted(DAMAGES))
+def test_verify_names_each_damage(stores, layout, kind, tmp_path):
+    path, _, found = damage(stores[layout], kind, tmp_path)
     result = CliRunner().invoke(main, ["verify", str(path)])
     assert result.exit_code == 1 and found in result.output, result.output
     assert "Traceback" not in result.output
 
 
-def test_every_reader_refuses_a_damaged_store(damaged, tmp_path):
+@pytest.mark.parametrize("kind", sorted(DAMAGES))
+def test_every_reader_refuses_a_damaged_store(store, kind, tmp_path):
     """pretrain (with and without loader workers), inspect and bench pretrain: exit 1, the damaged
     file named, no traceback, no training on what is left."""
-    path, gate, found = damaged
+    path, gate, found = damage(store, kind, tmp_path)
     for workers in ("0", "1"):
         result = CliRunner().invoke(main, ["pretrain", "--store", str(path), "--out", str(tmp_path / f"run{workers}"), "--num-workers", workers, *TINY_STUDENT])
         assert result.exit_code == 1, result.output
-        said = gate or "part-000001/features: rows 0-"  # right-sized bytes: the chunk's CRC fails when read
+        said = gate or "part-000001/grids: rows 0-"  # right-sized bytes: the chunk's CRC fails when read
         assert said in result.output and "corrupt" in result.output or gate, result.output
         assert said in result.output and "Traceback" not in result.output, result.output
         assert not (tmp_path / f"run{workers}/checkpoints/last.pt").exists()
@@ -123,8 +137,7 @@ def test_every_reader_refuses_a_damaged_store(damaged, tmp_path):
 def test_a_truncated_chunk_never_crashes_the_process(store, tmp_path):
     """It used to raise once and then segfault the second read of the same chunk."""
     path = Path(shutil.copytree(store.path, tmp_path / "t.zarr"))
-    chunk = path / "parts/part-000000/features/c/0/0"
-    truncate(chunk)
+    truncate(first_chunk(path, 0, "grids"))
     reseal(path, 0, keep_sha256=True)  # sizes as if written so: only the chunk's CRC can tell
     code = f"""
 import sys
@@ -132,9 +145,9 @@ from storage.feature_store import FeatureStore, StoreError
 store = FeatureStore({str(path)!r})
 for attempt in range(3):
     try:
-        store.read(0, 0, 10)
+        store.read(0, 0, 10, 0)
     except StoreError as err:
-        assert "part-000000/features: rows 0-9 unreadable" in str(err), err
+        assert "part-000000/grids: rows 0-0 unreadable" in str(err), err
     else:
         sys.exit("read a truncated chunk")
 """
@@ -153,8 +166,8 @@ def test_rewritten_content_is_caught_by_its_checksum(store, tmp_path):
     assert problems == [f"{path}/parts/part-000002/point_index: content differs from what was written (SHA-256 of the decoded bytes does not match the part's record)"]
 
 
-def test_verify_finds_non_finite_features(store, tmp_path):
-    path = Path(shutil.copytree(store.path, tmp_path / "n.zarr"))
+def test_verify_finds_non_finite_features(stores, tmp_path):
+    path = Path(shutil.copytree(stores["points"].path, tmp_path / "n.zarr"))
     arr = zarr.open_array(str(path / "parts/part-000000/features"), mode="r+")
     block = arr[:10]
     block[3, 5] = np.nan
@@ -175,7 +188,7 @@ def test_verify_checks_the_teacher_against_the_registry(store, tmp_path):
     meta["attributes"]["teacher"].update(name="dino-vits8", dim=384, patch=8)  # relabelled consistently
     (path / "zarr.json").write_text(json.dumps(meta))
     result = CliRunner().invoke(main, ["verify", str(path)])
-    assert result.exit_code == 1 and "part-000000/features: array is (" in result.output and "384" in result.output
+    assert result.exit_code == 1 and "part-000000/grids: array is (" in result.output and "384" in result.output
 
 
 def test_a_store_of_an_older_format_is_refused(store, tmp_path):
@@ -191,9 +204,10 @@ def test_every_chunk_is_a_file_even_when_all_zero(tmp_path):
     """A chunk of fill values is still written, so a missing file always means damage."""
     from storage.feature_store import PartWriter
 
-    store = FeatureStore.create_or_open(tmp_path / "z.zarr", {"format": "scalr-feature-store", "format_version": 2, "plan": {"scans": 1, "scans_per_part": 1}})
-    dim, n = 2048, 3000  # chunks of 1024 rows: three chunks
-    writer = PartWriter(store, 0, dim)
+    dim, n = 2048, 3000  # points layout, chunks of 1024 rows: three chunks
+    attrs = {"format": "scalr-feature-store", "format_version": 2, "plan": {"scans": 1, "scans_per_part": 1}, "teacher": {"dim": dim}, "layout": "points"}
+    store = FeatureStore.create_or_open(tmp_path / "z.zarr", attrs)
+    writer = PartWriter(store, 0)
     writer.add({"scan_index": 0, "scan_id": "a", "camera": "c", "scan_points": n, "image_height": 1, "image_width": 1, "status": "ok", "reason": ""},
                {"features": np.zeros((n, dim), np.float16), "points": np.zeros((n, 4), np.float32), "point_index": np.zeros(n, np.int32), "pixel": np.zeros((n, 2), np.float32)})  # fmt: skip
     writer.commit()
@@ -205,4 +219,4 @@ def test_every_chunk_is_a_file_even_when_all_zero(tmp_path):
 
 def test_bench_open_counts_what_the_gate_reads(store):
     result = CliRunner().invoke(main, ["bench", "open", str(store.path), "--repeats", "1"])
-    assert result.exit_code == 0 and "4 parts, 16 chunk files" in result.output, result.output
+    assert result.exit_code == 0 and "4 parts, 16 chunk files" in result.output, result.output  # 1 grid + 3 point arrays a part
