@@ -61,6 +61,7 @@ def bench_extract(cfg: BenchExtractConfig) -> dict:
         store = FeatureStore(out)
         manifest = store.manifest().to_pylist()
         points = sum(r["count"] for r in manifest)
+        entries = len(manifest)
         size = disk_bytes(out)
     # The same images, decoded and resized beforehand, in the same batches: teacher time alone.
     loader_ds = ScanImages(ds, list(range(len(scans))), ecfg.image_size)
@@ -83,6 +84,8 @@ def bench_extract(cfg: BenchExtractConfig) -> dict:
         "extract_s": round(best_wall, 3), "teacher_forward_s": round(best_forward, 3),
         "images_per_s": round(images / best_wall, 2),
         "extract_over_forward": round(best_wall / best_forward, 3),
+        "layout": ecfg.layout, "quantize": ecfg.quantize, "entries": entries, "store_bytes": size,
+        "kib_per_entry": round(size / max(entries, 1) / 1024, 1),
         "bytes_over_points_dim_2": round(size / max(points * teacher.spec.dim * 2, 1), 3),
         "threads": torch.get_num_threads(), "num_workers": ecfg.num_workers, "batch_size": ecfg.batch_size,
     }  # fmt: skip
@@ -94,6 +97,7 @@ def report_lines(result: dict) -> list[str]:
         f"  {result['scans']} scans, {result['images']} images, {result['points']:,} points",
         f"  images/s                              {result['images_per_s']:.2f}",
         f"  extraction / teacher forward time     {result['extract_over_forward']:.3f}  ({result['extract_s']:.2f} s / {result['teacher_forward_s']:.2f} s)",
+        f"  store ({result['layout']}, quantize {result['quantize']})   {result['store_bytes'] / 2**20:.1f} MiB, {result['kib_per_entry']:.1f} KiB per entry",
         f"  bytes on disk / (points x dim x 2)    {result['bytes_over_points_dim_2']:.3f}",
         "  " + json.dumps(result),
     ]

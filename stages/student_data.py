@@ -111,17 +111,17 @@ class DistillationData(torch.utils.data.Dataset):
         group = self.groups[scan.group]
         rng = np.random.default_rng(seed)
         camera, locations = scan.entries[rng.integers(len(scan.entries))]
-        reads = [store.read(*loc) for store, loc in zip(group.stores, locations)]
-        for store, r in zip(group.stores[1:], reads[1:]):
-            if not np.array_equal(r["point_index"], reads[0]["point_index"]):
+        first = group.stores[0].read_points(*locations[0][:3])
+        for store, loc in zip(group.stores[1:], locations[1:]):
+            if not np.array_equal(store.read_points(*loc[:3])["point_index"], first["point_index"]):
                 raise StoreError(f"{store.path}: points of {scan.scan_id}/{camera} differ from {group.stores[0].path}")
-        points = reads[0]["points"]
-        targets = np.concatenate([r["features"] for r in reads], axis=1)
-        keep, inputs = student_inputs(points, group.intensity_max, self.cfg, rng, train=True)
+        keep, inputs = student_inputs(first["points"], group.intensity_max, self.cfg, rng, train=True)
+        # Targets of the kept points only (a grid-layout store samples just those).
+        targets = [store.read_targets(*loc, keep, first["pixel"][keep]) for store, loc in zip(group.stores, locations)]
         return {
             **inputs,
-            "targets": targets[keep],
-            "point_index": reads[0]["point_index"][keep],
+            "targets": np.concatenate(targets, axis=1),
+            "point_index": first["point_index"][keep],
             "scan_id": scan.scan_id,
             "camera": camera,
             "dataset": group.name,
