@@ -186,43 +186,44 @@ def bench_pretrain(cfg: BenchPretrainConfig) -> dict:
     def on_device(batch):
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def median_step(batches, fn) -> float:
-        """Median wall time between consecutive step ends (so waiting for data counts)."""
-        times = []
-        _sync(device)
-        last = time.perf_counter()
-        for i, batch in zip(range(total), batches):
-            fn(batch)
-            _sync(device)
-            now = time.perf_counter()
-            if i >= 2:
-                times.append(now - last)
-            last = now
-        return float(np.median(times))
-
-    # 1. The real loader: workers read the store and transform while the student trains.
+    # 0. One sample's CPU cost in this process, one thread (what a loader worker spends), and the
+    #    bytes of the chunk files one sample reads.
+    sample_ms, read_mb = sample_cost(data, samples=16)
+    # 1. The real loader (workers read the store and transform while the student trains) against
+    #    the same batch already in memory, interleaved step by step so that drift of the machine
+    #    (allocator growth, caches, other load) hits both alike. A loader step is timed from the
+    #    end of the previous step, so waiting for data counts.
     model, optimizer = student(data.target_dim)
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=EpochSampler(data.sizes, cfg.batch_size, seed=0), collate_fn=collate,
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
     )  # fmt: skip
-    seen = []
-
-    def from_loader():
-        for b in loader:
-            seen.append(b)
-            yield on_device(b)
-
-    loader_step = median_step(from_loader(), lambda b: step(model, optimizer, b, b["targets"]))
+    seen, loader_times, memory_times = [], [], []
+    batches = iter(loader)
+    for i in range(total):
+        _sync(device)
+        t0 = time.perf_counter()
+        batch = on_device(next(batches))
+        step(model, optimizer, batch, batch["targets"])
+        _sync(device)
+        t1 = time.perf_counter()
+        step(model, optimizer, batch, batch["targets"])
+        _sync(device)
+        t2 = time.perf_counter()
+        seen.append(batch)
+        if i >= 2:
+            loader_times.append(t1 - t0)
+            memory_times.append(t2 - t1)
+    loader_step, memory_step = float(np.median(loader_times)), float(np.median(memory_times))
     memory_cached = _peak_memory(device)
-    # 2. The very same batches, already in memory on the device.
-    resident = [on_device(b) for b in seen]
-    memory_step = median_step(iter(resident), lambda b: step(model, optimizer, b, b["targets"]))
+    resident = seen
     result = {
         "student": cfg.student, "device": str(device), "precision": cfg.precision, "batch_size": cfg.batch_size,
         "max_points": cfg.max_points, "store_teacher": store.attrs["teacher"]["name"], "num_workers": cfg.num_workers,
         "step_s_loader": round(loader_step, 4), "step_s_in_memory": round(memory_step, 4),
         "loader_over_in_memory": round(loader_step / memory_step, 3), "peak_mib_cached": round(memory_cached, 1), "online": {},
+        "layout": store.attrs["layout"], "quantize": store.attrs["quantize"], "sample_ms_one_thread": sample_ms,
+        "mb_read_per_step": round(read_mb * cfg.batch_size, 3),
     }  # fmt: skip
     # 3. Online teachers, interleaved with cached steps on the same batches so that drift of the
     #    machine (allocator, caches, other load) hits both alike: each sample's camera image goes
@@ -274,9 +275,31 @@ def bench_pretrain(cfg: BenchPretrainConfig) -> dict:
     return result
 
 
+def sample_cost(data, samples: int) -> tuple[float, float]:
+    """(median ms to build one training sample on one thread, mean MB of chunk files it reads)."""
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times, read = [], []
+    try:
+        for i in range(min(samples, len(data))):
+            t0 = time.perf_counter()
+            data[(i, i)]
+            times.append(time.perf_counter() - t0)
+            scan = data.scans[i]
+            rng = np.random.default_rng(i)  # the camera the sample drew, as __getitem__ draws it
+            _, locations = scan.entries[rng.integers(len(scan.entries))]
+            read.append(sum(store.chunk_bytes_read(*loc) for store, loc in zip(data.groups[scan.group].stores, locations)))
+    finally:
+        torch.set_num_threads(threads)
+    return round(1e3 * float(np.median(times)), 2), float(np.mean(read)) / 1e6
+
+
 def pretrain_report_lines(r: dict) -> list[str]:
     lines = [
         f"pretraining benchmark: {r['student']}, batch {r['batch_size']} x <= {r['max_points']} points, {r['device']} ({r['precision']}); store teacher {r['store_teacher']}",
+        f"  store layout {r['layout']} (quantize {r['quantize']}): one sample {r['sample_ms_one_thread']:.1f} ms on one thread, {r['mb_read_per_step']:.2f} MB of chunk files read per step",
         f"  step time, real store loader / batches in memory   {r['loader_over_in_memory']:.3f}  ({r['step_s_loader']:.3f} s / {r['step_s_in_memory']:.3f} s)",
         f"  peak memory with cached targets                     {r['peak_mib_cached']:.0f} MiB",
     ]

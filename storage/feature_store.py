@@ -280,6 +280,16 @@ class FeatureStore:
         features = sample_grid(torch.from_numpy(np.asarray(token_grid, np.float32)), torch.from_numpy(np.ascontiguousarray(pixel)), tuple(self.attrs["image_size"]))
         return features.to(torch.float16).numpy()  # torch's float16 conversion: ~10x numpy's
 
+    def chunk_bytes_read(self, part: int, offset: int, count: int, grid: int = -1) -> int:
+        """Bytes of the chunk files a read of this entry decodes (whole chunks are read)."""
+        total = 0
+        for name, spec in self.specs.items():
+            rec = self.part_record(part)["arrays"][name]
+            first, last = (offset, offset + count - 1) if spec.per == "point" else (grid, grid)
+            if count and first >= 0:
+                total += sum(rec["chunk_bytes"][first // rec["chunk_rows"] : last // rec["chunk_rows"] + 1])
+        return total
+
     def _slice(self, part: int, name: str, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
         try:
             return arr[start:stop]
