@@ -113,7 +113,7 @@ class DistillationData(torch.utils.data.Dataset):
         camera, locations = scan.entries[rng.integers(len(scan.entries))]
         first = group.stores[0].read_points(*locations[0][:3])
         for store, loc in zip(group.stores[1:], locations[1:]):
-            if not np.array_equal(store.read_points(*loc[:3])["point_index"], first["point_index"]):
+            if not np.array_equal(store.read_points(*loc[:3], names=("point_index",))["point_index"], first["point_index"]):
                 raise StoreError(f"{store.path}: points of {scan.scan_id}/{camera} differ from {group.stores[0].path}")
         keep, inputs = student_inputs(first["points"], group.intensity_max, self.cfg, rng, train=True)
         # Targets of the kept points only (a grid-layout store samples just those).

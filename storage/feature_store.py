@@ -259,11 +259,11 @@ class FeatureStore:
         out["features"] = self.read_targets(part, offset, count, grid, np.arange(count), out["pixel"])
         return out
 
-    def read_points(self, part: int, offset: int, count: int) -> dict[str, np.ndarray]:
-        """`points`, `point_index` and `pixel` of one entry: one slice each. A chunk that fails its
-        checksum or does not decode is a StoreError naming the array and rows, never garbage."""
+    def read_points(self, part: int, offset: int, count: int, names: tuple[str, ...] = POINT_ARRAYS) -> dict[str, np.ndarray]:
+        """`points`, `point_index` and `pixel` (or some of them) of one entry: one slice each. A
+        chunk that fails its checksum or does not decode is a StoreError naming the array and rows."""
         arrays = self.arrays(part)
-        return {name: self._slice(part, name, arrays[name], offset, offset + count) for name in POINT_ARRAYS}
+        return {name: self._slice(part, name, arrays[name], offset, offset + count) for name in names}
 
     def read_targets(self, part: int, offset: int, count: int, grid: int, rows: np.ndarray, pixel: np.ndarray) -> np.ndarray:
         """(len(rows), D) float16 targets of some rows of one entry, whose pixels are `pixel`. Points
