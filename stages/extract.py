@@ -32,7 +32,7 @@ from pipeline.errors import DatasetError
 from pipeline.geometry import resize_pixels
 from stages.teachers import Teacher, get_spec, load_teacher, resolve_weights, sha256_file
 from storage.targets import sample_grid
-from storage.feature_store import FORMAT, FORMAT_VERSION, FeatureStore, PartWriter, StorePlan
+from storage.feature_store import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE, FeatureStore, PartWriter, StorePlan
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class ExtractConfig:
     quantize: str = "none"  # none, or int8 (grid layout only: a float32 scale per token)
 
     def __post_init__(self):
-        if self.layout not in ("grid", "points") or self.quantize not in ("none", "int8"):
-            raise ValueError(f"layout {self.layout!r} / quantize {self.quantize!r}: layout is grid or points, quantize none or int8")
+        if self.layout not in LAYOUTS or self.quantize not in QUANTIZE:
+            raise ValueError(f"layout {self.layout!r} / quantize {self.quantize!r}: layout is one of {LAYOUTS}, quantize one of {QUANTIZE}")
         if self.quantize != "none" and self.layout != "grid":
             raise ValueError("--quantize int8 needs --layout grid (per-point features are stored as float16)")
 

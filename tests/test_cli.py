@@ -22,6 +22,15 @@ def test_help_lists_commands():
         assert command in result.output
 
 
+def test_layout_choices_are_the_stores():
+    """The CLI spells the choices out (importing the store module would slow every --help)."""
+    from pipeline.cli import LAYOUT, QUANTIZE
+    from storage.feature_store import LAYOUTS, QUANTIZE as STORE_QUANTIZE
+
+    choices = {p.name: set(p.type.choices) for p in (LAYOUT(lambda: None).__click_params__ + QUANTIZE(lambda: None).__click_params__)}
+    assert choices == {"layout": set(LAYOUTS), "quantize": set(STORE_QUANTIZE)}
+
+
 def test_synth_then_check_dataset_with_plots(tmp_path):
     root = tmp_path / "kitti"
     result = run("synth", "--format", "semantickitti", "--out", root, "--scenes", 1, "--frames", 2, "--azimuth-steps", 256, "--image-scale", 0.4)

@@ -28,12 +28,13 @@ TINY_STUDENT = ["--student", "WI-12-64", "--set", "model.depth=2", "--set", "mod
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, FeatureStore]:
-    """Four SemanticKITTI-format scans, one part each, in each layout."""
+    """Four SemanticKITTI-format scans, one part each, in each layout (and int8 grids)."""
     root = tmp_path_factory.mktemp("kitti")
     generate("semantickitti", root, SynthConfig(seed=3, scenes=1, frames=4, azimuth_steps=256, image_scale=0.3))
     folder = tmp_path_factory.mktemp("stores")
-    return {layout: extract(ExtractConfig("semantickitti", root, "train", "test-vit", folder / f"{layout}.zarr", random_init=True, image_size=(32, 64),
-                                          num_workers=0, scans_per_part=1, layout=layout)) for layout in ("grid", "points")}  # fmt: skip
+    kinds = {"grid": ("grid", "none"), "points": ("points", "none"), "int8": ("grid", "int8")}
+    return {kind: extract(ExtractConfig("semantickitti", root, "train", "test-vit", folder / f"{kind}.zarr", random_init=True, image_size=(32, 64),
+                                        num_workers=0, scans_per_part=1, layout=layout, quantize=quantize)) for kind, (layout, quantize) in kinds.items()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -222,15 +223,17 @@ def test_bench_open_counts_what_the_gate_reads(store):
     assert result.exit_code == 0 and "4 parts, 16 chunk files" in result.output, result.output  # 1 grid + 3 point arrays a part
 
 
-@pytest.mark.parametrize("layout", ["grid", "points"])
+@pytest.mark.parametrize("layout", ["grid", "points", "int8"])
 def test_direct_chunk_reads_equal_zarr_and_never_fill(stores, layout, tmp_path):
-    """The store reads its own chunk files (CRC, blosc) instead of going through zarr's generic
-    path: bitwise the same rows, and a chunk file that vanished after opening is an error."""
-    from storage.feature_store import read_rows
+    """The store reads its own chunk files (CRC, blosc, columns transposed back) instead of going
+    through zarr's generic path: bitwise the same rows, and a chunk file that vanished after
+    opening is an error."""
+    from storage.feature_store import read_rows, stored_axis_order
 
     store = stores[layout]
     for part in store.committed_parts():
         for name, arr in store.arrays(part).items():
+            assert stored_axis_order(arr) == ((1, 0) if name in ("points", "pixel") else tuple(range(arr.ndim))), name
             n = arr.shape[0]
             for start, stop in [(0, n), (0, 1), (n // 3, n // 2 + 1), (max(n - 2, 0), n), (3, 3)]:
                 got = read_rows(store.part_folder(part) / name, arr, start, stop)
