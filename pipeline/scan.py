@@ -81,6 +81,18 @@ class DatasetMeta:
     camera_names: tuple[str, ...]
     visibility: VisibilityRule
     intensity_max: float  # intensity range of the raw points is [0, intensity_max]
+    # The student's intensity input is (i - mean) / std, with the released ScaLR code's statistics
+    # of each dataset (datasets/*_for_scalr.py there).
+    intensity_mean: float
+    intensity_std: float
+    # The student's field of view (lo, hi) in metres at evaluation, probing and finetuning, as
+    # the released configs: +-64 m (+-8 m in z) except PandaSet, +-128 m (512 x 512 cells).
+    field_of_view: tuple[tuple[float, float, float], tuple[float, float, float]] = ((-64.0, -64.0, -8.0), (64.0, 64.0, 8.0))
+
+    @property
+    def intensity_norm(self) -> tuple[float, float]:
+        """(mean, std) standardising raw intensities for the student."""
+        return (self.intensity_mean, self.intensity_std)
 
     @property
     def num_classes(self) -> int:

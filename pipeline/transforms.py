@@ -10,14 +10,16 @@ import numpy as np
 from pykdtree.kdtree import KDTree  # ~1.6x scipy's cKDTree here for 16 neighbours, same results
 
 
-def voxel_downsample(xyz: np.ndarray, voxel: float, rng: np.random.Generator) -> np.ndarray:
-    """Indices of one random point per occupied voxel of size `voxel` (sorted)."""
+def voxel_downsample(xyz: np.ndarray, voxel: float, rng: np.random.Generator | None) -> np.ndarray:
+    """Indices (sorted) of one point per occupied voxel: a random one, or with `rng` None the
+    first in scan order (the released evaluation code's choice). Voxels as the released code
+    cuts them: int((p - min p) / voxel) in float32, the cloud's own minimum as origin."""
     if len(xyz) == 0 or voxel <= 0:
         return np.arange(len(xyz))
-    cells = np.floor(xyz / voxel).astype(np.int64)
-    cells -= cells.min(axis=0)
+    xyz = np.asarray(xyz, dtype=np.float32)
+    cells = ((xyz - xyz.min(axis=0)) / np.float32(voxel)).astype(np.int64)
     span = cells.max(axis=0) + 1
-    order = rng.permutation(len(xyz))
+    order = rng.permutation(len(xyz)) if rng is not None else np.arange(len(xyz))
     if float(np.prod(span, dtype=np.float64)) < 2.0**62:  # one int64 per voxel: a 1-D unique, ~5x faster
         keys = (cells[:, 0] * span[1] + cells[:, 1]) * span[2] + cells[:, 2]
         _, first = np.unique(keys[order], return_index=True)
@@ -56,6 +58,9 @@ class Augment:
         return xyz
 
 
+FOV_EPS = 1e-4  # metres: the released crop keeps lo + eps < p < hi - eps
+
+
 @dataclass(frozen=True)
 class Grid:
     """The student's 3D field of view and its cells: WaffleIron's three 2D planes are its
@@ -70,29 +75,38 @@ class Grid:
         return tuple(int(round((h - l) / self.cell)) for l, h in zip(self.lo, self.hi))
 
     def inside(self, xyz: np.ndarray) -> np.ndarray:
-        lo, hi = np.asarray(self.lo, np.float32), np.asarray(self.hi, np.float32)
-        return ((xyz >= lo) & (xyz < hi)).all(axis=1)
+        """Points strictly inside the field of view shrunk by 1e-4 m, as the released code's crop."""
+        lo = np.asarray(self.lo, np.float64) + FOV_EPS
+        hi = np.asarray(self.hi, np.float64) - FOV_EPS
+        return ((xyz > lo.astype(np.float32)) & (xyz < hi.astype(np.float32))).all(axis=1)
 
     def cells(self, xyz: np.ndarray) -> np.ndarray:
-        """(N, 3) integer cell coordinates of points inside the field of view."""
-        c = np.floor((xyz - np.asarray(self.lo, np.float32)) / self.cell).astype(np.int32)
+        """(N, 3) integer cell coordinates of points inside the field of view: int((p - lo) / res)
+        in float64, res = extent / cells, as the released code."""
+        lo = np.asarray(self.lo, np.float64)
+        res = (np.asarray(self.hi, np.float64) - lo) / np.asarray(self.shape)
+        c = ((np.asarray(xyz, np.float64) - lo) / res).astype(np.int32)
         return np.clip(c, 0, np.asarray(self.shape) - 1)
 
 
-def student_features(xyz: np.ndarray, intensity: np.ndarray) -> np.ndarray:
-    """WaffleIron's 5 input channels: intensity (normalised to [0, 1]), x, y, z, radius."""
-    radius = np.linalg.norm(xyz[:, :2], axis=1, keepdims=True)
-    return np.concatenate([intensity[:, None], xyz, radius], axis=1).astype(np.float32)
+def student_features(xyz: np.ndarray, intensity: np.ndarray, norm: tuple[float, float]) -> np.ndarray:
+    """WaffleIron's 5 input channels, as the released ScaLR code computes them: intensity
+    standardised with the dataset's (mean, std), x, y, z, and the 3-D range sqrt(x^2+y^2+z^2)."""
+    mean, std = norm
+    radius = np.linalg.norm(xyz[:, :3], axis=1, keepdims=True)
+    return np.concatenate([((intensity - mean) / std)[:, None], xyz, radius], axis=1).astype(np.float32)
 
 
 def knn(xyz: np.ndarray, k: int) -> np.ndarray:
-    """(N, k) indices of each point's k nearest neighbours (itself first); repeats when N < k."""
+    """(N, k) indices of each point's k nearest neighbours, the point itself excluded: the
+    released code queries k + 1 and its embedding drops the first (the point). A cloud of k points
+    or fewer repeats its farthest neighbour (a lone point is its own neighbour)."""
     n = len(xyz)
     if n == 0:
         return np.zeros((0, k), dtype=np.int64)
     points = np.asarray(xyz, dtype=np.float64)  # float64: the same neighbours, in the same order, as scipy's cKDTree
-    _, idx = KDTree(points, leafsize=32).query(points, k=min(k, n))  # 32: ~17% faster than 16 here, same results
-    idx = idx.reshape(n, -1)
+    _, idx = KDTree(points, leafsize=32).query(points, k=min(k + 1, n))  # 32: ~17% faster than 16 here, same results
+    idx = idx.reshape(n, -1)[:, 1:] if n > 1 else np.zeros((1, 1), dtype=np.int64)
     if idx.shape[1] < k:
-        idx = np.concatenate([idx, np.repeat(idx[:, :1], k - idx.shape[1], axis=1)], axis=1)
+        idx = np.concatenate([idx, np.repeat(idx[:, -1:], k - idx.shape[1], axis=1)], axis=1)
     return idx.astype(np.int64)

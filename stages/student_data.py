@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.datasets import READERS
 from pipeline.transforms import Augment, Grid, crop_nearest, knn, student_features, voxel_downsample
 from storage.feature_store import FeatureStore, StoreError
 
@@ -51,7 +52,7 @@ class StoreGroup:
         self.dataset = first.attrs["dataset"]
         self.teachers = [s.attrs["teacher"]["name"] for s in stores]
         self.dims = [s.attrs["teacher"]["dim"] for s in stores]
-        self.intensity_max = float(first.attrs["intensity_max"])
+        self.intensity_norm = READERS[self.dataset["name"]].meta.intensity_norm
         manifests = [s.manifest().to_pylist() for s in stores]
         keys = [[(r["scan_id"], r["camera"], r["count"], r["status"]) for r in m] for m in manifests]
         for store, k in zip(stores[1:], keys[1:]):
@@ -115,7 +116,7 @@ class DistillationData(torch.utils.data.Dataset):
         for store, loc in zip(group.stores[1:], locations[1:]):
             if not np.array_equal(store.read_points(*loc[:3], names=("point_index",))["point_index"], first["point_index"]):
                 raise StoreError(f"{store.path}: points of {scan.scan_id}/{camera} differ from {group.stores[0].path}")
-        keep, inputs = student_inputs(first["points"], group.intensity_max, self.cfg, rng, train=True)
+        keep, inputs = student_inputs(first["points"], group.intensity_norm, self.cfg, rng, train=True)
         # Targets of the kept points only (a grid-layout store samples just those).
         targets = [store.read_targets(*loc, keep, first["pixel"][keep]) for store, loc in zip(group.stores, locations)]
         return {
@@ -128,17 +129,18 @@ class DistillationData(torch.utils.data.Dataset):
         }
 
 
-def student_inputs(points: np.ndarray, intensity_max: float, cfg: SampleConfig, rng: np.random.Generator, train: bool) -> tuple[np.ndarray, dict]:
+def student_inputs(points: np.ndarray, intensity_norm: tuple[float, float], cfg: SampleConfig, rng: np.random.Generator, train: bool) -> tuple[np.ndarray, dict]:
     """(kept point indices, student inputs) of a cloud: voxelise; when training, also crop to the
-    nearest `max_points` and augment; keep the field of view; 5 input channels, cells, k-NN."""
-    keep = voxel_downsample(points[:, :3], cfg.voxel, rng)
+    nearest `max_points` and augment; keep the field of view; 5 input channels (intensity
+    standardised with `intensity_norm` = (mean, std)), cells, k-NN."""
+    keep = voxel_downsample(points[:, :3], cfg.voxel, rng if train else None)  # evaluation: the first point of each voxel
     if train:
         keep = keep[crop_nearest(points[keep, :3], cfg.max_points, rng)]
     xyz = cfg.augment(points[keep, :3], rng) if train else points[keep, :3].astype(np.float32)
     inside = cfg.grid.inside(xyz)
     keep, xyz = keep[inside], xyz[inside]
     return keep, {
-        "feats": student_features(xyz, points[keep, 3] / intensity_max),
+        "feats": student_features(xyz, points[keep, 3], intensity_norm),
         "cells": cfg.grid.cells(xyz),
         "neighbours": knn(xyz, cfg.neighbours),
     }

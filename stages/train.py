@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from stages.waffleiron import inputs_problem
 from storage.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, write_json
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ def fit(
         missing = [k for k in ("optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "rng") if k not in state]
         if missing:
             raise CheckpointError(ckpt_path, f"cannot resume: no {missing} (not a training checkpoint; use --fresh or another --out)")
+        if problem := inputs_problem(state["config"]):
+            raise CheckpointError(ckpt_path, f"cannot resume: {problem} (use --fresh or another --out)")
         load_weights(ckpt_path, model, state["model"], "this run's model (use --fresh or another --out to start a different model)")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

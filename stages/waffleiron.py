@@ -8,6 +8,7 @@ points' features weighted by their cell's precomputed inverse count.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 PLANES = ((0, 1), (0, 2), (1, 2))  # (x, y), (x, z), (y, z): layer d mixes on PLANES[d % 3]
+
+# What the student's inputs are, recorded in every checkpoint. 2: the released ScaLR code's (the
+# k nearest neighbours besides the point itself, 3-D radius, intensity standardised with each
+# dataset's mean and std; biases of the embedding where the released model has them). 1 (before
+# scalr 0.2, unrecorded): 16 neighbours including the point, 2-D radius, intensity / max.
+STUDENT_INPUTS = 2
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class WaffleIronConfig:
     drop_path: float = 0.0  # same rate on every layer
     grid_shape: tuple[int, int, int] = (256, 256, 32)  # cells along x, y, z (0.5 m over 128 x 128 x 16 m)
     checkpointing: bool = False  # recompute each layer in the backward pass (wide students)
+    inputs: int = STUDENT_INPUTS  # see STUDENT_INPUTS; a checkpoint with other inputs is refused
 
 
 STUDENTS = {
@@ -37,6 +45,17 @@ STUDENTS = {
     "WI-48-768": WaffleIronConfig(width=768, norm="layer"),
     "WI-12-64": WaffleIronConfig(depth=12, width=64),  # small enough for CPU demos and tests
 }
+
+
+def inputs_problem(record: dict) -> str | None:
+    """Why a checkpoint's run record does not fit this scalr's student inputs, or None."""
+    model = record.get("config", {}).get("model") if isinstance(record.get("config"), dict) else None
+    made = model.get("inputs", 1) if isinstance(model, dict) else 1
+    if made == STUDENT_INPUTS:
+        return None
+    return (f"made with student inputs version {made} (16 neighbours including the point, 2-D radius, intensity / max); "
+            f"this scalr gives the student inputs version {STUDENT_INPUTS} (the released ScaLR code's), so its weights would "
+            "see inputs they were not trained on: pretrain again (feature stores hold raw points and are reused as they are)")  # fmt: skip
 
 
 def param_count_closed_form(width: int, depth: int, in_channels: int = 5) -> int:
@@ -123,15 +142,16 @@ class SpatialMix(nn.Module):
 
 class Embedding(nn.Module):
     """Point branch (1x1 conv) + neighbour branch on (neighbour - centre) features of the k
-    nearest neighbours, max-pooled; both concatenated and mixed. Always BatchNorm."""
+    nearest neighbours (the point itself excluded), max-pooled; both concatenated and mixed.
+    Always BatchNorm. Biases where the released model has them: point branch and final mix."""
 
     def __init__(self, cin: int, c: int):
         super().__init__()
         self.norm = nn.BatchNorm1d(cin)
         self.point = nn.Linear(cin, c)
         self.neighbour_norm = nn.BatchNorm1d(cin)
-        self.neighbour = nn.Sequential(nn.Linear(cin, c, bias=False), nn.BatchNorm1d(c), nn.ReLU(inplace=True), nn.Linear(c, c))
-        self.final = nn.Linear(2 * c, c, bias=False)
+        self.neighbour = nn.Sequential(nn.Linear(cin, c, bias=False), nn.BatchNorm1d(c), nn.ReLU(inplace=True), nn.Linear(c, c, bias=False))
+        self.final = nn.Linear(2 * c, c)
 
     def forward(self, feats: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         x = self.norm(feats)
@@ -150,6 +170,12 @@ class WaffleIron(nn.Module):
         self.embedding = Embedding(cfg.in_channels, cfg.width)
         self.spatial = nn.ModuleList(SpatialMix(cfg.width, cfg.norm, cfg.drop_path) for _ in range(cfg.depth))
         self.channel = nn.ModuleList(ChannelMix(cfg.width, cfg.norm, cfg.drop_path) for _ in range(cfg.depth))
+
+    def regrid(self, grid_shape: tuple[int, int, int]) -> "WaffleIron":
+        """The same weights on another grid (they do not depend on it): a dataset whose field of
+        view differs from pretraining's, e.g. PandaSet's 512 x 512 cells over +-128 m."""
+        self.cfg = dataclasses.replace(self.cfg, grid_shape=tuple(grid_shape))
+        return self
 
     def forward(self, batch: dict) -> torch.Tensor:
         """(N, width) point features of a packed batch (see `stages.student_data.collate`)."""
@@ -173,11 +199,12 @@ class _Layer:
 
 
 def make_head(width: int, out: int, kind: str, hidden: int = 2048) -> nn.Module:
-    """Distillation head: 1x1 linear (one teacher) or a 2-layer MLP (several teachers; ScaLR+)."""
+    """Distillation head: 1x1 linear (one teacher) or a 2-layer MLP with ReLU (several teachers;
+    ScaLR+, as its released segmenter)."""
     if kind == "linear":
         return nn.Linear(width, out)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, out))
+        return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
     raise ValueError(f"unknown head {kind!r}: linear or mlp")
 
 

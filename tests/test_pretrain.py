@@ -69,8 +69,11 @@ def test_voxel_and_crop():
     rng = np.random.default_rng(0)
     xyz = rng.uniform(-5, 5, (20000, 3)).astype(np.float32)
     keep = voxel_downsample(xyz, 1.0, rng)
-    cells = np.floor(xyz[keep]).astype(int)
-    assert len(np.unique(cells, axis=0)) == len(keep) == 1000  # one point per occupied voxel
+    cells = (xyz - xyz.min(0)).astype(int)  # the released rule: voxels from the cloud's minimum
+    assert len(np.unique(cells[keep], axis=0)) == len(keep) == len(np.unique(cells, axis=0))  # one point per occupied voxel
+    first = voxel_downsample(xyz, 1.0, None)  # evaluation: the first point of each voxel in scan order
+    _, expected = np.unique(cells, axis=0, return_index=True)
+    assert first.tolist() == sorted(expected.tolist())
     crop = crop_nearest(xyz, 500, rng)
     assert len(crop) == 500 and len(np.unique(crop)) == 500
     d = np.linalg.norm(xyz - xyz[crop][:, None].mean(0), axis=1)
@@ -89,7 +92,8 @@ def test_points_and_targets_stay_paired(nus_store):
         rows = [pos[int(p)] for p in sample["point_index"]]
         assert np.array_equal(sample["targets"], entry["features"][rows])
         assert np.allclose(sample["feats"][:, 1:4], entry["points"][rows, :3])
-        assert np.allclose(sample["feats"][:, 0], entry["points"][rows, 3] / 255.0)
+        assert np.allclose(sample["feats"][:, 0], (entry["points"][rows, 3] - 18.742355) / 22.04632)  # nuScenes' released statistics
+        assert np.allclose(sample["feats"][:, 4], np.linalg.norm(entry["points"][rows, :3], axis=1))
         assert len(sample["feats"]) <= 2000
         other = aug[(index, 123)]  # augmented: a similarity transform of the same stored points
         other_rows = [pos[int(p)] for p in other["point_index"][:60]]

@@ -75,6 +75,8 @@ META = DatasetMeta(
     # nuScenes devkit `map_pointcloud_to_image`: depth > 1 m and a 1-pixel border.
     visibility=VisibilityRule(name="nuscenes-devkit: depth > 1.0 m, 1 < u < W-1, 1 < v < H-1", min_depth=1.0, margin=1.0),
     intensity_max=255.0,
+    intensity_mean=18.742355,
+    intensity_std=22.04632,
 )
 
 

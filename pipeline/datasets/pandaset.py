@@ -60,7 +60,7 @@ EGO_Z_SHIFT = -1.6  # metres, applied after moving points to the lidar-pose fram
 TRAIN_LATITUDE = 37.6
 
 
-def _meta(name: str, cameras: tuple[str, ...]) -> DatasetMeta:
+def _meta(name: str, cameras: tuple[str, ...], intensity_mean: float, intensity_std: float) -> DatasetMeta:
     return DatasetMeta(
         name=name,
         class_names=CLASSES,
@@ -70,6 +70,9 @@ def _meta(name: str, cameras: tuple[str, ...]) -> DatasetMeta:
         camera_names=cameras,
         visibility=VisibilityRule(name="pandaset: z_cam > 0, inside the image", min_depth=0.0),
         intensity_max=255.0,
+        intensity_mean=intensity_mean,
+        intensity_std=intensity_std,
+        field_of_view=((-128.0, -128.0, -8.0), (128.0, 128.0, 8.0)),
     )
 
 
@@ -193,10 +196,10 @@ def _latitude(path: Path) -> float:
 
 
 class Pandar64(_PandaSet):
-    meta = _meta("pandar64", ALL_CAMERAS)
+    meta = _meta("pandar64", ALL_CAMERAS, 18.23640649, 25.86983417)
     sensor = 0
 
 
 class PandarGT(_PandaSet):
-    meta = _meta("pandargt", ("front_camera",))
+    meta = _meta("pandargt", ("front_camera",), 23.06113565, 16.76273235)
     sensor = 1

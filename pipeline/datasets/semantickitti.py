@@ -67,6 +67,8 @@ META = DatasetMeta(
     camera_names=(CAMERA,),
     visibility=VisibilityRule(name="scalr-kitti: lidar x > 1.0 m, P2 @ Tr, 0 <= u < W, 0 <= v < H", min_depth=0.0, min_lidar_x=1.0),
     intensity_max=1.0,
+    intensity_mean=0.28613698,
+    intensity_std=0.14090556,
 )
 
 

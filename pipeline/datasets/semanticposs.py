@@ -31,6 +31,9 @@ class SemanticPOSS(SemanticKITTI):
         camera_names=(),
         visibility=VisibilityRule(name="no camera", min_depth=0.0),
         intensity_max=255.0,
+        # Not in the released code (no SemanticPOSS there): i / 255, scalr's former rule.
+        intensity_mean=0.0,
+        intensity_std=255.0,
     )
     sequences = {"train": ("00", "01", "03", "04", "05"), "val": ("02",)}
     camera = None

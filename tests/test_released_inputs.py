@@ -1,0 +1,79 @@
+"""The student's inputs and model details pinned to the released ScaLR code (valeoai/ScaLR,
+datasets/pc_dataset.py, datasets/*_for_scalr.py, waffleiron/*.py), on hand-computed examples."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.datasets import READERS
+from pipeline.transforms import knn, student_features
+from stages.segment import load_backbone
+from stages.waffleiron import STUDENT_INPUTS, WaffleIron, WaffleIronConfig, make_head
+from storage.checkpoint import CheckpointError, save_checkpoint
+
+
+def test_neighbours_exclude_the_point_itself():
+    """Released: kdtree.query(k = 16 + 1), the embedding drops column 0 (the point)."""
+    xyz = np.array([[0, 0, 0], [1, 0, 0], [3, 0, 0], [7, 0, 0], [15, 0, 0]], dtype=np.float32)
+    assert knn(xyz, 2).tolist() == [[1, 2], [0, 2], [1, 0], [2, 1], [3, 2]]
+    assert knn(xyz, 4)[0].tolist() == [1, 2, 3, 4]
+    assert knn(xyz, 6)[0].tolist() == [1, 2, 3, 4, 4, 4]  # fewer points than k: the farthest repeats
+    assert knn(xyz[:1], 3).tolist() == [[0, 0, 0]]  # a lone point is its own neighbour
+    assert knn(xyz[:0], 3).shape == (0, 3)
+
+
+def test_radius_is_three_dimensional_and_intensity_standardised():
+    xyz = np.array([[3.0, 4.0, 12.0], [0.0, 0.0, -2.0]], dtype=np.float32)
+    mean, std = READERS["nuscenes"].meta.intensity_norm
+    feats = student_features(xyz, np.array([mean + std, mean], dtype=np.float32), (mean, std))
+    assert feats.tolist() == [[pytest.approx(1.0), 3.0, 4.0, 12.0, 13.0], [0.0, 0.0, 0.0, -2.0, 2.0]]
+
+
+@pytest.mark.parametrize(
+    "name, mean, std",
+    [("nuscenes", 18.742355, 22.04632), ("semantickitti", 0.28613698, 0.14090556), ("pandar64", 18.23640649, 25.86983417), ("pandargt", 23.06113565, 16.76273235)],
+)
+def test_intensity_statistics_are_the_released_ones(name, mean, std):
+    assert READERS[name].meta.intensity_norm == (mean, std)
+
+
+def test_model_details_follow_the_released_model():
+    """Embedding biases where the released one has them (point branch, final mix; none in the
+    neighbour branch), and ReLU in the multi-teacher MLP head."""
+    net = WaffleIron(WaffleIronConfig(depth=1, width=8))
+    emb = net.embedding
+    assert emb.point.bias is not None and emb.final.bias is not None
+    assert all(m.bias is None for m in emb.neighbour if isinstance(m, nn.Linear))
+    head = make_head(8, 4, "mlp", hidden=16)
+    assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_embedding_pools_over_the_given_neighbours_only():
+    """The released embedding: point branch on the normalised input; neighbour branch on
+    (neighbour - centre) of the given neighbours (no zero difference of the point with itself),
+    max-pooled; then one linear mix with bias."""
+    torch.manual_seed(0)
+    emb = WaffleIron(WaffleIronConfig(depth=1, width=8)).embedding.eval()
+    feats = torch.randn(3, 5)
+    far = torch.tensor([[1, 1], [0, 0], [0, 0]])
+    out = emb(feats, far)
+    x = emb.norm(feats)
+    diff = emb.neighbour_norm((x[far] - x[:, None]).reshape(6, 5))
+    expected = emb.final(torch.cat([emb.point(x), emb.neighbour(diff).view(3, 2, -1).amax(1)], 1))
+    torch.testing.assert_close(out, expected)
+
+
+def test_checkpoints_with_the_old_inputs_are_refused(tmp_path):
+    cfg = WaffleIronConfig(depth=1, width=8)
+    net = WaffleIron(cfg)
+    model = {f"backbone.{k}": v for k, v in net.state_dict().items()}
+    fields = {k: v for k, v in vars(cfg).items() if k != "inputs"}
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, {"model": model, "config": {"stage": "pretrain", "config": {"model": fields}}})
+    with pytest.raises(CheckpointError, match="student inputs version 1 .* pretrain again"):
+        load_backbone(old, 0.0)
+    new = tmp_path / "new.pt"
+    save_checkpoint(new, {"model": model, "config": {"stage": "pretrain", "config": {"model": {**fields, "inputs": STUDENT_INPUTS}}}})
+    backbone, _ = load_backbone(new, 0.0)
+    assert backbone.cfg.inputs == STUDENT_INPUTS
