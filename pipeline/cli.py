@@ -232,6 +232,22 @@ def inspect(store, scan, camera, stats, plot_dir, point, class_name):
     click.echo("\n".join(inspect(InspectConfig(store, scan, camera, stats, plot_dir, point, class_name))))
 
 
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", type=click.Choice(["auto", "scalr", "released"]), default="auto", help="auto: the other format than SRC's.")
+@reports_bad_input
+def convert(src, dst, to):
+    """Convert a student checkpoint between the released ScaLR code's format (`model_points` /
+    `net` state dicts of its WaffleIron segmenter; the published checkpoints) and scalr's. The
+    weights are moved and reshaped, never changed: a round trip is bitwise. probe, finetune,
+    evaluate and plot-features also read released checkpoints directly."""
+    from stages.convert import convert as run
+
+    written = run(src, dst, to)
+    click.echo(f"{dst}: {written} checkpoint written from {src}")
+
+
 @main.command("plot-features")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A student checkpoint (pretraining or downstream).")
 @DATASET

@@ -22,11 +22,12 @@ from pipeline.class_maps import find_class_map
 from pipeline.corruptions import CORRUPTIONS, MINKUNET18_NUSCENES_C, robustness
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
-from pipeline.scan import IGNORE_INDEX
+from pipeline.scan import IGNORE_INDEX, DatasetMeta
 from pipeline.transforms import Grid
 from stages.segment import load_segmenter
 from stages.student_data import SampleConfig, collate, student_inputs
 from stages.train import pick_device
+from storage.checkpoint import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,13 @@ def iou_from_confusion(cm: np.ndarray, num_classes: int | None = None) -> dict:
     return {"iou": iou, "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), "accuracy": float(tp.sum() / total) if total else float("nan")}
 
 
-def trained_sample_config(record: dict) -> SampleConfig:
-    s = record["config"]["sample"]
+def trained_sample_config(record: dict, meta: DatasetMeta) -> SampleConfig:
+    """Evaluation samples for a checkpoint: the voxel size, grid and neighbours it was trained
+    with; for a released checkpoint (no record of them) the released evaluation settings of the
+    dataset (0.1 m voxels, its field of view in 0.5 m cells, 16 neighbours)."""
+    s = record.get("config", {}).get("sample")
+    if s is None:
+        return SampleConfig(voxel=0.1, max_points=10**9, grid=Grid(*meta.field_of_view), neighbours=16)
     grid = Grid(tuple(s["grid"]["lo"]), tuple(s["grid"]["hi"]), s["grid"]["cell"])
     return SampleConfig(voxel=s["voxel"], max_points=10**9, grid=grid, neighbours=s["neighbours"])
 
@@ -70,10 +76,10 @@ def trained_sample_config(record: dict) -> SampleConfig:
 VEHICLES = {"car", "truck", "bus", "trailer", "construction_vehicle", "other-vehicle", "motorcycle", "bicycle"}
 
 
-def predict(model, points: np.ndarray, sample: SampleConfig, device: torch.device, seed: int) -> np.ndarray:
-    """Class of every point (intensity in [0, 1]): predict on the voxelised cloud, then copy each
-    kept point's prediction to the original points nearest to it."""
-    keep, inputs = student_inputs(points, 1.0, sample, np.random.default_rng(seed), train=False)
+def predict(model, points: np.ndarray, sample: SampleConfig, intensity_norm: tuple[float, float], device: torch.device, seed: int) -> np.ndarray:
+    """Class of every point: predict on the voxelised cloud, then copy each kept point's
+    prediction to the original points nearest to it."""
+    keep, inputs = student_inputs(points, intensity_norm, sample, np.random.default_rng(seed), train=False)
     batch = collate([{**inputs, "scan_id": ""}])
     batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
     pred_kept = model(batch).argmax(dim=1).cpu().numpy()
@@ -85,6 +91,10 @@ def predict(model, points: np.ndarray, sample: SampleConfig, device: torch.devic
 def evaluate(cfg: EvaluateConfig) -> dict:
     model, record = load_segmenter(cfg.checkpoint)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    if record["stage"] == "released-segmenter":  # no record of its dataset: the one evaluated on
+        if record["num_classes"] != ds.meta.num_classes:
+            raise CheckpointError(cfg.checkpoint, f"released segmenter with {record['num_classes']} classes; {ds.meta.name} has {ds.meta.num_classes}")
+        record = {**record, "dataset": {"name": ds.meta.name, "classes": list(ds.meta.class_names)}}
     trained_on, trained_classes = record["dataset"]["name"], tuple(record["dataset"]["classes"])
     # Scoring space: the dataset's own classes, or, across datasets, a map's shared classes.
     if trained_on == ds.meta.name and trained_classes == ds.meta.class_names:
@@ -98,7 +108,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
     if unknown:
         raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
-    sample = cfg.sample or trained_sample_config(record)
+    sample = cfg.sample or trained_sample_config(record, ds.meta)
+    model.backbone.regrid(sample.grid.shape)
     device = pick_device(cfg.device, 0)
     model.to(device)
     k = len(class_names) + (class_names is not ds.meta.class_names)  # + the "other" column across datasets
@@ -108,19 +119,20 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     count = len(ds) if cfg.max_scans is None else min(cfg.max_scans, len(ds))
     if count == 0:
         raise DatasetError(cfg.root, f"split {cfg.split} is empty")
+    unit_norm = (ds.meta.intensity_mean / ds.meta.intensity_max, ds.meta.intensity_std / ds.meta.intensity_max)
     for i in tqdm(range(count), desc=f"evaluate {ds.meta.name} {cfg.split}", unit="scan"):
         scan = ds[i]
         if scan.labels is None:
             raise DatasetError(cfg.root, f"scan {scan.scan_id} has no labels: cannot evaluate {ds.meta.name} {cfg.split}")
         points = scan.points.copy()
-        points[:, 3] /= ds.meta.intensity_max
+        points[:, 3] /= ds.meta.intensity_max  # the corruptions take intensities in [0, 1]
         for name, severity in variants:
             pts, labels = points, scan.labels
             if name != "clean":
                 rng = np.random.default_rng([cfg.seed, i, list(CORRUPTIONS).index(name), severity])
                 pts, labels = CORRUPTIONS[name](points, scan.labels, severity, rng, vehicles)
             if len(pts):
-                cms[(name, severity)] += confusion(pred_lut[predict(model, pts, sample, device, i)], label_lut[labels], k)
+                cms[(name, severity)] += confusion(pred_lut[predict(model, pts, sample, unit_norm, device, i)], label_lut[labels], k)
     scores = {v: iou_from_confusion(cm, len(class_names)) for v, cm in cms.items()}
     clean = scores[("clean", 0)]
     result = {

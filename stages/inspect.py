@@ -199,10 +199,11 @@ def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id
     from stages.student_data import collate, student_inputs
 
     backbone, record = load_backbone(checkpoint, 0.0)
-    backbone.eval()
     ds = open_dataset(dataset, root, split)
+    sample = trained_sample_config(record, ds.meta)
+    backbone.regrid(sample.grid.shape).eval()
     scan = ds[ds.index_of(scan_id)]
-    keep, inputs = student_inputs(scan.points, ds.meta.intensity_max, trained_sample_config(record), np.random.default_rng(0), train=False)
+    keep, inputs = student_inputs(scan.points, ds.meta.intensity_norm, sample, np.random.default_rng(0), train=False)
     with torch.no_grad():
         features = backbone(collate([{**inputs, "scan_id": scan_id}])).numpy()
     xyz = scan.points[keep, :3]

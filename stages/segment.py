@@ -19,14 +19,15 @@ from torch import nn
 
 from pipeline import __version__
 from pipeline.config import to_dict
-from pipeline.datasets import LidarDataset, open_dataset
+from pipeline.datasets import READERS, LidarDataset, open_dataset
 from pipeline.errors import DatasetError
-from pipeline.transforms import Augment
+from pipeline.transforms import Augment, Grid
+from stages.convert import read_student_checkpoint
 from stages.losses import segmentation_loss
 from stages.student_data import EpochSampler, SampleConfig, collate, student_inputs
 from stages.train import OptimConfig, TrainConfig, fit
-from stages.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig
-from storage.checkpoint import CheckpointError, load_checkpoint, load_weights
+from stages.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig, inputs_problem
+from storage.checkpoint import CheckpointError, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class SegmentConfig:
     layer_decay: float | None = None  # finetune: None = 0.99 at 100% labels, 0.95 below
     drop_path: float | None = None  # None = the mode's (0.2 for finetune/scratch)
     warmup_epochs: float = 2.0
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_points=10**9))
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_points=20000))  # `for_mode`: the dataset's (downstream_sample)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -60,7 +61,22 @@ class SegmentConfig:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: {', '.join(MODES)}")
         m = MODES[mode]
-        return cls(mode=mode, optim=OptimConfig(lr=m["lr"], weight_decay=m["weight_decay"]), train=TrainConfig(epochs=m["epochs"]), **kw)
+        sample = downstream_sample(kw["dataset"], mode) if "dataset" in kw and "sample" not in kw else kw.pop("sample", SampleConfig(max_points=20000))
+        return cls(mode=mode, optim=OptimConfig(lr=m["lr"], weight_decay=m["weight_decay"]), train=TrainConfig(epochs=m["epochs"]), sample=sample, **kw)
+
+
+# The released finetuning configs' exceptions to a dataset's field of view (configs/downstream).
+FINETUNE_FIELD_OF_VIEW = {"pandargt": ((-96.0, -96.0, -8.0), (96.0, 96.0, 8.0))}  # 384 x 384 cells
+
+
+def downstream_sample(dataset: str, mode: str = "probe") -> SampleConfig:
+    """Training samples of the released downstream code: 20,000 points nearest a random point,
+    the dataset's field of view in 0.5 m cells (PandaSet 512 x 512 over +-128 m; PandarGT
+    finetuning 384 x 384 over +-96 m)."""
+    fov = READERS[dataset].meta.field_of_view if dataset in READERS else (Grid().lo, Grid().hi)
+    if mode in ("finetune", "scratch"):
+        fov = FINETUNE_FIELD_OF_VIEW.get(dataset, fov)
+    return SampleConfig(max_points=20000, grid=Grid(*fov))
 
 
 class SegmentationModel(nn.Module):
@@ -119,7 +135,7 @@ class LabelledScans(torch.utils.data.Dataset):
         if scan.labels is None:
             raise DatasetError(self.ds.root, f"scan {scan.scan_id} has no labels; {self.ds.meta.name} {self.ds.split} cannot train a segmenter")
         rng = np.random.default_rng(seed)
-        keep, inputs = student_inputs(scan.points, self.ds.meta.intensity_max, self.cfg, rng, self.train)
+        keep, inputs = student_inputs(scan.points, self.ds.meta.intensity_norm, self.cfg, rng, self.train)
         return {**inputs, "labels": scan.labels[keep].astype(np.int64), "scan_id": scan.scan_id, "keep": keep}
 
 
@@ -144,6 +160,8 @@ def recorded_student(checkpoint: Path, record: dict, **overrides) -> WaffleIronC
     model_cfg = record.get("config", {}).get("model") if isinstance(record.get("config"), dict) else None
     if not isinstance(model_cfg, dict):
         raise CheckpointError(checkpoint, "no student configuration recorded; not a scalr checkpoint")
+    if problem := inputs_problem(record):
+        raise CheckpointError(checkpoint, problem)
     try:
         return WaffleIronConfig(**{**model_cfg, "grid_shape": tuple(model_cfg["grid_shape"]), **overrides})
     except (TypeError, KeyError, ValueError) as err:
@@ -151,8 +169,9 @@ def recorded_student(checkpoint: Path, record: dict, **overrides) -> WaffleIronC
 
 
 def load_backbone(checkpoint: Path, drop_path: float) -> tuple[WaffleIron, dict]:
-    """The backbone of a pretraining or segmentation checkpoint, loaded strictly, and its run record."""
-    state = load_checkpoint(checkpoint)
+    """The backbone of a pretraining or segmentation checkpoint (scalr's or the released code's),
+    loaded strictly, and its run record. `regrid` it for another field of view."""
+    state = read_student_checkpoint(checkpoint)
     cfg = recorded_student(checkpoint, state["config"], drop_path=drop_path)
     backbone = WaffleIron(cfg)
     weights = {k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")}
@@ -176,8 +195,7 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
         if cfg.checkpoint is None:
             raise ValueError(f"{cfg.mode} needs --checkpoint (a pretraining run's checkpoints/last.pt)")
         backbone, _ = load_backbone(cfg.checkpoint, drop)
-    if backbone.cfg.grid_shape != cfg.sample.grid.shape:
-        raise ValueError(f"the backbone's grid {backbone.cfg.grid_shape} differs from the sample grid {cfg.sample.grid.shape}; set sample.grid to match")
+        backbone.regrid(cfg.sample.grid.shape)  # WaffleIron's weights do not depend on the grid
     torch.manual_seed(cfg.train.seed)
     model = SegmentationModel(backbone, ds.meta.num_classes, frozen=cfg.mode == "probe")
     if cfg.mode == "finetune":
@@ -211,13 +229,15 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
 
 
 def load_segmenter(checkpoint: Path) -> tuple[SegmentationModel, dict]:
-    """A trained segmentation model (eval mode) and its run record."""
-    state = load_checkpoint(checkpoint)
+    """A trained segmentation model (eval mode) and its run record. A released finetuned
+    checkpoint's record has no dataset: the caller knows it."""
+    state = read_student_checkpoint(checkpoint)
     record = state["config"]
-    if record.get("stage") not in MODES:
+    if record.get("stage") not in (*MODES, "released-segmenter"):
         raise CheckpointError(checkpoint, f"a {record.get('stage', 'unknown')} checkpoint, not a segmentation model (run probe, finetune or scratch first)")
     classes = record.get("num_classes")
-    if not isinstance(classes, int) or classes <= 0 or not isinstance(record.get("dataset"), dict):
+    released = record["stage"] == "released-segmenter"
+    if not isinstance(classes, int) or classes <= 0 or not (released or isinstance(record.get("dataset"), dict)):
         raise CheckpointError(checkpoint, "run record lacks the dataset and number of classes")
     cfg = recorded_student(checkpoint, record)
     model = SegmentationModel(WaffleIron(cfg), classes, frozen=False)

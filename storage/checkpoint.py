@@ -31,8 +31,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """The checkpoint dict, checked to hold a state dict of tensors and a run record."""
+def read_checkpoint_file(path: Path) -> dict:
+    """The dict a checkpoint file holds, whatever wrote it; CheckpointError for anything else."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "checkpoint file is missing")
@@ -46,6 +46,13 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(path, f"not a readable checkpoint (truncated, corrupt or not written by torch.save: {reason[:200]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(path, f"holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def load_checkpoint(path: Path, state: dict | None = None) -> dict:
+    """The checkpoint dict (read from `path` unless given), checked to hold a state dict of
+    tensors and a run record."""
+    state = read_checkpoint_file(path) if state is None else state
     model, record = state.get("model"), state.get("config")
     if not isinstance(model, dict) or not model or not all(torch.is_tensor(v) for v in model.values()):
         raise CheckpointError(path, "has no 'model' state dict of tensors; not a scalr checkpoint")

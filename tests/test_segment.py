@@ -207,3 +207,81 @@ def test_domain_generalisation_through_the_shared_classes(kitti_root, nuscenes_r
 def test_other_predictions_count_as_errors_across_datasets():
     cm = np.array([[3, 1], [0, 0]])  # one shared class; one of its points predicted as "other"
     assert iou_from_confusion(cm, 1)["iou"].tolist() == [0.75]
+
+
+def released_layout(depth: int, width: int, classes: int, cin: int = 5) -> dict[str, tuple]:
+    """The state dict of the released Segmenter (valeoai/ScaLR waffleiron/*.py, BatchNorm
+    backbone, a 1x1 conv head), written out by hand from its modules: key -> shape."""
+    bn = lambda prefix, c: {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,), f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()}  # noqa: E731
+    c = width
+    keys = {**bn("embed.norm", cin), "embed.conv1.weight": (c, cin, 1), "embed.conv1.bias": (c,), **bn("embed.conv2.0", cin),
+            "embed.conv2.1.weight": (c, cin, 1, 1), **bn("embed.conv2.2", c), "embed.conv2.4.weight": (c, c, 1, 1),
+            "embed.final.weight": (c, 2 * c, 1), "embed.final.bias": (c,), "classif.weight": (classes, c, 1), "classif.bias": (classes,)}  # fmt: skip
+    for d in range(depth):
+        keys.update(bn(f"waffleiron.channel_mix.{d}.norm", c))
+        keys.update({f"waffleiron.channel_mix.{d}.mlp.0.weight": (c, c, 1), f"waffleiron.channel_mix.{d}.mlp.0.bias": (c,),
+                     f"waffleiron.channel_mix.{d}.mlp.2.weight": (c, c, 1), f"waffleiron.channel_mix.{d}.mlp.2.bias": (c,),
+                     f"waffleiron.channel_mix.{d}.scale.weight": (c, 1, 1)})  # fmt: skip
+        keys.update(bn(f"waffleiron.spatial_mix.{d}.norm", c))
+        keys.update({f"waffleiron.spatial_mix.{d}.ffn.0.weight": (c, 1, 3, 3), f"waffleiron.spatial_mix.{d}.ffn.0.bias": (c,),
+                     f"waffleiron.spatial_mix.{d}.ffn.2.weight": (c, 1, 3, 3), f"waffleiron.spatial_mix.{d}.ffn.2.bias": (c,),
+                     f"waffleiron.spatial_mix.{d}.scale.weight": (c, 1, 1)})  # fmt: skip
+    return keys
+
+
+def test_released_checkpoints_convert_bitwise_and_load_everywhere(kitti_root, pretrained, tmp_path):
+    """A pretraining checkpoint written in the released format (as its distill.py under DDP:
+    "module." keys) has exactly the released model's tensors; it converts back bitwise; probe,
+    evaluate and plot-features take it as it is, with the same backbone features."""
+    ours = load_checkpoint(pretrained)
+    released = tmp_path / "ckpt_last.pth"
+    result = CliRunner().invoke(main, ["convert", str(pretrained), str(tmp_path / "plain.pth")])
+    assert result.exit_code == 0 and "released checkpoint written" in result.output, result.output
+    plain = torch.load(tmp_path / "plain.pth", weights_only=True)["model_points"]
+    head_out = ours["model"]["head.weight"].shape[0]
+    assert {k: tuple(v.shape) for k, v in plain.items()} == released_layout(2, 16, head_out)
+    torch.save({"epoch": 1, "model_point": {f"module.{k}": v for k, v in plain.items()}, "optim": {"state": {}, "param_groups": []}}, released)
+
+    back = tmp_path / "back.pt"
+    assert CliRunner().invoke(main, ["convert", str(released), str(back)]).exit_code == 0
+    converted = load_checkpoint(back)
+    assert converted["config"]["stage"] == "released-pretrain" and set(converted["model"]) == set(ours["model"])
+    assert all(torch.equal(converted["model"][k], v) for k, v in ours["model"].items())
+    again = tmp_path / "again.pth"
+    assert CliRunner().invoke(main, ["convert", str(back), str(again)]).exit_code == 0
+    round_trip = torch.load(again, weights_only=True)
+    assert list(round_trip) == ["model_point"] and set(round_trip["model_point"]) == {f"module.{k}" for k in plain}
+    assert all(torch.equal(round_trip["model_point"][f"module.{k}"], v) for k, v in plain.items())
+
+    a, _ = load_backbone(pretrained, 0.0)
+    b, record = load_backbone(released, 0.0)
+    assert record["stage"] == "released-pretrain" and (b.cfg.depth, b.cfg.width, b.cfg.norm) == (2, 16, "batch")
+    batch = {"feats": torch.randn(50, 5), "cells": torch.randint(0, 4, (50, 3)), "neighbours": torch.randint(0, 50, (50, 16)),
+             "batch": torch.zeros(50, dtype=torch.long), "batch_size": 1}  # fmt: skip
+    b.regrid(a.cfg.grid_shape)
+    torch.testing.assert_close(a.eval()(batch), b.eval()(batch), rtol=0, atol=0)
+
+    args = ["probe", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", str(released), "--out", str(tmp_path / "p"), "--epochs", "1",
+            "--batch-size", "2", "--num-workers", "0", "--set", "sample.grid.cell=4.0"]  # fmt: skip
+    assert CliRunner().invoke(main, args).exit_code == 0
+    seg = tmp_path / "p/checkpoints/last.pt"
+    assert CliRunner().invoke(main, ["convert", str(seg), str(tmp_path / "net.pth")]).exit_code == 0
+    net = torch.load(tmp_path / "net.pth", weights_only=True)["net"]  # finetune.py's format: BatchNorm1d + conv head
+    assert tuple(net["classif.1.weight"].shape) == (19, 16, 1) and "classif.0.running_mean" in net
+    for ckpt in (seg, tmp_path / "net.pth"):
+        result = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val", "--checkpoint", str(ckpt),
+                                           "--out", str(tmp_path / f"{ckpt.stem}.json")])  # fmt: skip
+        assert result.exit_code == 0 and "mIoU" in result.output, result.output
+    result = CliRunner().invoke(main, ["plot-features", "--dataset", "semantickitti", "--root", str(kitti_root), "--scan", "00/000000", "--checkpoint", str(released),
+                                       "--out", str(tmp_path / "pics")])  # fmt: skip
+    assert result.exit_code == 0 and result.output.count("plot:") == 2, result.output
+
+
+def test_released_checkpoint_with_a_foreign_tensor_is_named(pretrained, tmp_path):
+    plain = tmp_path / "plain.pth"
+    CliRunner().invoke(main, ["convert", str(pretrained), str(plain)])
+    state = torch.load(plain, weights_only=True)
+    state["model_points"]["embed.extra.weight"] = torch.zeros(3)
+    torch.save(state, plain)
+    with pytest.raises(CheckpointError, match="plain.pth: embed.extra.weight is not a tensor of the released WaffleIron segmenter"):
+        load_backbone(plain, 0.0)

@@ -1,0 +1,190 @@
+"""Checkpoints of the released ScaLR code (valeoai/ScaLR) read as scalr's, and written back.
+
+The released `distill.py` saves `{"model_point": state_dict, "optim": ..., "epoch": ...}` (the
+published checkpoints use "model_points"), `finetune.py` saves `{"net": state_dict, ...}`; keys may
+carry DistributedDataParallel's "module." prefix. Its Segmenter holds `embed`, `waffleiron` and
+`classif` (the distillation head: one 1x1 conv, or conv-ReLU-conv for several teachers; after
+finetuning BatchNorm1d + conv). scalr's modules are the same computation with Linear layers and
+per-channel LayerScale vectors: a key maps to a key and a tensor is reshaped, never changed.
+
+The architecture (depth, width, norm, head) is read from the tensors. The grid is not in them
+(WaffleIron's weights do not depend on it): it comes from the dataset's recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from stages.waffleiron import STUDENT_INPUTS, WaffleIronConfig
+from storage.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_file, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+RELEASED_KEYS = ("model_points", "model_point", "net")  # distill.py (published / as saved), finetune.py
+
+# (released prefix, scalr prefix, trailing singleton dims of the released `.weight`)
+_FIXED = [
+    ("embed.norm.", "backbone.embedding.norm.", 0),
+    ("embed.conv1.", "backbone.embedding.point.", 1),
+    ("embed.conv2.0.", "backbone.embedding.neighbour_norm.", 0),
+    ("embed.conv2.1.", "backbone.embedding.neighbour.0.", 2),
+    ("embed.conv2.2.", "backbone.embedding.neighbour.1.", 0),
+    ("embed.conv2.4.", "backbone.embedding.neighbour.3.", 2),
+    ("embed.final.", "backbone.embedding.final.", 1),
+]
+_LAYER = [  # inside waffleiron.{channel_mix,spatial_mix}.D / backbone.{channel,spatial}.D
+    ("channel_mix", "channel", "norm.", 0), ("channel_mix", "channel", "mlp.0.", 1), ("channel_mix", "channel", "mlp.2.", 1),
+    ("channel_mix", "channel", "scale.", 2),
+    ("spatial_mix", "spatial", "norm.", 0), ("spatial_mix", "spatial", "ffn.0.", 0), ("spatial_mix", "spatial", "ffn.2.", 0),
+    ("spatial_mix", "spatial", "scale.", 2),
+]  # fmt: skip
+_LAYER_KEY = re.compile(r"^waffleiron\.(channel_mix|spatial_mix)\.(\d+)\.(.+)$")
+_SCALR_LAYER_KEY = re.compile(r"^backbone\.(channel|spatial)\.(\d+)\.(.+)$")
+
+
+def released_key(state: dict) -> str | None:
+    """The key holding the model weights if `state` is a released-format checkpoint, else None."""
+    if not isinstance(state, dict) or "model" in state:
+        return None
+    for key in RELEASED_KEYS:
+        weights = state.get(key)
+        if isinstance(weights, dict) and weights and all(torch.is_tensor(v) for v in weights.values()):
+            return key
+    return None
+
+
+def released_state_dict(state: dict) -> dict | None:
+    """The model weights of a released-format checkpoint ("module." stripped), or None."""
+    key = released_key(state)
+    if key is None:
+        return None
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state[key].items()}
+
+
+def _squeeze(name: str, tensor: torch.Tensor, dims: int) -> torch.Tensor:
+    return tensor.reshape(tensor.shape[: tensor.ndim - dims]) if name.endswith("weight") and dims else tensor
+
+
+def _unsqueeze(name: str, tensor: torch.Tensor, dims: int) -> torch.Tensor:
+    return tensor.reshape(*tensor.shape, *([1] * dims)) if name.endswith("weight") and dims else tensor
+
+
+def from_released(weights: dict, path: Path) -> dict:
+    """Released Segmenter weights -> scalr weights (`backbone.*`, `head.*`)."""
+    out = {}
+    for key, tensor in weights.items():
+        if key.startswith("classif."):  # conv weights (out, in, 1) -> linear (out, in)
+            out["head." + key[len("classif.") :]] = tensor[..., 0] if tensor.ndim == 3 else tensor
+            continue
+        if m := _LAYER_KEY.match(key):
+            rule = next((r for r in _LAYER if r[0] == m[1] and m[3].startswith(r[2])), None)
+            if rule is not None:
+                out[f"backbone.{rule[1]}.{m[2]}.{m[3]}"] = _squeeze(key, tensor, rule[3])
+                continue
+        else:
+            rule = next((r for r in _FIXED if key.startswith(r[0])), None)
+            if rule is not None:
+                out[rule[1] + key[len(rule[0]) :]] = _squeeze(key, tensor, rule[2])
+                continue
+        raise CheckpointError(path, f"{key} is not a tensor of the released WaffleIron segmenter (embed.*, waffleiron.*, classif.*)")
+    return out
+
+
+def to_released(weights: dict, path: Path) -> dict:
+    """scalr weights (`backbone.*`, `head.*`) -> released Segmenter weights."""
+    out = {}
+    for key, tensor in weights.items():
+        if key.startswith("head."):
+            out["classif." + key[len("head.") :]] = tensor[..., None] if tensor.ndim == 2 else tensor
+            continue
+        if m := _SCALR_LAYER_KEY.match(key):
+            rule = next((r for r in _LAYER if r[1] == m[1] and m[3].startswith(r[2])), None)
+            if rule is not None:
+                out[f"waffleiron.{rule[0]}.{m[2]}.{m[3]}"] = _unsqueeze(key, tensor, rule[3])
+                continue
+        else:
+            rule = next((r for r in _FIXED if key.startswith(r[1])), None)
+            if rule is not None:
+                out[rule[0] + key[len(rule[1]) :]] = _unsqueeze(key, tensor, rule[2])
+                continue
+        raise CheckpointError(path, f"{key} has no counterpart in the released WaffleIron segmenter")
+    return out
+
+
+def architecture(weights: dict, path: Path) -> tuple[WaffleIronConfig, dict]:
+    """(student configuration, head description) read from scalr-named weights."""
+    try:
+        point = weights["backbone.embedding.point.weight"]
+    except KeyError:
+        raise CheckpointError(path, "no embedding weights (embed.conv1.weight): not a WaffleIron checkpoint") from None
+    width, in_channels = point.shape
+    depth = len({int(k.split(".")[2]) for k in weights if k.startswith("backbone.channel.")})
+    norm = "batch" if "backbone.channel.0.norm.running_mean" in weights else "layer"
+    cfg = WaffleIronConfig(depth=depth, width=width, in_channels=in_channels, norm=norm)
+    if "head.weight" in weights:
+        head = {"kind": "linear", "out": int(weights["head.weight"].shape[0])}
+    elif "head.2.weight" in weights:
+        head = {"kind": "mlp", "hidden": int(weights["head.0.weight"].shape[0]), "out": int(weights["head.2.weight"].shape[0])}
+    elif "head.0.running_mean" in weights and "head.1.weight" in weights:
+        head = {"kind": "segmentation", "out": int(weights["head.1.weight"].shape[0])}
+    else:
+        head = {"kind": "none"}
+    return cfg, head
+
+
+def released_record(cfg: WaffleIronConfig, head: dict, path: Path, state: dict) -> dict:
+    """A scalr run record for weights that came without one; it keeps the released key and
+    "module." prefix so `convert` writes the same file layout back."""
+    key = released_key(state)
+    stage = "released-segmenter" if head["kind"] == "segmentation" else "released-pretrain"
+    return {"stage": stage, "config": {"model": asdict(cfg)}, "head": head, "released_from": str(path),
+            "released_layout": {"key": key, "module_prefix": all(k.startswith("module.") for k in state[key])},
+            **({"num_classes": head["out"]} if head["kind"] == "segmentation" else {"target_dim": head.get("out")})}  # fmt: skip
+
+
+def read_student_checkpoint(path: Path) -> dict:
+    """A scalr checkpoint dict (`model`, `config`) from a scalr or a released-format file. A
+    released one is converted in memory; its record says so ("stage": "released-...")."""
+    path = Path(path)
+    state = read_checkpoint_file(path)
+    released = released_state_dict(state)
+    if released is None:
+        return load_checkpoint(path, state)
+    weights = from_released(released, path)
+    cfg, head = architecture(weights, path)
+    log.info("%s: released ScaLR checkpoint, WaffleIron depth %d, width %d, %s norm, head %s", path, cfg.depth, cfg.width, cfg.norm, head["kind"])
+    return {"model": weights, "config": released_record(cfg, head, path, state)}
+
+
+def convert(src: Path, dst: Path, to: str = "auto") -> str:
+    """Write `src` in the other format (or the one `to` names): a released checkpoint becomes a
+    scalr checkpoint, a scalr one a released one (`model_points`). Returns the format written."""
+    state = read_checkpoint_file(Path(src))
+    is_released = released_state_dict(state) is not None
+    target = ("scalr" if is_released else "released") if to == "auto" else to
+    if target not in ("scalr", "released"):
+        raise ValueError(f"--to {to!r}: scalr, released or auto")
+    if target == "scalr":
+        if not is_released:
+            raise CheckpointError(src, "is already a scalr checkpoint")
+        save_checkpoint(Path(dst), read_student_checkpoint(Path(src)))
+        return target
+    if is_released:
+        raise CheckpointError(src, "is already a released-format checkpoint")
+    state = load_checkpoint(Path(src), state)
+    model = state["config"].get("config", {}).get("model", {})
+    if model.get("inputs", 1) != STUDENT_INPUTS:
+        raise CheckpointError(src, "was trained on scalr's old student inputs; the released code would feed it other ones")
+    layout = state["config"].get("released_layout") or {}
+    segmenter = state["config"].get("stage") in ("probe", "finetune", "scratch", "released-segmenter")
+    key = layout.get("key") or ("net" if segmenter else "model_points")
+    weights = to_released(state["model"], Path(src))
+    if layout.get("module_prefix"):
+        weights = {f"module.{k}": v for k, v in weights.items()}
+    save_checkpoint(Path(dst), {key: weights})
+    return target
