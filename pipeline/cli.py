@@ -248,6 +248,31 @@ def convert(src, dst, to):
     click.echo(f"{dst}: {written} checkpoint written from {src}")
 
 
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A student checkpoint: scalr's (pretraining or downstream) or the released ScaLR code's.")
+@DATASET
+@ROOT
+@click.option("--split", default="val", help="Split to embed (every scan of it).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Store to create or finish (e.g. stores/nuscenes-val-wi768.zarr).")
+@click.option("--voxel-size", type=float, default=None, help="Voxel size in metres; 0 keeps every point in the field of view. Default: the released evaluation's 0.1 m (first point of each voxel).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored feature type.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-scans", type=int, default=None, help="Only the first N scans of the split.")
+@reports_bad_input
+def embed(checkpoint, dataset, root, split, out, voxel_size, dtype, device, max_scans):
+    """Write a student backbone's per-point features for every scan of a split into a feature
+    store (one entry per scan, camera "lidar": the kept points, their point_index into the raw
+    scan, their features), in eval mode, without augmentation or crop, on the dataset's released
+    evaluation grid (PandaSet 512 x 512 cells over +-128 m; others 256 x 256 over +-64 m).
+    inspect, verify, plain zarr and the pictures read it like a teacher store. Rerunning the same
+    command finishes an interrupted store."""
+    from stages.embed import EmbedConfig
+    from stages.embed import embed as run
+
+    store = run(EmbedConfig(checkpoint, dataset, root, out, split=split, voxel_size=voxel_size, dtype=dtype, device=device, max_scans=max_scans))
+    click.echo(f"{out}: {store.plan.scans} scans embedded ({store.attrs['teacher']['dim']} dims, {dtype}); see `scalr inspect {out}`")
+
+
 @main.command("plot-features")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A student checkpoint (pretraining or downstream).")
 @DATASET

@@ -37,8 +37,9 @@ def summary_lines(store: FeatureStore) -> list[str]:
     size = disk_bytes(store.path)
     lines = [
         f"store      {store.path}",
-        f"teacher    {t['name']} ({t['timm_name']}), dim {t['dim']}, patch {t['patch']}, {weights}",
-        f"images     resized to {a['image_size'][0]} x {a['image_size'][1]}; {a['projection']}",
+        f"teacher    {t['name']} ({t['timm_name']}), dim {t['dim']}, patch {t['patch']}, {weights}" if t.get("kind") != "student"
+        else f"student    {t['checkpoint']} ({t['stage']}; depth {t['depth']}, width {t['dim']}, {t['norm']} norm), checkpoint sha256 {t['weights']}",
+        f"images     resized to {a['image_size'][0]} x {a['image_size'][1]}; {a['projection']}" if a["image_size"] else f"points     {a['projection']}",
         f"layout     {_layout_line(a)}",
         f"dataset    {a['dataset']['name']} {a['dataset']['split']}: {a['dataset']['scans']} scans (root when extracted: {a['dataset_root']})",
         f"parts      {len(store.committed_parts())} of {store.plan.parts} committed",
@@ -171,16 +172,18 @@ def plot_entry(store: FeatureStore, scan_id: str, camera: str, out_dir: Path, po
     try:
         ds = open_dataset(a["dataset"]["name"], a["dataset_root"], a["dataset"]["split"])
         scan = ds[ds.index_of(scan_id)]
-        cam = scan.camera(camera)
-        image = load_resized(cam.image_path, cam.image_size, tuple(a["image_size"]))
         if scan.labels is not None:
             labels, class_names = scan.labels[data["point_index"]], ds.meta.class_names
+        if a["image_size"]:  # a student store (`scalr embed`) has none: bird's-eye view only
+            cam = scan.camera(camera)
+            image = load_resized(cam.image_path, cam.image_size, tuple(a["image_size"]))
     except (DatasetError, KeyError, OSError):
         pass  # the raw dataset is gone: bird's-eye view only
     xyz = data["points"][:, :3]
     query = pick_query(labels, class_names or (), class_name, xyz, point)
-    stem = f"{a['teacher']['name']}-{scan_id.replace('/', '-')}-{camera}"
-    title = f"teacher {a['teacher']['name']}{' (random init)' if a['teacher']['random_init'] else ''}: {scan_id} {camera}"
+    stem = f"{a['teacher']['name']}-{scan_id.replace('/', '-')}-{camera}".replace(":", "-")
+    kind = a["teacher"].get("kind", "teacher")
+    title = f"{kind} {a['teacher']['name']}{' (random init)' if a['teacher']['random_init'] else ''}: {scan_id} {camera}"
     return [
         feature_figure(xyz, data["features"], Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", "correlation", query, image, data["pixel"]),
         feature_figure(xyz, data["features"], Path(out_dir) / f"{stem}-pca.png", title + ", PCA of features", "pca", None, image, data["pixel"]),

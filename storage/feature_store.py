@@ -115,7 +115,8 @@ def array_layout(attrs: dict) -> dict[str, ArraySpec]:
     dim = int(attrs["teacher"]["dim"])
     if attrs.get("layout", "points") == "points":
         rows = chunk_rows_for(dim)
-        return {"features": ArraySpec((dim,), "float16", rows, "point"), **_point_arrays(rows)}
+        features = ArraySpec((dim,), attrs.get("dtype", "float16"), rows, "point")  # float32: student stores of `scalr embed --dtype float32`
+        return {"features": features, **_point_arrays(rows)}
     h, w = attrs["grid_size"]
     if attrs.get("quantize") == "int8":
         arrays = {"grids": ArraySpec((dim, h, w), "int8", 1, "grid", zstd_level=5),
@@ -431,8 +432,11 @@ def _attribute_problems(path: Path, attrs: dict) -> list[str]:
     dim = teacher.get("dim") if isinstance(teacher, dict) else None
     if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
         return [f"{where}: teacher dimension {dim!r} is not a positive integer"]
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+    student = isinstance(teacher, dict) and teacher.get("kind") == "student"  # `scalr embed`: no image
+    if not (student and size is None) and not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         return [f"{where}: image_size {size!r} is not [height, width]"]
+    if attrs.get("dtype", "float16") not in ("float16", "float32") or (attrs.get("dtype") == "float32" and not student):
+        return [f"{where}: dtype {attrs.get('dtype')!r} is not float16 (teacher stores) or float32 (student stores)"]
     if not (isinstance(plan, dict) and set(plan) == {"scans", "scans_per_part"} and all(isinstance(v, int) and v > 0 for v in plan.values())):
         return [f"{where}: plan {plan!r} is not {{scans, scans_per_part}} of positive integers"]
     if not (isinstance(attrs["cameras"], list) and attrs["cameras"] and all(isinstance(c, str) for c in attrs["cameras"])):

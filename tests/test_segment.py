@@ -19,6 +19,7 @@ from stages.student_data import SampleConfig
 from stages.train import OptimConfig, TrainConfig
 from stages.waffleiron import WaffleIron, WaffleIronConfig
 from storage.checkpoint import CheckpointError, load_checkpoint
+from storage.feature_store import FeatureStore
 
 GRID = Grid(cell=4.0)
 SAMPLE = SampleConfig(max_points=10**9, grid=GRID)
@@ -285,3 +286,51 @@ def test_released_checkpoint_with_a_foreign_tensor_is_named(pretrained, tmp_path
     torch.save(state, plain)
     with pytest.raises(CheckpointError, match="plain.pth: embed.extra.weight is not a tensor of the released WaffleIron segmenter"):
         load_backbone(plain, 0.0)
+
+
+def test_embed_writes_student_features_of_the_released_evaluation_points(kitti_root, pretrained, tmp_path):
+    """`scalr embed`: one entry per scan; the kept points are the released evaluation code's
+    (first point of each 0.1 m voxel cut from the cloud's minimum, then the strict field of view),
+    written out here by hand; features are the backbone's on exactly those inputs."""
+    import zarr
+
+    from pipeline.datasets import open_dataset
+    from pipeline.transforms import knn, student_features
+
+    out = tmp_path / "e.zarr"
+    args = ["embed", "--checkpoint", str(pretrained), "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val", "--out", str(out), "--dtype", "float32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(main, ["verify", str(out)]).output.startswith(f"{out}: OK")
+    summary = CliRunner().invoke(main, ["inspect", str(out)])
+    assert summary.exit_code == 0 and "student" in summary.output and "lidar" in summary.output, summary.output
+    pictures = CliRunner().invoke(main, ["inspect", str(out), "--scan", "08/000000", "--camera", "lidar", "--plot", str(tmp_path / "pics"), "--class", "car"])
+    assert pictures.exit_code == 0 and pictures.output.count("plot:") == 2, pictures.output
+    store = FeatureStore(out)
+    ds = open_dataset("semantickitti", kitti_root, "val")
+    backbone, _ = load_backbone(pretrained, 0.0)
+    backbone.regrid((256, 256, 32)).eval()
+    for row in store.manifest().to_pylist():
+        scan = ds[ds.index_of(row["scan_id"])]
+        xyz = scan.points[:, :3]
+        _, first = np.unique(((xyz - xyz.min(0)) / np.float32(0.1)).astype(int), axis=0, return_index=True)
+        inside = ((xyz[first] > np.float32(-64 + 1e-4)) & (xyz[first] < np.float32(64 - 1e-4)))[:, :2].all(1) & (np.abs(xyz[first, 2]) < np.float32(8 - 1e-4))
+        kept = np.sort(first[inside])
+        entry = store.read_points(row["part"], row["offset"], row["count"], names=("point_index", "points", "features"))
+        assert row["camera"] == "lidar" and entry["point_index"].tolist() == kept.tolist()
+        p = scan.points[kept]
+        batch = {"feats": torch.from_numpy(student_features(p[:, :3], p[:, 3], (0.28613698, 0.14090556))),
+                 "cells": torch.from_numpy(((p[:, :3].astype(np.float64) + [64, 64, 8]) / 0.5).astype(np.int32)),
+                 "neighbours": torch.from_numpy(knn(p[:, :3], 16)), "batch": torch.zeros(len(p), dtype=torch.long), "batch_size": 1}  # fmt: skip
+        with torch.no_grad():
+            expected = backbone(batch).numpy()
+        np.testing.assert_allclose(entry["features"], expected, rtol=1e-5, atol=1e-6)
+        assert entry["features"].dtype == np.float32 and np.array_equal(entry["points"], p)
+    plain = zarr.open_group(str(out / "parts/part-000000"), mode="r")
+    assert plain["features"].dtype == np.float32 and plain["features"].shape[1] == 16
+    every = tmp_path / "all.zarr"
+    assert CliRunner().invoke(main, [*args[:-4], "--out", str(every), "--voxel-size", "0"]).exit_code == 0
+    counts = {r["scan_id"]: r["count"] for r in FeatureStore(every).manifest().to_pylist()}
+    for scan_id, count in counts.items():
+        xyz = ds[ds.index_of(scan_id)].points[:, :3]
+        assert count == int(((np.abs(xyz[:, :2]) < np.float32(64 - 1e-4)).all(1) & (np.abs(xyz[:, 2]) < np.float32(8 - 1e-4))).sum())

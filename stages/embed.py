@@ -1,0 +1,119 @@
+"""Student features of every scan of a split, written as a feature store.
+
+For each scan: the released evaluation code's inputs (no augmentation, no crop; 0.1 m voxels
+keeping each voxel's first point in scan order, `--voxel-size 0` for every point; the field of
+view of the dataset's released evaluation settings), the backbone in eval mode, and one store
+entry (camera "lidar") holding the kept points, their `point_index` into the raw scan and their
+features. The store is a points-layout feature store like a teacher's, so `inspect`, `verify`,
+plain zarr / pyarrow / dask and the pictures read it as they read teacher stores; its
+`teacher` attribute says `kind: student` and names the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.datasets import open_dataset
+from pipeline.errors import DatasetError
+from pipeline.transforms import Grid
+from stages.evaluate import trained_sample_config
+from stages.segment import load_backbone
+from stages.student_data import collate, student_inputs
+from stages.teachers import sha256_file
+from stages.train import pick_device
+from storage.feature_store import FORMAT, FORMAT_VERSION, FeatureStore, PartWriter, StorePlan
+
+log = logging.getLogger(__name__)
+
+CAMERA = "lidar"  # the one entry of a scan: every kept point, seen or not by a camera
+NO_PIXEL = -1.0  # student stores have no image: `pixel` is (-1, -1)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    checkpoint: Path
+    dataset: str
+    root: Path
+    out: Path
+    split: str = "val"
+    voxel_size: float | None = None  # None: the released evaluation's 0.1 m; 0: every point
+    dtype: str = "float16"  # float16 (half the bytes) or float32 (the backbone's own values)
+    grid: Grid | None = None  # None: the dataset's released evaluation field of view
+    device: str = "auto"
+    max_scans: int | None = None
+    scans_per_part: int = 16
+
+    def __post_init__(self):
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"--dtype {self.dtype!r}: float16 or float32")
+        if self.voxel_size is not None and self.voxel_size < 0:
+            raise ValueError(f"--voxel-size {self.voxel_size}: 0 (every point) or a size in metres")
+
+
+def embed(cfg: EmbedConfig) -> FeatureStore:
+    """Fill the store at cfg.out (creating or continuing it) and return it."""
+    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    scans = ds.scan_ids if cfg.max_scans is None else ds.scan_ids[: cfg.max_scans]
+    if not scans:
+        raise DatasetError(cfg.root, f"split {cfg.split} has no scans")
+    backbone, record = load_backbone(cfg.checkpoint, 0.0)
+    sample = trained_sample_config({}, ds.meta)  # the released evaluation settings of the dataset
+    sample = replace(sample, voxel=sample.voxel if cfg.voxel_size is None else cfg.voxel_size, grid=cfg.grid or sample.grid, neighbours=backbone.cfg.neighbours)
+    backbone.regrid(sample.grid.shape).eval()
+    device = pick_device(cfg.device, 0)
+    backbone.to(device)
+    attrs = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "scalr_version": __version__,
+        "teacher": {"name": f"student:{Path(cfg.checkpoint).name}", "kind": "student", "timm_name": "-", "dim": backbone.cfg.width, "patch": 0,
+                    "weights": sha256_file(cfg.checkpoint), "random_init": False, "checkpoint": str(Path(cfg.checkpoint).resolve()),
+                    "stage": record.get("stage"), "depth": backbone.cfg.depth, "norm": backbone.cfg.norm},
+        "image_size": None,
+        "dataset": {"name": ds.meta.name, "split": cfg.split, "scans": len(scans), "scan_ids_sha256": hashlib.sha256("\n".join(scans).encode()).hexdigest()},
+        "dataset_root": str(Path(cfg.root).resolve()),
+        "index_problems": [],
+        "cameras": [CAMERA],
+        "intensity_max": ds.meta.intensity_max,
+        "plan": {"scans": len(scans), "scans_per_part": cfg.scans_per_part},
+        "projection": (f"student features: voxels of {sample.voxel} m, first point of each in scan order" if sample.voxel > 0 else "student features: every point")
+                      + f", inside {sample.grid.lo} - {sample.grid.hi} m (1e-4 m margin), {sample.grid.shape} cells; no pixel (-1)",
+        "sample": {"voxel": sample.voxel, "grid": {"lo": list(sample.grid.lo), "hi": list(sample.grid.hi), "cell": sample.grid.cell}, "neighbours": sample.neighbours},
+        "dtype": cfg.dtype, "layout": "points", "quantize": "none", "grid_size": None,
+    }  # fmt: skip
+    store = FeatureStore.create_or_open(cfg.out, attrs)
+    plan = StorePlan(len(scans), cfg.scans_per_part)
+    todo = [p for p in range(plan.parts) if p not in set(store.committed_parts())]
+    with tqdm(total=sum(len(plan.scans_of(p)) for p in todo), desc="embed", unit="scan", dynamic_ncols=True) as bar:
+        for part in todo:
+            writer = PartWriter(store, part)
+            for index in plan.scans_of(part):
+                writer.add(*_entry(ds, index, backbone, sample, cfg.dtype, device))
+                bar.update()
+            writer.commit()
+    return FeatureStore(cfg.out)
+
+
+@torch.no_grad()
+def _entry(ds, index: int, backbone, sample, dtype: str, device: torch.device) -> tuple[dict, dict | None]:
+    scan = ds[index]
+    row = {"scan_index": index, "scan_id": scan.scan_id, "camera": CAMERA, "scan_points": scan.num_points, "image_height": 0, "image_width": 0, "status": "ok", "reason": ""}
+    keep, inputs = student_inputs(scan.points, ds.meta.intensity_norm, sample, None, train=False)
+    if len(keep) == 0:
+        return row, None
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([{**inputs, "scan_id": scan.scan_id}]).items()}
+    features = backbone(batch).float().cpu().numpy()
+    if dtype == "float16" and not np.isfinite(features.astype(np.float16)).all():
+        raise FloatingPointError(f"student features of {scan.scan_id} overflow float16 (|x| > 65504); use --dtype float32")
+    return row, {
+        "points": scan.points[keep].astype(np.float32),
+        "point_index": keep.astype(np.int32),
+        "pixel": np.full((len(keep), 2), NO_PIXEL, dtype=np.float32),
+        "features": features.astype(dtype),
+    }
