@@ -144,6 +144,8 @@ def plot_projection(dataset, root, split, scan_id, camera, colour_by, out):
 
 LAYOUT = click.option("--layout", type=click.Choice(["grid", "points"]), default="grid",
                       help="grid: each image's token grid, targets sampled when read (~8x smaller at 224x448 with a /14 teacher); points: per-point features.")
+RECIPE = click.option("--recipe", type=click.Choice(["cvpr", "scalr-plus"]), default="cvpr",
+                       help="Where the released CVPR code and ScaLR+ differ: cvpr resizes images without antialias and interpolates DINOv2's 518-px position embeddings at every forward; scalr-plus antialiases and resizes the embeddings once (timm).")
 QUANTIZE = click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", help="int8 grids with a float32 scale per token (grid layout; 0.54x the float16 grid store, targets within cosine 0.999).")
 
 
@@ -177,8 +179,9 @@ def parse_size(text: str) -> tuple[int, int]:
 @click.option("--max-scans", type=int, default=None, help="Only the first N scans of the split.")
 @LAYOUT
 @QUANTIZE
+@RECIPE
 @reports_bad_input
-def extract_features(dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision, batch_size, num_workers, scans_per_part, on_error, dask_workers, scheduler, max_scans, layout, quantize):
+def extract_features(dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision, batch_size, num_workers, scans_per_part, on_error, dask_workers, scheduler, max_scans, layout, quantize, recipe):
     """Stage 1: run a frozen teacher over every camera image and write its targets into a Zarr
     feature store keyed by (scan, camera). Rerunning the same command finishes an interrupted
     store. Under torchrun, each rank takes parts rank::world."""
@@ -187,7 +190,7 @@ def extract_features(dataset, root, split, teacher, out, weights, weights_dir, r
 
     cfg = ExtractConfig(
         dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision,
-        batch_size, num_workers, scans_per_part, on_error, None, None, dask_workers, scheduler, max_scans, layout, quantize,
+        batch_size, num_workers, scans_per_part, on_error, None, None, dask_workers, scheduler, max_scans, layout, quantize, recipe,
     )  # fmt: skip
     store = extract(cfg)
     click.echo("\n".join(summary_lines(store)))
@@ -425,8 +428,9 @@ def bench():
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON here.")
 @LAYOUT
 @QUANTIZE
+@RECIPE
 @reports_bad_input
-def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device, precision, batch_size, num_workers, scans_per_part, max_scans, repeats, json_out, layout, quantize):
+def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device, precision, batch_size, num_workers, scans_per_part, max_scans, repeats, json_out, layout, quantize, recipe):
     """Extraction: images/s, extraction time / bare teacher forward time on the same images
     (goal <= 1.15), store bytes on disk, per entry and / (points x dim x 2)."""
     from stages.bench import BenchExtractConfig, bench_extract, report_lines
@@ -434,7 +438,7 @@ def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device
 
     ecfg = ExtractConfig(dataset, root, split, teacher, Path("unused"), weights=weights, random_init=weights is None,
                          image_size=image_size, device=device, precision=precision, batch_size=batch_size,
-                         num_workers=num_workers, scans_per_part=scans_per_part, max_scans=max_scans, layout=layout, quantize=quantize)  # fmt: skip
+                         num_workers=num_workers, scans_per_part=scans_per_part, max_scans=max_scans, layout=layout, quantize=quantize, recipe=recipe)  # fmt: skip
     result = bench_extract(BenchExtractConfig(ecfg, repeats))
     click.echo("\n".join(report_lines(result)))
     if json_out:

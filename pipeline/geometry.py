@@ -116,7 +116,7 @@ def project(points_xyz: np.ndarray, camera: Camera, rule: VisibilityRule) -> Pro
     xyz = np.asarray(points_xyz, dtype=np.float64)[:, :3]
     cam = transform_points(camera.lidar_to_camera, xyz)
     depth = cam[:, 2]
-    keep = depth > rule.min_depth
+    keep = depth > rule.min_depth if rule.min_depth is not None else np.ones(len(depth), dtype=bool)
     if rule.min_lidar_x is not None:
         keep &= xyz[:, 0] > rule.min_lidar_x
     index = np.flatnonzero(keep)
@@ -124,20 +124,17 @@ def project(points_xyz: np.ndarray, camera: Camera, rule: VisibilityRule) -> Pro
     uv = pix[:, :2] / pix[:, 2:3]
     h, w = camera.image_size
     u, v = uv[:, 0], uv[:, 1]
-    if rule.margin > 0:
-        inside = (u > rule.margin) & (u < w - rule.margin) & (v > rule.margin) & (v < h - rule.margin)
-    else:
-        inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    inside = (u > 0) & (u < w - rule.far_margin) & (v > 0) & (v < h - rule.far_margin)
     return Projection(point_index=index[inside], uv=uv[inside], depth=depth[index[inside]])
 
 
 def resize_pixels(uv: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
     """Pixel indices (column, row) in the image resized from `from_hw` to `to_hw`, as float32.
 
-    floor(coord * new / old), as the released ScaLR code does; clipped so that a point on the
-    far border (possible with a zero-margin rule) stays inside.
+    Floor twice, as the released ScaLR code: the integer pixel at full resolution, floor(u), then
+    floor(floor(u) x W' / W); clipped for safety (the visibility rules keep u < W).
     """
     (h, w), (nh, nw) = from_hw, to_hw
-    col = np.clip(np.floor(uv[:, 0] * (nw / w)), 0, nw - 1)
-    row = np.clip(np.floor(uv[:, 1] * (nh / h)), 0, nh - 1)
+    col = np.clip(np.floor(np.floor(uv[:, 0]) * (nw / w)), 0, nw - 1)
+    row = np.clip(np.floor(np.floor(uv[:, 1]) * (nh / h)), 0, nh - 1)
     return np.stack([col, row], axis=1).astype(np.float32)

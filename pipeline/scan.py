@@ -19,15 +19,16 @@ IGNORE_INDEX = 255  # mapped label of points that no benchmark class covers
 class VisibilityRule:
     """Which projected points a dataset counts as visible in a camera.
 
-    A point is kept when its depth along the camera axis exceeds `min_depth`, when (if set) its
-    lidar-frame x exceeds `min_lidar_x`, and when its pixel lies inside the image:
-    `margin < u < W - margin` (strict) if `margin > 0`, else `0 <= u < W` (same for v and H).
+    A point is kept when (if set) its depth along the camera axis exceeds `min_depth`, when (if
+    set) its lidar-frame x exceeds `min_lidar_x`, and when its continuous pixel lies strictly
+    inside the image less `far_margin` on the far sides: `0 < u < W - far_margin`,
+    `0 < v < H - far_margin` (the released ScaLR code's rules).
     """
 
     name: str
-    min_depth: float
+    min_depth: float | None
     min_lidar_x: float | None = None
-    margin: float = 0.0
+    far_margin: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.datasets import open_dataset
-from stages.extract import ExtractConfig, ScanImages, extract_parts, pick_device, run_teacher, store_attributes
+from stages.extract import RECIPES, ExtractConfig, ScanImages, extract_parts, pick_device, recipe_teacher, run_teacher, store_attributes
 from stages.inspect import disk_bytes
 from stages.teachers import load_teacher
 from storage.feature_store import FeatureStore
@@ -40,11 +40,11 @@ def bench_extract(cfg: BenchExtractConfig) -> dict:
     ds = open_dataset(ecfg.dataset, ecfg.root, ecfg.split)
     scans = ds.scan_ids if ecfg.max_scans is None else ds.scan_ids[: ecfg.max_scans]
     device = pick_device(ecfg.device)
-    teacher = load_teacher(ecfg.teacher, ecfg.image_size, ecfg.weights, ecfg.weights_dir, ecfg.random_init, ecfg.seed).to(device)
+    teacher = recipe_teacher(ecfg).to(device)
     cams = max(1, len(ds.meta.camera_names))
     per_batch = max(1, ecfg.batch_size // cams)
     # Warm-up (allocator, kernels, thread pools) on one batch.
-    items = [ScanImages(ds, list(range(len(scans))), ecfg.image_size)[i] for i in range(min(per_batch, len(scans)))]
+    items = [ScanImages(ds, list(range(len(scans))), ecfg.image_size, RECIPES[ecfg.recipe].antialias)[i] for i in range(min(per_batch, len(scans)))]
     warm = torch.stack([c["image"] for it in items for c in it["cameras"] if "image" in c])
     run_teacher(teacher, warm, device, ecfg.precision)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +64,7 @@ def bench_extract(cfg: BenchExtractConfig) -> dict:
         entries = len(manifest)
         size = disk_bytes(out)
     # The same images, decoded and resized beforehand, in the same batches: teacher time alone.
-    loader_ds = ScanImages(ds, list(range(len(scans))), ecfg.image_size)
+    loader_ds = ScanImages(ds, list(range(len(scans))), ecfg.image_size, RECIPES[ecfg.recipe].antialias)
     batches = []
     for start in range(0, len(scans), per_batch):
         imgs = [c["image"] for i in range(start, min(start + per_batch, len(scans))) for c in loader_ds[i]["cameras"] if "image" in c]

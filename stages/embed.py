@@ -85,7 +85,7 @@ def embed(cfg: EmbedConfig) -> FeatureStore:
         "projection": (f"student features: voxels of {sample.voxel} m, first point of each in scan order" if sample.voxel > 0 else "student features: every point")
                       + f", inside {sample.grid.lo} - {sample.grid.hi} m (1e-4 m margin), {sample.grid.shape} cells; no pixel (-1)",
         "sample": {"voxel": sample.voxel, "grid": {"lo": list(sample.grid.lo), "hi": list(sample.grid.hi), "cell": sample.grid.cell}, "neighbours": sample.neighbours},
-        "dtype": cfg.dtype, "layout": "points", "quantize": "none", "grid_size": None,
+        "dtype": cfg.dtype, "layout": "points", "quantize": "none", "grid_size": None, "recipe": None,
     }  # fmt: skip
     store = FeatureStore.create_or_open(cfg.out, attrs)
     plan = StorePlan(len(scans), cfg.scans_per_part)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -30,14 +31,33 @@ from pipeline import __version__
 from pipeline.datasets import LidarDataset, open_dataset
 from pipeline.errors import DatasetError
 from pipeline.geometry import resize_pixels
-from stages.teachers import Teacher, get_spec, load_teacher, resolve_weights, sha256_file
+from stages.teachers import POS_EMBED, Teacher, get_spec, load_teacher, pos_embed_rule, resolve_weights, sha256_file
 from storage.targets import sample_grid
 from storage.feature_store import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE, FeatureStore, PartWriter, StorePlan
 
 log = logging.getLogger(__name__)
 
-RESIZE = "PIL bilinear (antialiased), aspect ratio not kept"
-SAMPLING = "bilinear, align_corners=True, at pixel (floor(u W'/W), floor(v H'/H)) of the resized image"
+SAMPLING = "bilinear, align_corners=True, at pixel (floor(floor(u) W'/W), floor(floor(v) H'/H)) of the resized image"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Where the released CVPR code (main) and ScaLR+ (branch scalr_plus) differ in stage 1."""
+
+    antialias: bool  # of the bilinear image resize
+    pos_embed: str  # stages.teachers.POS_EMBED
+
+
+RECIPES = {
+    # torchvision 0.12's resize of a float tensor (no antialias); DINOv2's own interpolation.
+    "cvpr": Recipe(antialias=False, pos_embed="dinov2-cvpr"),
+    # torchvision >= 0.17 (antialias on); timm's position embeddings resized at load.
+    "scalr-plus": Recipe(antialias=True, pos_embed="timm"),
+}
+
+
+def resize_rule(recipe: str) -> str:
+    return f"float image in [0, 1] (uint8 / 255), bilinear, align_corners=False, antialias {'on' if RECIPES[recipe].antialias else 'off'} (torchvision resize of a tensor); aspect ratio not kept"
 
 
 @dataclass(frozen=True)
@@ -65,12 +85,20 @@ class ExtractConfig:
     max_scans: int | None = None  # only the first N scans of the split
     layout: str = "grid"  # grid: each image's token grid, sampled when read; points: per-point features
     quantize: str = "none"  # none, or int8 (grid layout only: a float32 scale per token)
+    recipe: str = "cvpr"  # cvpr (the released CVPR code) or scalr-plus: image resize and DINOv2 position embeddings
 
     def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe {self.recipe!r}: one of {', '.join(RECIPES)}")
         if self.layout not in LAYOUTS or self.quantize not in QUANTIZE:
             raise ValueError(f"layout {self.layout!r} / quantize {self.quantize!r}: layout is one of {LAYOUTS}, quantize one of {QUANTIZE}")
         if self.quantize != "none" and self.layout != "grid":
             raise ValueError("--quantize int8 needs --layout grid (per-point features are stored as float16)")
+
+
+def recipe_teacher(cfg: ExtractConfig) -> Teacher:
+    """The configured teacher with the recipe's position-embedding rule."""
+    return load_teacher(cfg.teacher, cfg.image_size, cfg.weights, cfg.weights_dir, cfg.random_init, cfg.seed, RECIPES[cfg.recipe].pos_embed)
 
 
 def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str]) -> dict:
@@ -87,13 +115,15 @@ def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str]) -> 
             "name": spec.name, "timm_name": spec.timm_name, "dim": spec.dim, "patch": spec.patch,
             "layer": "last block, before the final norm, prefix tokens removed" if spec.dense != "maskclip-value" else "maskclip-value: last block's value path (no residual, no MLP), ln_post, visual projection",
             "dense": spec.dense,
+            "pos_embed": POS_EMBED[pos_embed_rule(spec, RECIPES[cfg.recipe].pos_embed)],
             "weights": "random-init seed %d" % cfg.seed if weights is None else sha256_file(weights),
             "random_init": weights is None,
             "mean": list(data_cfg.get("mean", ())), "std": list(data_cfg.get("std", ())),
         },  # fmt: skip
         "teacher_weights_path": None if weights is None else str(Path(weights).resolve()),
         "image_size": list(cfg.image_size),
-        "resize": RESIZE,
+        "recipe": cfg.recipe,
+        "resize": resize_rule(cfg.recipe),
         "sampling": SAMPLING,
         "dataset": {"name": ds.meta.name, "split": cfg.split, "scans": len(scans), "scan_ids_sha256": hashlib.sha256("\n".join(scans).encode()).hexdigest()},
         "dataset_root": str(Path(cfg.root).resolve()),
@@ -113,8 +143,8 @@ class ScanImages(torch.utils.data.Dataset):
     """One item per scan: its points, and per camera the resized image and visible points. Runs
     in DataLoader workers; bad input comes back as an error record, never as a lost entry."""
 
-    def __init__(self, ds: LidarDataset, indices: list[int], image_size: tuple[int, int]):
-        self.ds, self.indices, self.image_size = ds, indices, image_size
+    def __init__(self, ds: LidarDataset, indices: list[int], image_size: tuple[int, int], antialias: bool = False):
+        self.ds, self.indices, self.image_size, self.antialias = ds, indices, image_size, antialias
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -130,7 +160,7 @@ class ScanImages(torch.utils.data.Dataset):
         for camera in scan.cameras:
             entry = {"camera": camera.name, "image_size": camera.image_size}
             try:
-                image = load_resized(camera.image_path, camera.image_size, self.image_size)
+                image = load_resized(camera.image_path, camera.image_size, self.image_size, self.antialias)
             except DatasetError as err:
                 item["cameras"].append({**entry, "error": (err.path, err.problem)})
                 continue
@@ -143,13 +173,18 @@ class ScanImages(torch.utils.data.Dataset):
         return item
 
 
-def load_resized(path: Path, calibrated_hw: tuple[int, int], size_hw: tuple[int, int]) -> np.ndarray:
-    """Decode an image, check it has the calibrated size, resize to `size_hw` (H, W)."""
+def load_resized(path: Path, calibrated_hw: tuple[int, int], size_hw: tuple[int, int], antialias: bool = False) -> np.ndarray:
+    """Decode an image, check it has the calibrated size, and resize it as the released code:
+    float in [0, 1] (uint8 / 255 in float64, then float32), bilinear with align_corners=False,
+    `antialias` as the torchvision of the recipe. Returns (H, W, 3) float32."""
     try:
         with Image.open(path) as img:
             if img.size != (calibrated_hw[1], calibrated_hw[0]):
                 raise DatasetError(path, f"image is {img.size[0]}x{img.size[1]} but its calibration is for {calibrated_hw[1]}x{calibrated_hw[0]}")
-            return np.array(img.convert("RGB").resize((size_hw[1], size_hw[0]), Image.BILINEAR))
+            pixels = np.asarray(img.convert("RGB"))
+        image = torch.from_numpy((pixels / 255.0).astype(np.float32)).permute(2, 0, 1)[None]
+        resized = F.interpolate(image, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=antialias)
+        return resized[0].permute(1, 2, 0).numpy()
     except FileNotFoundError:
         raise DatasetError(path, "image file is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
@@ -182,7 +217,7 @@ def extract_parts(cfg: ExtractConfig, store: FeatureStore, teacher: Teacher, ds:
         batches += [list(range(start + b, start + min(b + scans_per_batch, n))) for b in range(0, n, scans_per_batch)]
         start += n
     loader = torch.utils.data.DataLoader(
-        ScanImages(ds, indices, cfg.image_size), batch_sampler=batches, num_workers=num_workers, collate_fn=list,
+        ScanImages(ds, indices, cfg.image_size, RECIPES[cfg.recipe].antialias), batch_sampler=batches, num_workers=num_workers, collate_fn=list,
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None, worker_init_fn=lower_priority,
     )  # fmt: skip
     writer: PartWriter | None = None
@@ -306,7 +341,7 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
         _extract_with_dask(cfg, store, todo)
     else:
         device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-        teacher = load_teacher(cfg.teacher, cfg.image_size, cfg.weights, cfg.weights_dir, cfg.random_init, cfg.seed).to(device)
+        teacher = recipe_teacher(cfg).to(device)
         with tqdm(total=images, desc=f"extract {cfg.teacher}", unit="img", dynamic_ncols=True) as bar:
             extract_parts(cfg, store, teacher, ds, todo, cfg.num_workers, device, bar.update)
     return FeatureStore(cfg.out, check=False)  # other ranks may still be writing their parts
@@ -322,7 +357,7 @@ def _dask_part(cfg: ExtractConfig, part: int) -> int:
         torch.set_num_threads(max(1, int(worker.state.nthreads)))
         device = pick_device(cfg.device)
         cache["device"] = device
-        cache["teacher"] = load_teacher(cfg.teacher, cfg.image_size, cfg.weights, cfg.weights_dir, cfg.random_init, cfg.seed).to(device)
+        cache["teacher"] = recipe_teacher(cfg).to(device)
         cache["dataset"] = open_dataset(cfg.dataset, cfg.root, cfg.split, keep_going=cfg.on_error == "skip")
     store = FeatureStore(cfg.out, check=False)
     extract_parts(cfg, store, cache["teacher"], cache["dataset"], [part], 0, cache["device"])

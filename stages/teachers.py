@@ -1,6 +1,6 @@
 """Frozen ViT teachers over timm: a registry declared as data, one way to get dense features.
 
-Every teacher maps a batch of uint8 images (B, 3, H, W) to a token grid (B, D, H/p, W/p): the
+Every teacher maps a batch of images (B, 3, H, W) in [0, 1] (or uint8) to a token grid (B, D, H/p, W/p): the
 output of the LAST block BEFORE the final LayerNorm, prefix tokens (class, registers) removed.
 MaskCLIP instead returns CLIP's dense value-path features after ln_post and the visual
 projection (see `MaskCLIP`). Weights load from a local file only; random initialisation is
@@ -10,12 +10,15 @@ explicit and recorded as such.
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -89,21 +92,30 @@ def resolve_weights(spec: TeacherSpec, weights: Path | None, weights_dir: Path |
     return path
 
 
+# How a ViT's position embeddings meet an image size other than its table's.
+POS_EMBED = {
+    "timm": "timm: the table resized once at load (bicubic, antialiased), as ScaLR+",
+    "dinov2-cvpr": "dinov2-cvpr: the 37 x 37 table of 518 px kept; at every forward bicubic at scale factors "
+                   "(h + 0.1) / 37, (w + 0.1) / 37, no antialias, as the released CVPR code's DINOv2",
+}  # fmt: skip
+
+
 class Teacher(nn.Module):
-    """A frozen teacher: uint8 images in, (B, D, H/p, W/p) float32 token grid out."""
+    """A frozen teacher: images in [0, 1] (float) or uint8 in, (B, D, H/p, W/p) float32 token grid out."""
 
     def __init__(self, spec: TeacherSpec, model: nn.Module, provenance: dict):
         super().__init__()
         self.spec = spec
         self.model = model.eval().requires_grad_(False)
         cfg = timm.data.resolve_model_data_config(model)
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self.provenance = {**asdict(spec), **provenance, "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = (x - self.mean) / self.std
         if self.spec.dense == "maskclip-value":
             return maskclip_dense(self.model, x)
         (grid,) = self.model.forward_intermediates(x, indices=1, norm=False, output_fmt="NCHW", intermediates_only=True)
@@ -128,6 +140,30 @@ def maskclip_dense(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     tokens = model.head(tokens[:, model.num_prefix_tokens :])
     gh, gw = h // model.patch_embed.patch_size[0], w // model.patch_embed.patch_size[1]
     return tokens.transpose(1, 2).reshape(b, -1, gh, gw).float()
+
+
+def dinov2_cvpr_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's `_pos_embed` for (B, h, w, C) patch tokens, computed as the released CVPR code's
+    DINOv2 (`interpolate_pos_encoding`): bound to a model built at 518 px with dynamic image size."""
+    b, h, w, c = x.shape
+    pos = self.pos_embed.float()
+    n = int(math.sqrt(pos.shape[1] - 1))
+    if h == w == n:
+        patch_pos = pos[:, 1:]
+    else:
+        grid = pos[:, 1:].reshape(1, n, n, c).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic")
+        assert patch_pos.shape[-2:] == (h, w), patch_pos.shape
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, c)
+    tokens = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+    return self.pos_drop(tokens + torch.cat([pos[:, :1], patch_pos], dim=1).to(x.dtype))
+
+
+def pos_embed_rule(spec: TeacherSpec, wanted: str) -> str:
+    """The rule a teacher gets: the CVPR one exists for DINOv2 without registers (its only
+    teachers); any other teacher keeps timm's."""
+    dinov2 = "dinov2" in spec.timm_name and "reg" not in spec.timm_name
+    return "dinov2-cvpr" if wanted == "dinov2-cvpr" and dinov2 else "timm"
 
 
 def load_weights(model: nn.Module, spec: TeacherSpec, path: Path) -> None:
@@ -163,14 +199,19 @@ def load_teacher(
     weights_dir: Path | None = None,
     random_init: bool = False,
     seed: int = 0,
+    pos_embed: str = "timm",
 ) -> Teacher:
-    """Build a frozen teacher for images of `image_size` (H, W), from a local file or random init."""
+    """Build a frozen teacher for images of `image_size` (H, W), from a local file or random init.
+    `pos_embed`: "timm" or "dinov2-cvpr" (see POS_EMBED; DINOv2 without registers only)."""
     spec = get_spec(name)
     path = resolve_weights(spec, weights, weights_dir, random_init)
     h, w = image_size
     if h % spec.patch or w % spec.patch:
         raise ValueError(f"image size {h}x{w} is not a multiple of {spec.name}'s patch size {spec.patch}")
+    rule = pos_embed_rule(spec, pos_embed)
     kwargs = dict(img_size=(h, w), num_classes=spec.dim if spec.dense == "maskclip-value" else 0)
+    if rule == "dinov2-cvpr":  # keep the 518 px table; interpolate it at every forward
+        kwargs.update(img_size=518, dynamic_img_size=True)
     if path is None:
         torch.manual_seed(seed)
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
@@ -179,4 +220,6 @@ def load_teacher(
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
         load_weights(model, spec, path)
         provenance = {"weights": str(path.resolve()), "weights_sha256": sha256_file(path), "random_init": False}
-    return Teacher(spec, model, provenance)
+    if rule == "dinov2-cvpr":
+        model._pos_embed = types.MethodType(dinov2_cvpr_pos_embed, model)
+    return Teacher(spec, model, {**provenance, "pos_embed": POS_EMBED[rule]})

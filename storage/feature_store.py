@@ -48,7 +48,10 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 from storage.targets import dequantize, quantize_int8, sample_grid
 
 FORMAT = "scalr-feature-store"
-FORMAT_VERSION = 2  # 2: CRC-32C per chunk, a per-part integrity record, the grid layout (1 had none)
+# 3: targets as the released code computes them (pixel floor twice, its border rules, a float
+#    image resize without PIL, DINOv2's own position-embedding interpolation; `recipe`).
+# 2: CRC-32C per chunk, a per-part integrity record, the grid layout (1 had none).
+FORMAT_VERSION = 3
 LAYOUTS = ("points", "grid")  # per-point features, or each entry's token grid (sampled when read)
 QUANTIZE = ("none", "int8")  # int8: grid layout only, a float32 scale per token
 POINT_ARRAYS = ("points", "point_index", "pixel")  # every layout, one row per visible point
@@ -70,7 +73,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 PART_RECORD_KEY = b"scalr.part"  # manifest schema metadata: the part's integrity record (JSON)
 # Attributes that must agree for a rerun to continue an existing store.
-IDENTITY_KEYS = ("format", "format_version", "teacher", "image_size", "dataset", "plan", "projection", "dtype", "layout", "quantize", "grid_size")
+IDENTITY_KEYS = ("format", "format_version", "teacher", "image_size", "dataset", "plan", "projection", "dtype", "layout", "quantize", "grid_size", "recipe")
 REQUIRED_KEYS = IDENTITY_KEYS + ("cameras", "intensity_max")
 GRID_POINT_CHUNK_ROWS = 1 << 13  # grid layout: per-point arrays (28 bytes a row); an entry's read decodes ~2 chunks
 
@@ -419,7 +422,8 @@ def _read_root_attributes(path: Path) -> dict:
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
         raise StoreError(f"{path}: not a scalr feature store (format {attrs.get('format') if isinstance(attrs, dict) else attrs!r})")
     if attrs.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{path}: store format version {attrs.get('format_version')!r}, this scalr reads version {FORMAT_VERSION}; extract it again with this scalr into a new --out")
+        why = " (its targets use scalr 0.1's pixel, border and resize rules, not the released code's)" if attrs.get("format_version") == 2 else ""
+        raise StoreError(f"{path}: store format version {attrs.get('format_version')!r}{why}, this scalr reads version {FORMAT_VERSION}; extract it again with this scalr into a new --out")
     return attrs
 
 

@@ -58,10 +58,10 @@ def test_points_behind_or_too_close_are_dropped():
 
 @pytest.mark.parametrize(
     "u, nuscenes_keeps, kitti_keeps",
-    [(0.0, False, True), (1.0, False, True), (1.01, True, True), (98.99, True, True), (99.0, False, True), (99.99, False, True), (100.0, False, False), (-0.01, False, False)],
+    [(0.0, False, False), (0.01, True, True), (1.0, True, True), (98.99, True, True), (99.0, False, False), (99.99, False, False), (100.0, False, False), (-0.01, False, False)],
 )
 def test_border_rules(u, nuscenes_keeps, kitti_keeps):
-    """nuScenes devkit keeps 1 < u < W-1; the KITTI rule keeps 0 <= u < W (pixel floor(u) exists)."""
+    """The released ScaLR code keeps 0 < u < W-1 on nuScenes and SemanticKITTI."""
     pts = points_at_pixels([[u, 20.0]], depth=5.0)
     # KITTI's x > 1 m rule is on the lidar frame: use a lidar frame whose x is the optical axis.
     lidar_to_cam = rigid(VELO_AXES, (0, 0, 0))
@@ -78,10 +78,21 @@ def test_kitti_rule_drops_points_with_small_lidar_x():
     assert project(pts, cam, KITTI.visibility).point_index.tolist() == [1]
 
 
-def test_resize_pixels_floor_convention():
-    uv = np.array([[0.0, 0.0], [1599.99, 899.99], [800.0, 450.0], [3.58, 4.02]])
+def test_resize_pixels_floor_twice():
+    """Released: the integer pixel at full resolution, then floor(c x W'/W)."""
+    uv = np.array([[0.0, 0.0], [1599.99, 899.99], [800.0, 450.0], [3.58, 4.02], [7.9, 11.99]])
     out = resize_pixels(uv, (900, 1600), (224, 448))
     assert out.dtype == np.float32
-    assert out.tolist() == [[0, 0], [447, 223], [224, 112], [1, 1]]
-    # the far border of a zero-margin rule stays inside
-    assert resize_pixels(np.array([[100.0, 50.0]]), (50, 100), (224, 448)).tolist() == [[447, 223]]
+    # u = 7.9: floor once gives floor(7.9 x 0.28) = 2; floor twice floor(7 x 0.28) = 1.
+    # v = 11.99: floor(11.99 x 0.2489) = 2; floor(11 x 0.2489) = 2.
+    assert out.tolist() == [[0, 0], [447, 223], [224, 112], [0, 0], [1, 2]]
+    assert resize_pixels(np.array([[99.5, 49.5]]), (50, 100), (224, 448)).tolist() == [[443, 219]]  # floor(99 x 4.48), floor(49 x 4.48)
+
+
+def test_pandaset_border_rule():
+    """PandaSet (its devkit, as the released code): z_cam > 0 and 0 < u < W, 0 < v < H."""
+    from pipeline.datasets import READERS
+
+    rule = READERS["pandar64"].meta.visibility
+    pts = points_at_pixels([[0.0, 20.0], [0.01, 20.0], [99.99, 20.0], [100.0, 20.0]], depth=5.0)
+    assert project(pts, CAMERA, rule).point_index.tolist() == [1, 2]

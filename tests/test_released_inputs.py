@@ -77,3 +77,40 @@ def test_checkpoints_with_the_old_inputs_are_refused(tmp_path):
     save_checkpoint(new, {"model": model, "config": {"stage": "pretrain", "config": {"model": {**fields, "inputs": STUDENT_INPUTS}}}})
     backbone, _ = load_backbone(new, 0.0)
     assert backbone.cfg.inputs == STUDENT_INPUTS
+
+
+def test_image_resize_is_the_released_float_bilinear(tmp_path):
+    """torchvision's resize of a float tensor in [0, 1], no antialias (the CVPR environment):
+    halving a 4 x 8 image averages each 2 x 2 block exactly; with antialias (ScaLR+) it blurs more."""
+    from PIL import Image
+
+    from stages.extract import load_resized
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "i.png")
+    out = load_resized(tmp_path / "i.png", (4, 8), (2, 4))
+    blocks = (pixels / 255.0).reshape(2, 2, 4, 2, 3).mean(axis=(1, 3))
+    assert out.dtype == np.float32 and np.allclose(out, blocks, atol=1e-6)
+    assert not np.allclose(load_resized(tmp_path / "i.png", (4, 8), (2, 4), antialias=True), blocks, atol=1e-3)
+
+
+def test_dinov2_position_embeddings_follow_the_cvpr_code():
+    """CVPR recipe: the 37 x 37 table of 518 px, bicubic at scale factors (h + 0.1) / 37 and
+    (w + 0.1) / 37 at every forward, no antialias; scalr-plus: timm's table resized at load."""
+    from stages.teachers import load_teacher
+
+    cvpr = load_teacher("dinov2-vits14", (224, 448), random_init=True, pos_embed="dinov2-cvpr").model
+    table = cvpr.pos_embed.detach()
+    assert table.shape == (1, 1 + 37 * 37, 384)
+    tokens = torch.zeros(1, 16, 32, 384)
+    got = cvpr._pos_embed(tokens)
+    grid = table[:, 1:].reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, scale_factor=(16.1 / 37, 32.1 / 37), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 512, 384)
+    torch.testing.assert_close(got[:, 1:], expected, rtol=0, atol=0)
+    torch.testing.assert_close(got[:, :1], cvpr.cls_token + table[:, :1], rtol=0, atol=0)
+    by_size = torch.nn.functional.interpolate(grid, size=(16, 32), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 512, 384)
+    assert (expected - by_size).abs().max() > 1e-3  # the two rules do differ
+    plus = load_teacher("dinov2-vits14", (224, 448), random_init=True, pos_embed="timm").model
+    assert plus.pos_embed.shape == (1, 1 + 512, 384)
+    assert load_teacher("test-vit", (32, 64), random_init=True, pos_embed="dinov2-cvpr").provenance["pos_embed"].startswith("timm")

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.synth import SynthConfig, generate
 from stages.extract import ExtractConfig, extract
-from storage.feature_store import PART_RECORD_KEY, FeatureStore, StoreError
+from storage.feature_store import FORMAT_VERSION, PART_RECORD_KEY, FeatureStore, StoreError
 from storage.verify import verify_store
 
 from helpers import reseal
@@ -197,7 +197,11 @@ def test_a_store_of_an_older_format_is_refused(store, tmp_path):
     meta = json.loads((path / "zarr.json").read_text())
     meta["attributes"]["format_version"] = 1
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="store format version 1, this scalr reads version 2; extract it again"):
+    with pytest.raises(StoreError, match="store format version 1, this scalr reads version 3; extract it again"):
+        FeatureStore(path)
+    meta["attributes"]["format_version"] = 2  # the old pixel, border and resize rules
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"version 2 \(its targets use scalr 0.1's pixel, border and resize rules, not the released code's\), this scalr reads version 3"):
         FeatureStore(path)
 
 
@@ -206,7 +210,7 @@ def test_every_chunk_is_a_file_even_when_all_zero(tmp_path):
     from storage.feature_store import PartWriter
 
     dim, n = 2048, 3000  # points layout, chunks of 1024 rows: three chunks
-    attrs = {"format": "scalr-feature-store", "format_version": 2, "plan": {"scans": 1, "scans_per_part": 1}, "teacher": {"dim": dim}, "layout": "points"}
+    attrs = {"format": "scalr-feature-store", "format_version": FORMAT_VERSION, "plan": {"scans": 1, "scans_per_part": 1}, "teacher": {"dim": dim}, "layout": "points"}
     store = FeatureStore.create_or_open(tmp_path / "z.zarr", attrs)
     writer = PartWriter(store, 0)
     writer.add({"scan_index": 0, "scan_id": "a", "camera": "c", "scan_points": n, "image_height": 1, "image_width": 1, "status": "ok", "reason": ""},

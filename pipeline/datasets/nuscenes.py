@@ -72,8 +72,8 @@ META = DatasetMeta(
     learning_map={i: (CLASSES.index(c) if c else IGNORE_INDEX) for i, (_, c) in enumerate(RAW_CATEGORIES)},
     splits=tuple(SPLIT_VERSION),
     camera_names=CAMERAS,
-    # nuScenes devkit `map_pointcloud_to_image`: depth > 1 m and a 1-pixel border.
-    visibility=VisibilityRule(name="nuscenes-devkit: depth > 1.0 m, 1 < u < W-1, 1 < v < H-1", min_depth=1.0, margin=1.0),
+    # The released ScaLR code (datasets/nuscenes_for_scalr.py): depth > 1 m, 0 < u < W-1.
+    visibility=VisibilityRule(name="released ScaLR: depth > 1.0 m, 0 < u < W-1, 0 < v < H-1", min_depth=1.0, far_margin=1.0),
     intensity_max=255.0,
     intensity_mean=18.742355,
     intensity_std=22.04632,

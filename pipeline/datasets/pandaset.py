@@ -68,7 +68,7 @@ def _meta(name: str, cameras: tuple[str, ...], intensity_mean: float, intensity_
         learning_map={k: (CLASSES.index(c) if c else IGNORE_INDEX) for k, (_, c) in RAW_CLASSES.items()},
         splits=("train", "val"),
         camera_names=cameras,
-        visibility=VisibilityRule(name="pandaset: z_cam > 0, inside the image", min_depth=0.0),
+        visibility=VisibilityRule(name="released ScaLR (pandaset devkit): z_cam > 0, 0 < u < W, 0 < v < H", min_depth=0.0),
         intensity_max=255.0,
         intensity_mean=intensity_mean,
         intensity_std=intensity_std,

@@ -65,7 +65,8 @@ META = DatasetMeta(
     learning_map={k: (CLASSES.index(c) if c else IGNORE_INDEX) for k, (_, c) in RAW_LABELS.items()},
     splits=tuple(SPLITS),
     camera_names=(CAMERA,),
-    visibility=VisibilityRule(name="scalr-kitti: lidar x > 1.0 m, P2 @ Tr, 0 <= u < W, 0 <= v < H", min_depth=0.0, min_lidar_x=1.0),
+    # The released ScaLR code (datasets/semantic_kitti_for_scalr.py): no depth test.
+    visibility=VisibilityRule(name="released ScaLR: lidar x > 1.0 m, P2 @ Tr, 0 < u < W-1, 0 < v < H-1", min_depth=None, min_lidar_x=1.0, far_margin=1.0),
     intensity_max=1.0,
     intensity_mean=0.28613698,
     intensity_std=0.14090556,
