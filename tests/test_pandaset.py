@@ -89,3 +89,16 @@ def test_four_lidars_pretrain_together(pandaset_root, nuscenes_root, kitti_root,
     cfg = PretrainConfig(tuple(stores), tmp_path / "run", model=WaffleIronConfig(depth=2, width=16, grid_shape=grid.shape), sample=SampleConfig(max_points=3000, grid=grid),
                          optim=OptimConfig(warmup_iters=1), train=TrainConfig(batch_size=4, epochs=1, num_workers=0))  # fmt: skip
     assert pretrain(cfg)["steps"] == 2
+
+
+def test_sequences_without_semseg_are_left_out(pandaset_root, tmp_path):
+    """As the released code (it lists */annotations/semseg/): a sequence without semseg
+    annotations is not part of any split, and the reader says which it left out."""
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(pandaset_root, root)
+    shutil.copytree(root / "001", root / "003")
+    shutil.rmtree(root / "003/annotations/semseg")
+    ds = open_dataset("pandar64", root, "train")
+    assert ds.scan_ids == ["001/00", "001/01"] and ds.unlabelled == ["003"]

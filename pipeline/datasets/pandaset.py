@@ -16,6 +16,7 @@ camera transforms account for that. Split by the latitude of the sequence's firs
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from pipeline.datasets.records import Record, read_json, records
 from pipeline.errors import DatasetError
 from pipeline.geometry import check_intrinsics, check_rigid, invert_rigid, pose_matrix, rigid
 from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRule
+
+log = logging.getLogger(__name__)
 
 CLASSES = (
     "road", "traffic_sign", "barrier", "pedestrian", "vegetation", "road_marking", "sidewalk",
@@ -131,10 +134,14 @@ class _PandaSet(LidarDataset):
         super().__init__(root, split, keep_going)
         self._sequences: dict[str, _Sequence] = {}
         self._ids: list[str] = []
+        self.unlabelled: list[str] = []  # sequences without semseg annotations: not used (as the released code)
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
             folder = Path(entry.path)
             if not (folder / "lidar").is_dir():
                 continue  # not a sequence folder
+            if not (folder / "annotations" / "semseg").is_dir():
+                self.unlabelled.append(entry.name)
+                continue
             try:
                 latitude = _latitude(folder / "meta" / "gps.json")
             except DatasetError as err:  # the split of this sequence is unknown: never silently dropped
@@ -145,8 +152,10 @@ class _PandaSet(LidarDataset):
             frames = tuple(sorted(e.name[: -len(".pkl.gz")] for e in os.scandir(folder / "lidar") if e.name.endswith(".pkl.gz")))
             self._sequences[entry.name] = _Sequence(entry.name, frames)
             self._ids.extend(f"{entry.name}/{f}" for f in frames)
+        if self.unlabelled:
+            log.info("%s: %d PandaSet sequence(s) without annotations/semseg left out, as the released code (%s)", self.root, len(self.unlabelled), ", ".join(self.unlabelled[:8]))
         if not self._ids and not self.problems:
-            raise DatasetError(self.root, f"no PandaSet sequence of the {split} split (sequence folders with lidar/ and meta/gps.json)")
+            raise DatasetError(self.root, f"no PandaSet sequence of the {split} split (sequence folders with lidar/, annotations/semseg/ and meta/gps.json)")
 
     @property
     def scan_ids(self) -> list[str]:
