@@ -332,6 +332,8 @@ def _segment_command(mode: str):
     @SPLIT
     @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder.")
     @click.option("--labels", "labels_fraction", type=click.Choice(["1", "10", "100"]), default="100", help="Percent of the training scans with labels (every 100th / 10th scan of the sorted list).")
+    @click.option("--frames-file", type=click.Path(path_type=Path), default=None,
+                  help="The labelled scans: a text file of scan ids (one a line) or a released ScaLR .npy list (e.g. nuscenes-ratio_100-v_0.npy for 1%; read with pickle: use lists you trust). Give --labels too, for the schedule.")
     @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML file of overrides.")
     @click.option("--set", "sets", multiple=True, help="Override any config key, e.g. --set optim.lr=5e-4.")
     @click.option("--epochs", type=int, default=None)
@@ -340,12 +342,12 @@ def _segment_command(mode: str):
     @click.option("--device", default=None)
     @click.option("--num-workers", type=int, default=None)
     @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out.")
-    def command(dataset, root, split, out, labels_fraction, config_file, sets, epochs, batch_size, precision, device, num_workers, fresh, **extra):
+    def command(dataset, root, split, out, labels_fraction, frames_file, config_file, sets, epochs, batch_size, precision, device, num_workers, fresh, **extra):
         from pipeline.config import layered
         from stages.segment import SegmentConfig, train_segmentation
 
         flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.precision": precision, "train.device": device, "train.num_workers": num_workers}
-        cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=root, split=split, out=out, labels_fraction=int(labels_fraction) / 100, **extra)
+        cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=root, split=split, out=out, labels_fraction=int(labels_fraction) / 100, frames_file=frames_file, **extra)
         cfg = layered(cfg, config_file, sets, flags)
         summary = train_segmentation(cfg, resume=not fresh)
         click.echo(f"{mode}: {summary['steps']} steps; checkpoint {summary['checkpoint']}; evaluate with: scalr evaluate --checkpoint {summary['checkpoint']} ...")
@@ -354,8 +356,8 @@ def _segment_command(mode: str):
 
 
 CHECKPOINT = click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Pretraining checkpoint (RUN/checkpoints/last.pt).")
-probe = main.command("probe", help="Linear probing: frozen pretrained backbone (eval mode), train a BatchNorm + linear head (AdamW lr 1e-3, wd 3e-3, 20 epochs, warm-up 2 epochs, cosine).")(CHECKPOINT(_segment_command("probe")))
-finetune = main.command("finetune", help="Finetune a pretrained backbone with a new head: drop-path 0.2, layer-wise lr decay (0.99 at 100% labels, 0.95 below), AdamW lr 2e-3, wd 0, CE + Lovasz.")(
+probe = main.command("probe", help="Linear probing: frozen pretrained backbone (eval mode), train a BatchNorm + linear head (AdamW lr 1e-3, wd 3e-3, 20 epochs (PandaSet 50), warm-up 2 epochs, cosine to 1e-5, as the released configs).")(CHECKPOINT(_segment_command("probe")))
+finetune = main.command("finetune", help="Finetune a pretrained backbone with a new head: drop-path 0.2, layer-wise lr decay (0.99 at 100% labels, 0.95 below), AdamW lr 2e-3, wd 0, CE + Lovasz; 25 epochs, 2 warm-up (SemanticKITTI 10, 1; 1%/10% labels 45, 4), cosine to 0, as the released configs.")(
     CHECKPOINT(click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay (default by label fraction).")(_segment_command("finetune")))
 )
 scratch = main.command("train-scratch", help="Supervised baseline: the same training from a random initialisation.")(

@@ -37,25 +37,52 @@ def crop_nearest(xyz: np.ndarray, max_points: int, rng: np.random.Generator) -> 
     return np.sort(np.argpartition(d2, max_points - 1)[:max_points])
 
 
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    a = rng.uniform(0, 2 * np.pi)  # uniform angle about z
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[c, s], [-s, c]], dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class Augment:
-    rotate: bool = True  # uniform angle about z
-    flip: bool = True  # none, x or y, each with probability 1/3 (a flip with p = 2/3)
-    scale: tuple[float, float] = (0.9, 1.1)  # isotropic scale range; (1, 1) for none
+    """Pretraining (as the released distillation code): one rotation about z, a flip of x or y
+    (none, x, y each with probability 1/3) and an isotropic scale of the coordinates; the inputs
+    are computed from the augmented points. With `separate_features` (as the released finetune
+    code): the inputs are computed from the original points; the coordinates (cells, neighbours,
+    field of view) are rotated and flipped, not scaled; the input x, y are rotated by their own
+    angle and the input x, y, z and radius scaled, never flipped."""
+
+    rotate: bool = True
+    flip: bool = True
+    scale: tuple[float, float] = (0.9, 1.1)  # (1, 1) for none
+    separate_features: bool = False
 
     def __call__(self, xyz: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         xyz = xyz.astype(np.float32, copy=True)
         if self.rotate:
-            a = rng.uniform(0, 2 * np.pi)
-            c, s = np.cos(a), np.sin(a)
-            xyz[:, :2] = xyz[:, :2] @ np.array([[c, s], [-s, c]], dtype=np.float32)
+            xyz[:, :2] = xyz[:, :2] @ _rotation(rng)
+        self._flip(xyz, rng)
+        if self.scale != (1.0, 1.0):
+            xyz *= rng.uniform(*self.scale)
+        return xyz
+
+    def apart(self, xyz: np.ndarray, feats: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(coordinates, inputs) augmented separately (`separate_features`); `feats` are the five
+        inputs (intensity, x, y, z, radius) of the original points."""
+        xyz, feats = xyz.astype(np.float32, copy=True), feats.astype(np.float32, copy=True)
+        if self.rotate:
+            xyz[:, :2] = xyz[:, :2] @ _rotation(rng)
+            feats[:, 1:3] = feats[:, 1:3] @ _rotation(rng)
+        self._flip(xyz, rng)
+        if self.scale != (1.0, 1.0):
+            feats[:, 1:5] *= rng.uniform(*self.scale)
+        return xyz, feats
+
+    def _flip(self, xyz: np.ndarray, rng: np.random.Generator) -> None:
         if self.flip:
             axis = rng.integers(3)  # 0: none, 1: x, 2: y
             if axis:
                 xyz[:, axis - 1] *= -1
-        if self.scale != (1.0, 1.0):
-            xyz *= rng.uniform(*self.scale)
-        return xyz
 
 
 FOV_EPS = 1e-4  # metres: the released crop keeps lo + eps < p < hi - eps

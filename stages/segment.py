@@ -31,12 +31,27 @@ from storage.checkpoint import CheckpointError, load_weights
 
 log = logging.getLogger(__name__)
 
-# The paper's recipes (RECIPE.md); `SegmentConfig.for_mode` starts from these.
+# The paper's recipes (RECIPE.md); `SegmentConfig.for_mode` starts from these and the released
+# schedule of the dataset and label fraction (`released_schedule`).
 MODES = {
-    "probe": dict(lr=1e-3, weight_decay=3e-3, epochs=20, drop_path=0.0),
-    "finetune": dict(lr=2e-3, weight_decay=0.0, epochs=25, drop_path=0.2),
-    "scratch": dict(lr=2e-3, weight_decay=0.0, epochs=25, drop_path=0.2),
+    "probe": dict(lr=1e-3, weight_decay=3e-3, drop_path=0.0),
+    "finetune": dict(lr=2e-3, weight_decay=0.0, drop_path=0.2),
+    "scratch": dict(lr=2e-3, weight_decay=0.0, drop_path=0.2),
 }
+
+
+def released_schedule(mode: str, dataset: str | None, fraction: float) -> dict:
+    """Epochs, warm-up epochs and final lr of the released downstream configs
+    (configs/downstream/*/WI_768_*.yaml): probing 20 epochs (PandaSet 50), 2 warm-up, cosine to
+    1e-5; finetuning (and training from scratch) to lr 0: 100% labels 25 epochs, 2 warm-up
+    (SemanticKITTI 10, 1), 1% and 10% labels 45 epochs, 4 warm-up."""
+    if mode == "probe":
+        return {"epochs": 50 if dataset in ("pandar64", "pandargt") else 20, "warmup_epochs": 2.0, "min_lr": 1e-5}
+    if fraction < 1.0:
+        return {"epochs": 45, "warmup_epochs": 4.0, "min_lr": 0.0}
+    if dataset == "semantickitti":
+        return {"epochs": 10, "warmup_epochs": 1.0, "min_lr": 0.0}
+    return {"epochs": 25, "warmup_epochs": 2.0, "min_lr": 0.0}
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,7 @@ class SegmentConfig:
     split: str = "train"
     student: str = "WI-48-256"  # scratch only: the preset to train
     labels_fraction: float = 1.0  # 1.0, 0.1 or 0.01: every (1/fraction)-th scan of the sorted list
+    frames_file: Path | None = None  # the labelled scans instead: a text list of scan ids or a released .npy list
     layer_decay: float | None = None  # finetune: None = 0.99 at 100% labels, 0.95 below
     drop_path: float | None = None  # None = the mode's (0.2 for finetune/scratch)
     warmup_epochs: float = 2.0
@@ -62,7 +78,9 @@ class SegmentConfig:
             raise ValueError(f"unknown mode {mode!r}: {', '.join(MODES)}")
         m = MODES[mode]
         sample = downstream_sample(kw["dataset"], mode) if "dataset" in kw and "sample" not in kw else kw.pop("sample", SampleConfig(max_points=20000))
-        return cls(mode=mode, optim=OptimConfig(lr=m["lr"], weight_decay=m["weight_decay"]), train=TrainConfig(epochs=m["epochs"]), sample=sample, **kw)
+        s = released_schedule(mode, kw.get("dataset"), kw.get("labels_fraction", 1.0))
+        return cls(mode=mode, optim=OptimConfig(lr=m["lr"], weight_decay=m["weight_decay"], min_lr=s["min_lr"]), train=TrainConfig(epochs=s["epochs"]),
+                   warmup_epochs=kw.pop("warmup_epochs", s["warmup_epochs"]), sample=sample, **kw)  # fmt: skip
 
 
 # The released finetuning configs' exceptions to a dataset's field of view (configs/downstream).
@@ -108,6 +126,35 @@ class SegmentationModel(nn.Module):
         else:
             features = self.backbone(batch)
         return self.head(features)
+
+
+def frames_from_file(ds: LidarDataset, path: Path) -> list[int]:
+    """Indices of the scans a frame list names: a text file (one scan id per line; # comments)
+    or a released ScaLR .npy list (rows of strings: lidar file, label file, token; each row is
+    matched by any of its strings that is a scan id or a lidar file name). Every entry must match."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "frame list is missing")
+    if path.suffix == ".npy":
+        try:  # the released lists are object arrays: numpy needs pickle to read them
+            rows = [[str(v) for v in np.atleast_1d(row)] for row in np.load(path, allow_pickle=True)]
+        except (ValueError, OSError, EOFError) as err:
+            raise DatasetError(path, f"not a readable .npy frame list ({err})") from None
+    else:
+        rows = [[line.strip()] for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    position = {scan_id: i for i, scan_id in enumerate(ds.scan_ids)}
+    aliases = ds.scan_aliases()
+    indices = []
+    for n, row in enumerate(rows, 1):
+        found = next((position[s] for s in row if s in position), None)
+        if found is None:
+            found = next((position[aliases[Path(s).name]] for s in row if Path(s).name in aliases), None)
+        if found is None:
+            raise DatasetError(path, f"entry {n} ({' '.join(row)[:120]}) names no scan of {ds.meta.name} {ds.split}")
+        indices.append(found)
+    if not indices:
+        raise DatasetError(path, "frame list is empty")
+    return sorted(set(indices))
 
 
 def label_subset(ids: list[str], fraction: float) -> list[int]:
@@ -184,7 +231,7 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     if len(ds) == 0:
         raise DatasetError(cfg.root, f"split {cfg.split} is empty")
-    indices = label_subset(ds.scan_ids, cfg.labels_fraction)
+    indices = frames_from_file(ds, cfg.frames_file) if cfg.frames_file else label_subset(ds.scan_ids, cfg.labels_fraction)
     drop = mode["drop_path"] if cfg.drop_path is None else cfg.drop_path
     if cfg.mode == "scratch":
         if cfg.checkpoint is not None:
@@ -203,7 +250,7 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
         groups = layer_decay_groups(model, cfg.optim.lr, decay)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    data = LabelledScans(ds, indices, dataclasses.replace(cfg.sample, augment=Augment(scale=(0.9, 1.1))), train=True)
+    data = LabelledScans(ds, indices, dataclasses.replace(cfg.sample, augment=Augment(scale=(0.9, 1.1), separate_features=True)), train=True)
     steps_per_epoch = len(indices) // cfg.train.batch_size
     if steps_per_epoch == 0:
         raise DatasetError(cfg.root, f"{len(indices)} labelled scans cannot fill one batch of {cfg.train.batch_size}")

@@ -136,11 +136,15 @@ def student_inputs(points: np.ndarray, intensity_norm: tuple[float, float], cfg:
     keep = voxel_downsample(points[:, :3], cfg.voxel, rng if train else None)  # evaluation: the first point of each voxel
     if train:
         keep = keep[crop_nearest(points[keep, :3], cfg.max_points, rng)]
-    xyz = cfg.augment(points[keep, :3], rng) if train else points[keep, :3].astype(np.float32)
+    if train and cfg.augment.separate_features:  # downstream: inputs of the original points, augmented apart
+        xyz, feats = cfg.augment.apart(points[keep, :3], student_features(points[keep, :3], points[keep, 3], intensity_norm), rng)
+    else:
+        xyz = cfg.augment(points[keep, :3], rng) if train else points[keep, :3].astype(np.float32)
+        feats = student_features(xyz, points[keep, 3], intensity_norm)
     inside = cfg.grid.inside(xyz)
-    keep, xyz = keep[inside], xyz[inside]
+    keep, xyz, feats = keep[inside], xyz[inside], feats[inside]
     return keep, {
-        "feats": student_features(xyz, points[keep, 3], intensity_norm),
+        "feats": feats,
         "cells": cfg.grid.cells(xyz),
         "neighbours": knn(xyz, cfg.neighbours),
     }

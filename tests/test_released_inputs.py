@@ -114,3 +114,40 @@ def test_dinov2_position_embeddings_follow_the_cvpr_code():
     plus = load_teacher("dinov2-vits14", (224, 448), random_init=True, pos_embed="timm").model
     assert plus.pos_embed.shape == (1, 1 + 512, 384)
     assert load_teacher("test-vit", (32, 64), random_init=True, pos_embed="dinov2-cvpr").provenance["pos_embed"].startswith("timm")
+
+
+def test_downstream_augmentation_treats_inputs_apart():
+    """Released finetune.py: coordinates rotated and flipped, not scaled; inputs from the original
+    points, x and y rotated by their own angle, x, y, z and radius scaled, never flipped."""
+    from pipeline.transforms import Augment
+
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(-20, 20, (200, 3)).astype(np.float32)
+    feats = student_features(xyz, rng.uniform(0, 255, 200).astype(np.float32), (18.742355, 22.04632))
+    for seed in range(6):
+        coords, inputs = Augment(separate_features=True).apart(xyz, feats, np.random.default_rng(seed))
+        np.testing.assert_allclose(np.linalg.norm(coords[:, :2], axis=1), np.linalg.norm(xyz[:, :2], axis=1), rtol=1e-5)  # rotation, flip: no scale
+        assert np.array_equal(coords[:, 2], xyz[:, 2]) and np.array_equal(inputs[:, 0], feats[:, 0])
+        s = inputs[:, 4] / feats[:, 4]
+        assert np.allclose(s, s[0]) and 0.9 <= s[0] <= 1.1  # one scale on the radius ...
+        np.testing.assert_allclose(inputs[:, 3], feats[:, 3] * s[0], rtol=1e-5)  # ... and on z
+        np.testing.assert_allclose(np.linalg.norm(inputs[:, 1:3], axis=1), s[0] * np.linalg.norm(feats[:, 1:3], axis=1), rtol=1e-5)
+        rot_inputs = inputs[:, 1:3] / s[0]  # a pure rotation of the inputs' x, y (determinant +1: never flipped)
+        m = np.linalg.lstsq(feats[:, 1:3], rot_inputs, rcond=None)[0]
+        assert np.isclose(np.linalg.det(m), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "mode, dataset, fraction, epochs, warmup, min_lr",
+    [("probe", "nuscenes", 1.0, 20, 2, 1e-5), ("probe", "pandar64", 1.0, 50, 2, 1e-5), ("finetune", "nuscenes", 1.0, 25, 2, 0.0),
+     ("finetune", "semantickitti", 1.0, 10, 1, 0.0), ("finetune", "nuscenes", 0.01, 45, 4, 0.0), ("finetune", "semantickitti", 0.1, 45, 4, 0.0),
+     ("finetune", "pandargt", 1.0, 25, 2, 0.0)],
+)  # fmt: skip
+def test_downstream_schedules_are_the_released_configs(mode, dataset, fraction, epochs, warmup, min_lr, tmp_path):
+    from stages.segment import SegmentConfig
+
+    cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=tmp_path, out=tmp_path, labels_fraction=fraction)
+    assert (cfg.train.epochs, cfg.warmup_epochs, cfg.optim.min_lr) == (epochs, warmup, min_lr)
+    lo, hi = cfg.sample.grid.lo, cfg.sample.grid.hi
+    expected = {"pandar64": 128.0, "pandargt": 96.0 if mode == "finetune" else 128.0}.get(dataset, 64.0)
+    assert (lo[0], hi[0], cfg.sample.grid.cell, cfg.sample.max_points) == (-expected, expected, 0.5, 20000)

@@ -70,7 +70,7 @@ def test_finetune_and_scratch_train(kitti_root, pretrained, tmp_path):
     ft = train_segmentation(probe_cfg(kitti_root, tmp_path / "ft", pretrained, mode="finetune", epochs=2))
     state = load_checkpoint(ft["checkpoint"])
     assert state["config"]["config"]["model"]["drop_path"] == 0.2
-    lrs = [g["lr"] for g in state["optimizer"]["param_groups"]]
+    lrs = [g["initial_lr"] for g in state["optimizer"]["param_groups"]]  # base rates (the schedule ends at lr 0)
     assert len(lrs) == 4 and lrs[0] < lrs[-1]  # embedding, 2 layers, head: decayed rates
     cfg = probe_cfg(kitti_root, tmp_path / "scratch", None, mode="scratch", epochs=1)
     scratch = train_segmentation(cfg.__class__(**{**cfg.__dict__, "student": "WI-12-64"}))
@@ -334,3 +334,24 @@ def test_embed_writes_student_features_of_the_released_evaluation_points(kitti_r
     for scan_id, count in counts.items():
         xyz = ds[ds.index_of(scan_id)].points[:, :3]
         assert count == int(((np.abs(xyz[:, :2]) < np.float32(64 - 1e-4)).all(1) & (np.abs(xyz[:, 2]) < np.float32(8 - 1e-4))).sum())
+
+
+def test_frame_lists_text_and_released_npy(nuscenes_root, tmp_path):
+    """--frames-file: scan ids one a line, or the released .npy rows (lidar file, label file,
+    token) matched by token or by lidar file name; an entry naming no scan is an error."""
+    from pipeline.datasets import open_dataset
+    from stages.segment import frames_from_file
+
+    ds = open_dataset("nuscenes", nuscenes_root, "mini_train")
+    ids = ds.scan_ids
+    last = len(ids) - 1
+    assert last >= 1
+    (tmp_path / "f.txt").write_text(f"# two frames\n{ids[last]}\n\n{ids[0]}\n")
+    assert frames_from_file(ds, tmp_path / "f.txt") == [0, last]
+    files = {token: name for name, token in ds.scan_aliases().items()}
+    rows = np.array([[f"samples/LIDAR_TOP/{files[ids[last]]}", "lidarseg/x.bin", "not-a-token"], ["a", "b", ids[0]]], dtype=object)
+    np.save(tmp_path / "f.npy", rows, allow_pickle=True)
+    assert frames_from_file(ds, tmp_path / "f.npy") == [0, last]
+    (tmp_path / "bad.txt").write_text(f"{ids[0]}\nnope\n")
+    with pytest.raises(DatasetError, match="bad.txt: entry 2 \\(nope\\) names no scan of nuscenes mini_train"):
+        frames_from_file(ds, tmp_path / "bad.txt")

@@ -64,6 +64,10 @@ class LidarDataset(abc.ABC):
             raise self.broken[self.scan_ids[index]]
         return self.load(index)
 
+    def scan_aliases(self) -> dict[str, str]:
+        """Other names of scans (e.g. a lidar file's name) -> scan id, for frame lists."""
+        return {}
+
     def index_of(self, scan_id: str) -> int:
         try:
             return self.scan_ids.index(scan_id)

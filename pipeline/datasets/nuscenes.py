@@ -151,6 +151,10 @@ class NuScenes(LidarDataset):
     def scan_ids(self) -> list[str]:
         return self._ids
 
+    def scan_aliases(self) -> dict[str, str]:
+        """The lidar file of each keyframe (samples/LIDAR_TOP/*.pcd.bin, as the released frame lists name it)."""
+        return {Path(r.filename).name: r.token for r in self._records}
+
     def _index(self, tables_dir: Path) -> list[_ScanRecord]:
         """Every table is a list of records and every field is read through a checker. A table
         that cannot be parsed stops the index; a bad record breaks only the scans that use it."""
