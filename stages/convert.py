@@ -66,54 +66,46 @@ def released_state_dict(state: dict) -> dict | None:
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state[key].items()}
 
 
-def _squeeze(name: str, tensor: torch.Tensor, dims: int) -> torch.Tensor:
-    return tensor.reshape(tensor.shape[: tensor.ndim - dims]) if name.endswith("weight") and dims else tensor
+def _rename(key: str, to_scalr: bool) -> tuple[str, int | None] | None:
+    """(the key in the other format, trailing singleton dims of the released `.weight`; None for
+    the head, whose convs become linears) or None for a key of neither model."""
+    src, dst = (0, 1) if to_scalr else (1, 0)
+    head = ("classif.", "head.")
+    if key.startswith(head[src]):
+        return head[dst] + key[len(head[src]) :], None
+    if m := (_LAYER_KEY if to_scalr else _SCALR_LAYER_KEY).match(key):
+        rule = next((r for r in _LAYER if r[src] == m[1] and m[3].startswith(r[2])), None)
+        if rule is None:
+            return None
+        return (f"backbone.{rule[1]}.{m[2]}.{m[3]}" if to_scalr else f"waffleiron.{rule[0]}.{m[2]}.{m[3]}"), rule[3]
+    rule = next((r for r in _FIXED if key.startswith(r[src])), None)
+    return None if rule is None else (rule[dst] + key[len(rule[src]) :], rule[2])
 
 
-def _unsqueeze(name: str, tensor: torch.Tensor, dims: int) -> torch.Tensor:
-    return tensor.reshape(*tensor.shape, *([1] * dims)) if name.endswith("weight") and dims else tensor
+def _convert(weights: dict, path: Path, to_scalr: bool) -> dict:
+    out = {}
+    for key, tensor in weights.items():
+        renamed = _rename(key, to_scalr)
+        if renamed is None:
+            what = "is not a tensor of the released WaffleIron segmenter (embed.*, waffleiron.*, classif.*)" if to_scalr else "has no counterpart in the released WaffleIron segmenter"
+            raise CheckpointError(path, f"{key} {what}")
+        name, dims = renamed
+        if dims is None:  # head: conv weight (out, in, 1) <-> linear (out, in)
+            dims = 1 if tensor.ndim == (3 if to_scalr else 2) and key.endswith("weight") else 0
+        if key.endswith("weight") and dims:
+            tensor = tensor.reshape(tensor.shape[: tensor.ndim - dims]) if to_scalr else tensor.reshape(*tensor.shape, *([1] * dims))
+        out[name] = tensor
+    return out
 
 
 def from_released(weights: dict, path: Path) -> dict:
     """Released Segmenter weights -> scalr weights (`backbone.*`, `head.*`)."""
-    out = {}
-    for key, tensor in weights.items():
-        if key.startswith("classif."):  # conv weights (out, in, 1) -> linear (out, in)
-            out["head." + key[len("classif.") :]] = tensor[..., 0] if tensor.ndim == 3 else tensor
-            continue
-        if m := _LAYER_KEY.match(key):
-            rule = next((r for r in _LAYER if r[0] == m[1] and m[3].startswith(r[2])), None)
-            if rule is not None:
-                out[f"backbone.{rule[1]}.{m[2]}.{m[3]}"] = _squeeze(key, tensor, rule[3])
-                continue
-        else:
-            rule = next((r for r in _FIXED if key.startswith(r[0])), None)
-            if rule is not None:
-                out[rule[1] + key[len(rule[0]) :]] = _squeeze(key, tensor, rule[2])
-                continue
-        raise CheckpointError(path, f"{key} is not a tensor of the released WaffleIron segmenter (embed.*, waffleiron.*, classif.*)")
-    return out
+    return _convert(weights, path, to_scalr=True)
 
 
 def to_released(weights: dict, path: Path) -> dict:
     """scalr weights (`backbone.*`, `head.*`) -> released Segmenter weights."""
-    out = {}
-    for key, tensor in weights.items():
-        if key.startswith("head."):
-            out["classif." + key[len("head.") :]] = tensor[..., None] if tensor.ndim == 2 else tensor
-            continue
-        if m := _SCALR_LAYER_KEY.match(key):
-            rule = next((r for r in _LAYER if r[1] == m[1] and m[3].startswith(r[2])), None)
-            if rule is not None:
-                out[f"waffleiron.{rule[0]}.{m[2]}.{m[3]}"] = _unsqueeze(key, tensor, rule[3])
-                continue
-        else:
-            rule = next((r for r in _FIXED if key.startswith(r[1])), None)
-            if rule is not None:
-                out[rule[0] + key[len(rule[1]) :]] = _unsqueeze(key, tensor, rule[2])
-                continue
-        raise CheckpointError(path, f"{key} has no counterpart in the released WaffleIron segmenter")
-    return out
+    return _convert(weights, path, to_scalr=False)
 
 
 def architecture(weights: dict, path: Path) -> tuple[WaffleIronConfig, dict]:
