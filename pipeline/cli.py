@@ -276,6 +276,25 @@ def embed(checkpoint, dataset, root, split, out, voxel_size, dtype, device, max_
     click.echo(f"{out}: {store.plan.scans} scans embedded ({store.attrs['teacher']['dim']} dims, {dtype}); see `scalr inspect {out}`")
 
 
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Also draw every run's loss curve on one figure (PNG).")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+@reports_bad_input
+def runs(paths, plot, json_out):
+    """One table of runs: RUN folders, or folders searched for runs (any folder with config.json).
+    Per run: stage, student and its parameters, teachers (or the pretraining run it started from),
+    datasets, steps, final loss, the best mIoU of the eval-*.json files in or under it, wall time."""
+    from stages.runs import find_runs, plot_losses, run_row, table_lines
+
+    rows = [run_row(r) for r in find_runs(list(paths))]
+    click.echo("\n".join(table_lines(rows)))
+    if json_out:
+        Path(json_out).write_text(json.dumps([{k: v for k, v in r.items() if k != "losses"} for r in rows], indent=2))
+    if plot:
+        click.echo(f"plot: {plot_losses(rows, plot)}")
+
+
 @main.command("plot-features")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A student checkpoint (pretraining or downstream).")
 @DATASET

@@ -24,6 +24,8 @@ from stages.evaluate import EvaluateConfig, evaluate
 from stages.extract import ExtractConfig, extract
 from stages.inspect import plot_entry, plot_student
 from stages.pretrain import PretrainConfig, pretrain
+from stages.runs import find_runs, run_row
+from stages.runs import table_lines as runs_table
 from stages.segment import SegmentConfig, train_segmentation
 from stages.student_data import SampleConfig
 from stages.train import TrainConfig
@@ -95,18 +97,20 @@ def run_demo(cfg: DemoConfig) -> dict:
     pretrain(dataclasses.replace(pre, out=untrained, train=dataclasses.replace(pre.train, max_steps=0)))  # the same student, untrained
 
     _say("5/6 linear probing per rig: distilled student vs the same student at random init")
-    crop = SampleConfig(max_points=cfg.downstream_points)  # training crops keep the CPU demo short; evaluation sees whole scans
+    def crop(seg: SegmentConfig) -> SampleConfig:  # the dataset's released grid; training crops keep the CPU demo short, evaluation sees whole scans
+        return dataclasses.replace(seg.sample, max_points=cfg.downstream_points)
+
     results = {}
     for name, _, train, val in RIGS:
         row = {}
         for label, run in (("random-init", untrained), ("distilled", distilled)):
             probe = SegmentConfig.for_mode("probe", dataset=name, root=roots[name], split=train, out=cfg.runs / f"{run.name}-probe-{name}", checkpoint=run / "checkpoints/last.pt")
-            probe = dataclasses.replace(probe, train=dataclasses.replace(probe.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1, sample=crop)
+            probe = dataclasses.replace(probe, train=dataclasses.replace(probe.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1, sample=crop(probe))
             ckpt = train_segmentation(probe)["checkpoint"]
             row[label] = evaluate(EvaluateConfig(name, roots[name], Path(ckpt), split=val))["miou"]
         if cfg.scratch:
             scratch = SegmentConfig.for_mode("scratch", dataset=name, root=roots[name], split=train, out=cfg.runs / f"demo-{cfg.student}-scratch-{name}", student=cfg.student)
-            scratch = dataclasses.replace(scratch, train=dataclasses.replace(scratch.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1, sample=crop)
+            scratch = dataclasses.replace(scratch, train=dataclasses.replace(scratch.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1, sample=crop(scratch))
             row["scratch"] = evaluate(EvaluateConfig(name, roots[name], Path(train_segmentation(scratch)["checkpoint"]), split=val))["miou"]
         results[name] = row
 
@@ -124,6 +128,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     (cfg.out / "results.txt").write_text("\n".join(lines) + "\n")
     (cfg.out / "results.json").write_text(json.dumps({"miou": results, "config": dataclasses.asdict(cfg)}, indent=2, default=str))
     print("\n".join(lines))
+    runs = [run_row(r) for r in find_runs([cfg.runs])]
+    print("\nRuns (`scalr runs " + str(cfg.runs) + " --plot runs.png`):\n" + "\n".join(runs_table(runs)))
     print(f"\nfigures: {cfg.out}/ (projection/, features/, pretraining-loss.png); results: {cfg.out}/results.txt; {time.time() - t0:.0f} s")
     return results
 

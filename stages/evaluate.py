@@ -26,7 +26,7 @@ from pipeline.scan import IGNORE_INDEX, DatasetMeta
 from pipeline.transforms import Grid
 from stages.segment import load_segmenter
 from stages.student_data import SampleConfig, collate, student_inputs
-from stages.train import pick_device
+from stages.train import pick_device, tensorboard_writer
 from storage.checkpoint import CheckpointError
 
 
@@ -150,6 +150,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     result["json"] = str(out)
+    run = Path(cfg.checkpoint).parent.parent  # RUN/checkpoints/last.pt: beside the run's training curves
+    writer = tensorboard_writer(run) if (run / "config.json").is_file() else None
+    if writer is not None:
+        tag = f"eval/{ds.meta.name}-{cfg.split}"
+        writer.add_scalar(f"{tag}/miou", result["miou"], 0)
+        for name, iou in result["per_class_iou"].items():
+            if iou is not None:
+                writer.add_scalar(f"{tag}/iou/{name}", iou, 0)
+        writer.close()
     return result
 
 

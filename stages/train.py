@@ -129,6 +129,25 @@ def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: fl
 StepLoss = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]  # (sum of per-point losses, number of points)
 
 
+def tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer into RUN/tensorboard, or None with a one-line note when the optional
+    tensorboard package is absent (`pip install 'scalr[tb]'`)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard is not installed: metrics go to metrics.jsonl only (pip install 'scalr[tb]' adds TensorBoard event files)")
+        return None
+    return SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def fit(
     model: nn.Module,
     param_groups: list[dict],
@@ -177,6 +196,7 @@ def fit(
     else:
         torch.manual_seed(train.seed)
     metrics_file = run_dir / "metrics.jsonl"
+    writer = tensorboard_writer(run_dir) if ddp.rank == 0 else None
     if ddp.rank == 0:
         write_json(run_dir / "config.json", record)
         if step == 0:
@@ -246,6 +266,10 @@ def fit(
                 if ddp.rank == 0:
                     with open(metrics_file, "a") as f:
                         f.write(json.dumps(entry) + "\n")
+                if writer is not None:
+                    for key in ("loss", "lr", "samples_per_s"):
+                        writer.add_scalar(f"train/{key}", entry[key], step)
+                    writer.add_scalar("train/peak_memory_mib", peak_memory_mib(device), step)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", samples_s=f"{entry['samples_per_s']:.1f}")
                 window_loss, window_points, window_samples, t_window = 0.0, 0, 0, time.perf_counter()
             bar.update(1)
@@ -256,6 +280,8 @@ def fit(
             if step >= last_step:
                 break
     bar.close()
+    if writer is not None:
+        writer.close()
     if saved_step != step:
         save(step, epoch, batch_in_epoch)  # e.g. max_steps=0: the untrained model, a baseline to probe
     if ddp.rank == 0:

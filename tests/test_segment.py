@@ -355,3 +355,41 @@ def test_frame_lists_text_and_released_npy(nuscenes_root, tmp_path):
     (tmp_path / "bad.txt").write_text(f"{ids[0]}\nnope\n")
     with pytest.raises(DatasetError, match="bad.txt: entry 2 \\(nope\\) names no scan of nuscenes mini_train"):
         frames_from_file(ds, tmp_path / "bad.txt")
+
+
+def test_runs_table_plot_and_tensorboard(kitti_root, pretrained, tmp_path, monkeypatch, caplog):
+    """`scalr runs` finds runs under a folder and shows each one's stage, student, teachers or
+    pretraining run, steps, final loss and best evaluated mIoU; --plot draws all loss curves.
+    Every run writes TensorBoard events (evaluation too); without tensorboard, a note, no failure."""
+    import json
+    import logging
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "runs/probe"
+    args = ["probe", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", pretrained, "--out", str(out), "--epochs", "1",
+            "--batch-size", "2", "--num-workers", "0", "--set", "sample.grid.cell=4.0"]  # fmt: skip
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val", "--checkpoint", str(out / "checkpoints/last.pt")]).exit_code == 0
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/samples_per_s", "train/peak_memory_mib", "eval/semantickitti-val/miou"} <= set(tags)
+    assert any(t.startswith("eval/semantickitti-val/iou/") for t in tags)
+
+    pretrain_run = Path(pretrained).parent.parent
+    result = CliRunner().invoke(main, ["runs", str(tmp_path / "runs"), str(pretrain_run), "--plot", str(tmp_path / "loss.png"), "--json-out", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert rows["pretrain"]["teachers"] == ["test-vit"] and rows["pretrain"]["steps"] == 2 and rows["pretrain"]["parameters"] > 0
+    assert rows["probe"]["best_miou"] == json.loads((out / "eval-semantickitti-val.json").read_text())["miou"]
+    assert rows["probe"]["datasets"] == ["semantickitti/train"] and rows["probe"]["pretrained"] == str(pretrained)
+    assert "probe" in result.output and "test-vit" in result.output and (tmp_path / "loss.png").stat().st_size > 10_000
+    assert CliRunner().invoke(main, ["runs", str(tmp_path / "nothing")]).output.strip().endswith("no such run or folder")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were absent
+    from stages.train import tensorboard_writer
+
+    with caplog.at_level(logging.INFO, logger="stages.train"):
+        assert tensorboard_writer(tmp_path / "x") is None
+    assert "tensorboard is not installed" in caplog.text and not (tmp_path / "x/tensorboard").exists()

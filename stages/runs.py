@@ -1,0 +1,108 @@
+"""Runs side by side: one table of what each run trained, on what, how far, and how well, and
+one figure of their loss curves. A run folder is one with `config.json` (written by every
+training stage); its evaluations are the `eval-*.json` files in or under it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.waffleiron import param_count_closed_form
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run folders among `paths`: a folder with config.json, or every such folder under one."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such run or folder")
+        found = [path] if (path / "config.json").is_file() else sorted(p.parent for p in path.rglob("config.json"))
+        if not found:
+            raise FileNotFoundError(f"{path}: no run (a folder with config.json) in or under it")
+        runs += [r for r in found if r not in runs]
+    return runs
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_row(run: Path) -> dict:
+    """What a table row says about one run."""
+    record = json.loads((run / "config.json").read_text())
+    cfg = record.get("config", {})
+    model = cfg.get("model") or {}
+    stores = record.get("stores") or []
+    metrics = _metrics(run)
+    evals = []
+    for path in sorted(run.rglob("eval-*.json")):
+        result = json.loads(path.read_text())
+        evals.append((result.get("miou"), f"{result.get('dataset')} {result.get('split')}"))
+    best = max((e for e in evals if e[0] is not None), default=(None, ""))
+    if stores:
+        datasets = sorted({f"{s['dataset']['name']}/{s['dataset']['split']}" for s in stores})
+    elif isinstance(record.get("dataset"), dict):
+        datasets = [f"{record['dataset']['name']}/{record['dataset'].get('split', '')}"]
+    else:
+        datasets = []
+    return {
+        "run": str(run), "stage": record.get("stage", "?"),
+        "student": f"WI-{model['depth']}-{model['width']}" if model.get("width") else cfg.get("student", "?"),  # what was built, preset or not
+        "parameters": param_count_closed_form(model["width"], model["depth"], model.get("in_channels", 5)) if model.get("width") else None,
+        "teachers": sorted({s["teacher"]["name"] for s in stores}), "stores": [s["path"] for s in stores], "datasets": datasets,
+        "pretrained": record.get("pretrained"),
+        "steps": metrics[-1]["step"] if metrics else 0, "final_loss": metrics[-1]["loss"] if metrics else None,
+        "best_miou": best[0], "best_miou_on": best[1],
+        "wall_s": (metrics[-1]["time"] - metrics[0]["time"]) if len(metrics) > 1 and "time" in metrics[0] else None,
+        "losses": [(m["step"], m["loss"]) for m in metrics],
+    }  # fmt: skip
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    header = f"{'run':<28}{'stage':<10}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}{'datasets':<26}{'steps':>7}{'loss':>9}{'best mIoU':>11}{'wall':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        source = ", ".join(r["teachers"]) or (Path(r["pretrained"]).parent.parent.name if r["pretrained"] else "-")
+        params = "-" if not r["parameters"] else f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] >= 1e5 else f"{r['parameters'] / 1e3:.1f}k"
+        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        miou = f"{100 * r['best_miou']:.1f}" if r["best_miou"] is not None else "-"
+        wall = f"{r['wall_s'] / 60:.1f}m" if r["wall_s"] is not None else "-"
+        lines.append(f"{_fit(Path(r['run']).name, 27):<28}{r['stage']:<10}{r['student']:<12}{params:>9}  {_fit(source, 27):<28}{_fit(', '.join(r['datasets']), 25):<26}{r['steps']:>7}{loss:>9}{miou:>11}{wall:>8}")
+    return lines
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def plot_losses(rows: list[dict], out: Path) -> Path:
+    """Every run's loss curve on one figure (log scale when the losses span a decade)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), layout="constrained")
+    values = []
+    for r in rows:
+        if r["losses"]:
+            steps, losses = zip(*r["losses"])
+            ax.plot(steps, losses, marker="o", markersize=3, label=f"{Path(r['run']).name} ({r['stage']}, {r['student']})")
+            values += losses
+    if not values:
+        raise ValueError("no run has a metrics.jsonl with losses to plot")
+    if min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss of each run")
+    ax.legend(fontsize=8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
