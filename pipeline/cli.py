@@ -163,7 +163,7 @@ def parse_size(text: str) -> tuple[int, int]:
 @SPLIT
 @click.option("--teacher", required=True, help="Teacher name (see `scalr teachers`).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Feature store to create or finish (e.g. stores/nuscenes-train-dinov2-vitl14.zarr).")
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Teacher weights file (original release checkpoint or timm state dict).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Teacher weights file (original release checkpoint or timm state dict). Without --weights and --weights-dir: the teacher's weights by name from the Hugging Face cache (timm's repository; fetched once when online).")
 @click.option("--weights-dir", type=click.Path(path_type=Path), default=None, help="Folder holding weights under their documented file names.")
 @click.option("--random-init", is_flag=True, help="Random teacher weights, for tests and demos only; recorded in the store.")
 @click.option("--seed", default=0, help="Seed of --random-init.")

@@ -31,7 +31,7 @@ from pipeline import __version__
 from pipeline.datasets import LidarDataset, open_dataset
 from pipeline.errors import DatasetError
 from pipeline.geometry import resize_pixels
-from stages.teachers import POS_EMBED, Teacher, get_spec, load_teacher, pos_embed_rule, resolve_weights, sha256_file
+from stages.teachers import POS_EMBED, Teacher, get_spec, hub_provenance, load_teacher, pos_embed_rule, resolve_weights, sha256_file
 from storage.targets import sample_grid
 from storage.feature_store import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE, FeatureStore, PartWriter, StorePlan
 
@@ -118,6 +118,7 @@ def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str]) -> 
             "pos_embed": POS_EMBED[pos_embed_rule(spec, RECIPES[cfg.recipe].pos_embed)],
             "weights": "random-init seed %d" % cfg.seed if weights is None else sha256_file(weights),
             "random_init": weights is None,
+            "hub": hub_provenance(weights),  # by name from the Hugging Face cache: repository, revision, file
             "mean": list(data_cfg.get("mean", ())), "std": list(data_cfg.get("std", ())),
         },  # fmt: skip
         "teacher_weights_path": None if weights is None else str(Path(weights).resolve()),

@@ -3,15 +3,18 @@
 Every teacher maps a batch of images (B, 3, H, W) in [0, 1] (or uint8) to a token grid (B, D, H/p, W/p): the
 output of the LAST block BEFORE the final LayerNorm, prefix tokens (class, registers) removed.
 MaskCLIP instead returns CLIP's dense value-path features after ln_post and the visual
-projection (see `MaskCLIP`). Weights load from a local file only; random initialisation is
-explicit and recorded as such.
+projection (see `MaskCLIP`). Weights load from a local file, or by name from the standard
+Hugging Face cache (timm's hub repository of the architecture; downloaded once when online,
+`HF_HUB_OFFLINE=1` never touches the network); random initialisation is explicit and recorded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import pickle
+import re
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,7 +80,8 @@ def sha256_file(path: Path) -> str:
 
 
 def resolve_weights(spec: TeacherSpec, weights: Path | None, weights_dir: Path | None, random_init: bool) -> Path | None:
-    """The weights file to load, or None for an explicit random initialisation."""
+    """The weights file to load (given, in --weights-dir, or by name from the Hugging Face cache),
+    or None for an explicit random initialisation."""
     if random_init:
         if weights or weights_dir:
             raise WeightsError("--random-init and --weights/--weights-dir exclude each other")
@@ -85,7 +89,7 @@ def resolve_weights(spec: TeacherSpec, weights: Path | None, weights_dir: Path |
     if spec.random_init_only:
         raise WeightsError(f"teacher {spec.name} has no pretrained weights: pass --random-init")
     if weights is None and weights_dir is None:
-        raise WeightsError(f"teacher {spec.name} needs --weights FILE or --weights-dir DIR (holding {spec.weights_file}); such weights: {spec.weights_source}. For tests and demos only: --random-init")
+        return hub_weights(spec)
     path = Path(weights) if weights else Path(weights_dir) / spec.weights_file
     if not path.is_file():
         raise WeightsError(f"{path}: weights file for teacher {spec.name} is missing; such weights: {spec.weights_source}")
@@ -98,6 +102,42 @@ POS_EMBED = {
     "dinov2-cvpr": "dinov2-cvpr: the 37 x 37 table of 518 px kept; at every forward bicubic at scale factors "
                    "(h + 0.1) / 37, (w + 0.1) / 37, no antialias, as the released CVPR code's DINOv2",
 }  # fmt: skip
+
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repositories hold, preferred first
+
+
+def hub_weights(spec: TeacherSpec) -> Path:
+    """The teacher's pretrained weights from the standard Hugging Face cache (timm's repository of
+    its architecture), downloaded into the cache first when online. Offline and absent: one line
+    naming the repository and file and the two ways to provide them."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    cfg = timm.get_pretrained_cfg(spec.timm_name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        raise WeightsError(f"teacher {spec.name} has no Hugging Face repository in timm's registry: pass --weights FILE or --weights-dir DIR (holding {spec.weights_file}); such weights: {spec.weights_source}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+    files = (cfg.hf_hub_filename,) if getattr(cfg, "hf_hub_filename", None) else HUB_FILES
+    for filename in files:
+        try:
+            return Path(hf_hub_download(repo, filename, cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=offline))
+        except (LocalEntryNotFoundError, EntryNotFoundError):
+            continue
+        except (HfHubHTTPError, OSError, ValueError) as err:
+            raise WeightsError(f"teacher {spec.name}: cannot fetch {repo}/{filename} from the Hugging Face Hub ({str(err).splitlines()[0][:200]}); pass --weights FILE or --weights-dir DIR") from None
+    where = "not in the Hugging Face cache (offline: HF_HUB_OFFLINE=1)" if offline else "not on the Hugging Face Hub"
+    raise WeightsError(
+        f"teacher {spec.name}: weights {where}: repository {repo}, file {files[0]}. Provide them either in the cache "
+        f"(online once: huggingface-cli download {repo} {files[0]}) or as a local file (--weights FILE, or --weights-dir DIR holding {spec.weights_file}; {spec.weights_source})"
+    )
+
+
+def hub_provenance(path: Path | None) -> dict | None:
+    """{repo, revision, file} when `path` lies in a Hugging Face cache snapshot, else None."""
+    m = re.search(r"models--([^/]+)--([^/]+)/snapshots/([0-9a-f]+)/(.+)$", str(path)) if path else None
+    return {"repo": f"{m[1]}/{m[2]}", "revision": m[3], "file": m[4]} if m else None
 
 
 class Teacher(nn.Module):
@@ -219,7 +259,7 @@ def load_teacher(
     else:
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
         load_weights(model, spec, path)
-        provenance = {"weights": str(path.resolve()), "weights_sha256": sha256_file(path), "random_init": False}
+        provenance = {"weights": str(path.resolve()), "weights_sha256": sha256_file(path), "random_init": False, "hub": hub_provenance(path)}
     if rule == "dinov2-cvpr":
         model._pos_embed = types.MethodType(dinov2_cvpr_pos_embed, model)
     return Teacher(spec, model, {**provenance, "pos_embed": POS_EMBED[rule]})

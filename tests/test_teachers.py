@@ -79,10 +79,11 @@ def test_weights_from_a_local_file(tmp_path, file_teacher):
         assert torch.equal(teacher.model.state_dict()[name], tensor), name
 
 
-def test_bad_weights_fail_at_once_naming_the_file(tmp_path, file_teacher):
+def test_bad_weights_fail_at_once_naming_the_file(tmp_path, file_teacher, monkeypatch):
     with pytest.raises(WeightsError, match="test_vit.pth: weights file for teacher test-vit-file is missing; such weights: made by the test"):
         load_teacher("test-vit-file", (32, 64), weights_dir=tmp_path)
-    with pytest.raises(WeightsError, match="needs --weights FILE or --weights-dir"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # by name, offline, not cached
+    with pytest.raises(WeightsError, match="teacher test-vit-file: weights not in the Hugging Face cache .* or as a local file \\(--weights FILE"):
         load_teacher("test-vit-file", (32, 64))
     wrong = tmp_path / "wrong.pth"
     torch.save(timm.create_model("test_vit2", pretrained=False, num_classes=0).state_dict(), wrong)
