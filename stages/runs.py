@@ -63,7 +63,7 @@ def run_row(run: Path) -> dict:
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    header = f"{'run':<28}{'stage':<10}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}{'datasets':<26}{'steps':>7}{'loss':>9}{'best mIoU':>11}{'wall':>8}"
+    header = f"{'run':<42}{'stage':<10}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}{'datasets':<42}{'steps':>7}{'loss':>9}{'best mIoU':>11}{'wall':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
         source = ", ".join(r["teachers"]) or (Path(r["pretrained"]).parent.parent.name if r["pretrained"] else "-")
@@ -71,12 +71,21 @@ def table_lines(rows: list[dict]) -> list[str]:
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
         miou = f"{100 * r['best_miou']:.1f}" if r["best_miou"] is not None else "-"
         wall = f"{r['wall_s'] / 60:.1f}m" if r["wall_s"] is not None else "-"
-        lines.append(f"{_fit(Path(r['run']).name, 27):<28}{r['stage']:<10}{r['student']:<12}{params:>9}  {_fit(source, 27):<28}{_fit(', '.join(r['datasets']), 25):<26}{r['steps']:>7}{loss:>9}{miou:>11}{wall:>8}")
+        lines.append(f"{_fit(Path(r['run']).name, 41):<42}{r['stage']:<10}{r['student']:<12}{params:>9}  {_fit(source, 27):<28}{_fit(_datasets(r['datasets']), 41):<42}{r['steps']:>7}{loss:>9}{miou:>11}{wall:>8}")
     return lines
 
 
+def _datasets(names: list[str]) -> str:
+    """One dataset as name/split; several (a pretraining mix) as their names joined by +."""
+    return names[0] if len(names) == 1 else "+".join(n.split("/")[0] for n in names)
+
+
 def _fit(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
+    """`text` in `width` characters, cut in the middle: run names differ at their ends."""
+    if len(text) <= width:
+        return text
+    head = (width - 3) // 2
+    return text[:head] + "..." + text[len(text) - (width - 3 - head) :]
 
 
 def plot_losses(rows: list[dict], out: Path) -> Path:
