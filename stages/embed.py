@@ -12,7 +12,6 @@ plain zarr / pyarrow / dask and the pictures read it as they read teacher stores
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,14 +23,12 @@ from pipeline import __version__
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
 from pipeline.transforms import Grid
-from stages.evaluate import trained_sample_config
+from stages.evaluate import released_eval_sample
 from stages.segment import load_backbone
 from stages.student_data import collate, student_inputs
 from stages.teachers import sha256_file
 from stages.train import pick_device
 from storage.feature_store import FORMAT, FORMAT_VERSION, FeatureStore, PartWriter, StorePlan
-
-log = logging.getLogger(__name__)
 
 CAMERA = "lidar"  # the one entry of a scan: every kept point, seen or not by a camera
 NO_PIXEL = -1.0  # student stores have no image: `pixel` is (-1, -1)
@@ -65,7 +62,7 @@ def embed(cfg: EmbedConfig) -> FeatureStore:
     if not scans:
         raise DatasetError(cfg.root, f"split {cfg.split} has no scans")
     backbone, record = load_backbone(cfg.checkpoint, 0.0)
-    sample = trained_sample_config({}, ds.meta)  # the released evaluation settings of the dataset
+    sample = released_eval_sample(ds.meta)
     sample = replace(sample, voxel=sample.voxel if cfg.voxel_size is None else cfg.voxel_size, grid=cfg.grid or sample.grid, neighbours=backbone.cfg.neighbours)
     backbone.regrid(sample.grid.shape).eval()
     device = pick_device(cfg.device, 0)

@@ -62,13 +62,18 @@ def iou_from_confusion(cm: np.ndarray, num_classes: int | None = None) -> dict:
     return {"iou": iou, "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), "accuracy": float(tp.sum() / total) if total else float("nan")}
 
 
+def released_eval_sample(meta: DatasetMeta) -> SampleConfig:
+    """The released evaluation settings of a dataset: 0.1 m voxels, its field of view in 0.5 m
+    cells, 16 neighbours, no crop."""
+    return SampleConfig(voxel=0.1, max_points=10**9, grid=Grid(*meta.field_of_view), neighbours=16)
+
+
 def trained_sample_config(record: dict, meta: DatasetMeta) -> SampleConfig:
     """Evaluation samples for a checkpoint: the voxel size, grid and neighbours it was trained
-    with; for a released checkpoint (no record of them) the released evaluation settings of the
-    dataset (0.1 m voxels, its field of view in 0.5 m cells, 16 neighbours)."""
+    with; for a released checkpoint (no record of them) the dataset's released settings."""
     s = record.get("config", {}).get("sample")
     if s is None:
-        return SampleConfig(voxel=0.1, max_points=10**9, grid=Grid(*meta.field_of_view), neighbours=16)
+        return released_eval_sample(meta)
     grid = Grid(tuple(s["grid"]["lo"]), tuple(s["grid"]["hi"]), s["grid"]["cell"])
     return SampleConfig(voxel=s["voxel"], max_points=10**9, grid=grid, neighbours=s["neighbours"])
 
