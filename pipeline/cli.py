@@ -217,22 +217,27 @@ def verify(store):
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--scan", default=None, help="Show one scan's entries.")
+@click.option("--scan", default=None, help="Show one scan's entries (with --plot: its pictures, every camera and a whole-scan bird's-eye view).")
 @click.option("--camera", default=None, help="With --scan: only this camera.")
-@click.option("--stats", is_flag=True, help="Feature statistics over the whole store (dask, out of core).")
-@click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None, help="With --scan/--camera: write the entry's feature correlation map and PCA (PNG) here.")
-@click.option("--point", type=int, default=None, help="Query point (row of the entry) of the correlation map.")
+@click.option("--stats", is_flag=True, help="Feature statistics over the whole store (dask, out of core): norms and their histogram, zero-norm rows, channels, per-camera visible fractions.")
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None,
+              help="Write PNGs here: with --scan the feature correlation map and PCA colours; with --stats the norm histogram.")
+@click.option("--point", type=int, default=None, help="Query point of the correlation map: its index in the raw scan (the lidar file's order).")
 @click.option("--class", "class_name", default=None, help="Query a point of this class (default: a car, when the dataset's labels are still there).")
+@click.option("--pca-from", type=click.Path(path_type=Path), default=None, help="Fit the PCA colours on this store (same feature size) so two stores share one palette.")
 @reports_bad_input
-def inspect(store, scan, camera, stats, plot_dir, point, class_name):
+def inspect(store, scan, camera, stats, plot_dir, point, class_name, pca_from):
     """Summarise a feature store: teacher, image size, entries, points, bytes on disk, per-camera
-    counts, skipped entries; one entry with --scan/--camera; statistics with --stats; pictures of
-    the cached targets with --plot. Refuses a damaged or unfinished store (see `verify`)."""
+    counts, skipped entries; one scan's entries with --scan (--camera for one); statistics with
+    --stats; pictures of the cached targets with --plot, their PCA colours fitted once per store so
+    they mean the same on every scan. Refuses a damaged or unfinished store (see `verify`)."""
     from stages.inspect import InspectConfig, inspect
 
-    if plot_dir and not (scan and camera):
-        raise click.UsageError("--plot needs --scan and --camera")
-    click.echo("\n".join(inspect(InspectConfig(store, scan, camera, stats, plot_dir, point, class_name))))
+    if plot_dir and not (scan or stats):
+        raise click.UsageError("--plot needs --scan (pictures of a scan) or --stats (the norm histogram)")
+    if camera and not scan:
+        raise click.UsageError("--camera needs --scan")
+    click.echo("\n".join(inspect(InspectConfig(store, scan, camera, stats, plot_dir, point, class_name, pca_from))))
 
 
 @main.command()
@@ -301,14 +306,15 @@ def runs(paths, plot, json_out):
 @ROOT
 @SPLIT
 @click.option("--scan", "scan_id", required=True)
-@click.option("--camera", default=None, help="Camera to project on (default: the scan's first).")
+@click.option("--camera", default=None, help="Only this camera (default: every camera of the scan, and a whole-scan bird's-eye view).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the PNGs.")
-@click.option("--point", type=int, default=None, help="Query point (index among the voxelised points).")
+@click.option("--point", type=int, default=None, help="Query point: its index in the raw scan (it must survive the voxelisation).")
 @click.option("--class", "class_name", default=None, help="Query a point of this class (default: a car).")
 @reports_bad_input
 def plot_features(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):
     """A student's feature correlation map (cosine similarity to a query point, as the paper's
-    Fig. 1) and PCA of its features on a scan, in bird's-eye view and on a camera image."""
+    Fig. 1) and PCA of its features on a scan, in bird's-eye view and on the camera images (PCA
+    fitted once for the checkpoint, on the split's first scan)."""
     from stages.inspect import plot_student
 
     for path in plot_student(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):

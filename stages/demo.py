@@ -119,9 +119,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name, _, train, _ in RIGS:
         store = stores[name]
         first = store.manifest().to_pylist()[0]
-        figures += plot_entry(store, first["scan_id"], first["camera"], cfg.out / "features")
+        figures += plot_entry(store, first["scan_id"], None, cfg.out / "features")  # every camera
         for run in (distilled, untrained):
-            figures += plot_student(run / "checkpoints/last.pt", name, roots[name], train, first["scan_id"], first["camera"], cfg.out / "features")
+            figures += plot_student(run / "checkpoints/last.pt", name, roots[name], train, first["scan_id"], None, cfg.out / "features")
     shutil.copy(distilled / "loss.png", cfg.out / "pretraining-loss.png")
 
     lines = table(results, cfg)

@@ -19,9 +19,10 @@ class InspectConfig:
     scan: str | None = None
     camera: str | None = None
     stats: bool = False
-    plot_dir: Path | None = None  # with scan and camera: draw the entry's pictures here
-    point: int | None = None  # query point of the correlation map
+    plot_dir: Path | None = None  # with scan: its pictures (every camera, or `camera`); with stats: the norm histogram
+    point: int | None = None  # query point of the correlation map (index in the raw scan)
     class_name: str | None = None  # or a point of this class
+    pca_from: Path | None = None  # PCA colours fitted on this store instead (same feature size)
 
 
 def disk_bytes(path: Path) -> int:
@@ -85,20 +86,41 @@ def entry_lines(store: FeatureStore, scan: str, camera: str) -> list[str]:
     return lines
 
 
+NORM_BINS = 24
+
+
 def feature_statistics(store: FeatureStore) -> dict:
-    """Per-channel mean/variance and norm statistics over every stored feature (points layout) or
-    token (grid layout: the per-point targets are bilinear mixes of these), out of core."""
+    """Per-channel mean/variance, norm statistics, a norm histogram and the zero-norm rows over
+    every stored feature (points layout) or token (grid layout: the per-point targets are bilinear
+    mixes of these), out of core; and each camera's visible fraction of its scans' points."""
+    visible = camera_visible_fractions(store)
     parts = [_stored_vectors(store.arrays(p)) for p in store.committed_parts()]
     parts = [p for p in parts if p.shape[0]]
     if not parts:
-        return {"rows": 0, "what": "features"}
+        return {"rows": 0, "what": "features", "visible": visible}
     f = da.concatenate(parts, axis=0)
     norms = da.sqrt((f * f).sum(axis=1))
     try:
-        mean, var, n_mean, n_std, n_min, n_max = da.compute(f.mean(axis=0), f.var(axis=0), norms.mean(), norms.std(), norms.min(), norms.max())
+        mean, var, n_mean, n_std, n_min, n_max, zero = da.compute(f.mean(axis=0), f.var(axis=0), norms.mean(), norms.std(), norms.min(), norms.max(), (norms == 0).sum())
+        counts, edges = da.histogram(norms, bins=NORM_BINS, range=(0.0, max(float(n_max), 1e-6)))  # a second pass: the range needs the maximum
+        counts = counts.compute()
     except Exception as err:  # noqa: BLE001 - a chunk failing its checksum mid-way
         raise StoreError(f"{store.path}: a features chunk failed to decode ({type(err).__name__}: {err}); run `scalr verify {store.path}`") from None
-    return {"what": "features" if store.layout == "points" else "tokens", "rows": int(f.shape[0]), "channel_mean": mean, "channel_var": var, "norm_mean": float(n_mean), "norm_std": float(n_std), "norm_min": float(n_min), "norm_max": float(n_max)}
+    return {
+        "what": "features" if store.layout == "points" else "tokens", "rows": int(f.shape[0]), "channel_mean": mean, "channel_var": var,
+        "norm_mean": float(n_mean), "norm_std": float(n_std), "norm_min": float(n_min), "norm_max": float(n_max),
+        "zero_norm_rows": int(zero), "norm_histogram": (counts, np.asarray(edges)), "visible": visible,
+    }  # fmt: skip
+
+
+def camera_visible_fractions(store: FeatureStore) -> dict[str, tuple[float, float, float]]:
+    """camera -> (mean, min, max) over its stored entries of the fraction of the scan's points it
+    sees (from the manifest alone)."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for r in store.manifest().to_pylist():
+        if r["status"] == "ok" and r["scan_points"] > 0:
+            out[r["camera"]].append(r["count"] / r["scan_points"])
+    return {cam: (float(np.mean(v)), float(np.min(v)), float(np.max(v))) for cam, v in out.items()}
 
 
 def _stored_vectors(arrays: dict) -> da.Array:
@@ -112,16 +134,40 @@ def _stored_vectors(arrays: dict) -> da.Array:
 
 
 def stats_lines(stats: dict) -> list[str]:
+    lines = ["visible fraction of each scan's points, per camera (mean, min - max over entries):"]
+    lines += [f"  {cam:<18}{mean:>7.1%}  ({lo:.1%} - {hi:.1%})" for cam, (mean, lo, hi) in stats["visible"].items()]
     if not stats["rows"]:
-        return ["feature statistics: no rows"]
+        return lines + ["feature statistics: no rows"]
     var = stats["channel_var"]
     top = np.argsort(var)[::-1][:5]
-    return [
-        f"feature statistics over {stats['rows']:,} {'points' if stats['what'] == 'features' else 'grid tokens'} (dask, out of core):",
+    what = "points" if stats["what"] == "features" else "grid tokens"
+    lines += [
+        f"feature statistics over {stats['rows']:,} {what} (dask, out of core):",
         f"  norm mean {stats['norm_mean']:.3f}, std {stats['norm_std']:.3f}, min {stats['norm_min']:.3f}, max {stats['norm_max']:.3f}",
+        f"  zero-norm rows: {stats['zero_norm_rows']:,}" + (" (features that carry nothing: check the teacher and the projection)" if stats["zero_norm_rows"] else ""),
         f"  channel mean: {stats['channel_mean'].mean():+.4f} on average (min {stats['channel_mean'].min():+.3f}, max {stats['channel_mean'].max():+.3f})",
         f"  channel variance: mean {var.mean():.4f}; largest at channels {top.tolist()} ({', '.join(f'{v:.3f}' for v in var[top])})",
+        "  norm histogram:",
     ]
+    counts, edges = stats["norm_histogram"]
+    widest = max(int(counts.max()), 1)
+    lines += [f"  {lo:8.3f} - {hi:8.3f} {n:>12,} {'#' * round(40 * n / widest)}" for lo, hi, n in zip(edges[:-1], edges[1:], counts)]
+    return lines
+
+
+def norm_histogram_figure(stats: dict, store: FeatureStore, out: Path) -> Path:
+    from stages.plots import plt
+
+    counts, edges = stats["norm_histogram"]
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", edgecolor="white")
+    ax.set_xlabel(f"L2 norm of a stored {'feature' if stats['what'] == 'features' else 'grid token'}")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{store.attrs['teacher']['name']}: {stats['rows']:,} rows, {stats['zero_norm_rows']:,} of norm 0", fontsize=10)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def inspect(cfg: InspectConfig) -> list[str]:
@@ -132,96 +178,53 @@ def inspect(cfg: InspectConfig) -> list[str]:
         for cam in cameras:
             lines += entry_lines(store, cfg.scan, cam)
     if cfg.stats:
-        lines += stats_lines(feature_statistics(store))
-    if cfg.plot_dir:
-        lines += [f"plot: {path}" for path in plot_entry(store, cfg.scan, cfg.camera, cfg.plot_dir, cfg.point, cfg.class_name)]
+        stats = feature_statistics(store)
+        lines += stats_lines(stats)
+        if cfg.plot_dir and stats["rows"]:
+            lines.append(f"plot: {norm_histogram_figure(stats, store, Path(cfg.plot_dir) / f'{store.path.stem}-norms.png')}")
+    if cfg.plot_dir and cfg.scan:
+        pca_from = FeatureStore(cfg.pca_from) if cfg.pca_from else None
+        lines += [f"plot: {path}" for path in plot_entry(store, cfg.scan, cfg.camera, cfg.plot_dir, cfg.point, cfg.class_name, pca_from)]
     return lines
 
 
 # ---- pictures ---------------------------------------------------------------------------------
-def pick_query(labels: np.ndarray | None, class_names, wanted: str | None, xyz: np.ndarray, point: int | None) -> int | None:
-    """The query point: an explicit index; else a point of class `wanted` (default "car") nearest
-    to that class's centroid; else None (the figure picks the point nearest the sensor)."""
-    if point is not None:
-        return point
-    if labels is None:
-        return None
-    for name in ([wanted] if wanted else ["car"]):
-        if name not in class_names:
-            raise KeyError(f"unknown class {name!r}; classes: {', '.join(class_names)}")
-        members = np.flatnonzero(labels == class_names.index(name))
-        if len(members):
-            centre = xyz[members].mean(axis=0)
-            return int(members[np.argmin(np.linalg.norm(xyz[members] - centre, axis=1))])
-    return None
+def plot_entry(store: FeatureStore, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None, pca_from: FeatureStore | None = None) -> list[Path]:
+    """The cached features of one scan (every camera, or only `camera`): the correlation map to
+    a query point and the PCA colours, in bird's-eye view and on each camera's image (images and
+    labels from the raw dataset when it is still there). PCA colours are fitted once on the store
+    (or on `pca_from`, a store of the same feature size, to compare two stores in one palette)."""
+    from stages.scan_features import StoreScans
 
-
-def plot_entry(store: FeatureStore, scan_id: str, camera: str, out_dir: Path, point: int | None = None, class_name: str | None = None) -> list[Path]:
-    """Teacher-target correlation map and PCA of one store entry, in BEV and on the image (the image
-    and labels come from the raw dataset when it is still there)."""
-    from pipeline.datasets import open_dataset
-    from pipeline.errors import DatasetError
-    from stages.extract import load_resized
-    from stages.plots import feature_figure
-
-    row, data = store.entry(scan_id, camera)
-    if row["count"] == 0:
-        raise KeyError(f"{store.path}: entry {scan_id}/{camera} has no visible point to draw")
-    a = store.attrs
-    image = labels = class_names = None
-    try:
-        ds = open_dataset(a["dataset"]["name"], a["dataset_root"], a["dataset"]["split"])
-        scan = ds[ds.index_of(scan_id)]
-        if scan.labels is not None:
-            labels, class_names = scan.labels[data["point_index"]], ds.meta.class_names
-        if a["image_size"]:  # a student store (`scalr embed`) has none: bird's-eye view only
-            cam = scan.camera(camera)
-            image = load_resized(cam.image_path, cam.image_size, tuple(a["image_size"]))
-    except (DatasetError, KeyError, OSError):
-        pass  # the raw dataset is gone: bird's-eye view only
-    xyz = data["points"][:, :3]
-    query = pick_query(labels, class_names or (), class_name, xyz, point)
-    stem = f"{a['teacher']['name']}-{scan_id.replace('/', '-')}-{camera}".replace(":", "-")
-    kind = a["teacher"].get("kind", "teacher")
-    title = f"{kind} {a['teacher']['name']}{' (random init)' if a['teacher']['random_init'] else ''}: {scan_id} {camera}"
-    return [
-        feature_figure(xyz, data["features"], Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", "correlation", query, image, data["pixel"]),
-        feature_figure(xyz, data["features"], Path(out_dir) / f"{stem}-pca.png", title + ", PCA of features", "pca", None, image, data["pixel"]),
-    ]
+    scans = StoreScans(store)
+    basis = StoreScans(pca_from).pca() if pca_from is not None else scans.pca()
+    if pca_from is not None and basis.mean.shape[0] != store.dim:
+        raise StoreError(f"--pca-from {pca_from.path}: features of {basis.mean.shape[0]} dims, {store.path} has {store.dim}")
+    if scan_id not in scans.scan_ids:
+        raise KeyError(f"{store.path}: no stored point for scan {scan_id!r} (scans with points: {len(scans.scan_ids)}; `scalr inspect {store.path}` lists the entries)")
+    scan = scans.load(scan_id)
+    return _scan_pictures(scan if camera is None else scan.only(camera), store.attrs["teacher"]["name"], camera, out_dir, point, class_name, basis)
 
 
 def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None) -> list[Path]:
-    """The same two pictures for a student's backbone features on a raw scan."""
-    import torch
+    """The same pictures for a student's backbone features on a raw scan (PCA fitted once for the
+    checkpoint, on the split's first scan)."""
+    from stages.scan_features import StudentScans
 
-    from pipeline.datasets import open_dataset
-    from pipeline.datasets.base import load_image
-    from stages.evaluate import trained_sample_config
-    from stages.plots import feature_figure
-    from stages.segment import load_backbone
-    from stages.student_data import collate, student_inputs
+    scans = StudentScans(checkpoint, dataset, root, split)
+    scan = scans.load(scan_id)
+    return _scan_pictures(scan if camera is None else scan.only(camera), f"student-{scans.run_name}", camera, out_dir, point, class_name, scans.pca())
 
-    backbone, record = load_backbone(checkpoint, 0.0)
-    ds = open_dataset(dataset, root, split)
-    sample = trained_sample_config(record, ds.meta)
-    backbone.regrid(sample.grid.shape).eval()
-    scan = ds[ds.index_of(scan_id)]
-    keep, inputs = student_inputs(scan.points, ds.meta.intensity_norm, sample, np.random.default_rng(0), train=False)
-    with torch.no_grad():
-        features = backbone(collate([{**inputs, "scan_id": scan_id}])).numpy()
-    xyz = scan.points[keep, :3]
-    cam = scan.camera(camera or scan.cameras[0].name)
-    proj = ds.project(scan, cam.name)
-    position = np.full(scan.num_points, -1)
-    position[proj.point_index] = np.arange(len(proj))
-    on_image = position[keep] >= 0
-    pixels = proj.uv[position[keep][on_image]]
-    labels = scan.labels[keep] if scan.labels is not None else None
-    query = pick_query(labels, ds.meta.class_names, class_name, xyz, point)
-    image = load_image(cam.image_path)
-    stem = f"student-{Path(checkpoint).parent.parent.name}-{scan_id.replace('/', '-')}-{cam.name}"
-    title = f"student {record.get('stage', '')} {Path(checkpoint).parent.parent.name}: {scan_id} {cam.name}"
+
+def _scan_pictures(scan, prefix: str, camera: str | None, out_dir: Path, point: int | None, class_name: str | None, basis) -> list[Path]:
+    from stages.plots import scan_figure
+    from stages.scan_features import pick_query
+
+    query = pick_query(scan, point, class_name)
+    stem = f"{prefix}-{scan.scan_id}-{camera or 'all-cameras'}"
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem)
+    title = f"{scan.source}: scan {scan.scan_id}, {camera or 'every camera'}"
     return [
-        feature_figure(xyz, features, Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", "correlation", query, image, pixels, on_image),
-        feature_figure(xyz, features, Path(out_dir) / f"{stem}-pca.png", title + ", PCA of features", "pca", None, image, pixels, on_image),
+        scan_figure(scan, "correlation", Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", query),
+        scan_figure(scan, "pca", Path(out_dir) / f"{stem}-pca.png", title + ", PCA of features (fitted once for the store or run)", basis=basis),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -77,68 +78,77 @@ def cosine_to(features: np.ndarray, query: int, centre: bool = True) -> np.ndarr
     return f @ f[query]
 
 
-def pca_rgb(features: np.ndarray) -> np.ndarray:
-    """First three principal components mapped to RGB in [0, 1] (2nd-98th percentile stretch)."""
-    f = features.astype(np.float32)
-    f = f - f.mean(axis=0)
-    _, _, vt = np.linalg.svd(f[:: max(1, len(f) // 20000)], full_matrices=False)
-    comps = f @ vt[:3].T
-    lo, hi = np.percentile(comps, 2, axis=0), np.percentile(comps, 98, axis=0)
-    return np.clip((comps - lo) / np.maximum(hi - lo, 1e-8), 0, 1)
+def similarity_rgb(values: np.ndarray) -> np.ndarray:
+    """Cosine similarities in [-1, 1] as RGB in [0, 1]: blue -1, grey 0, red +1 (coolwarm)."""
+    return plt.get_cmap("coolwarm")((np.asarray(values) + 1.0) / 2.0)[:, :3]
 
 
-def feature_figure(
-    xyz: np.ndarray,
-    features: np.ndarray,
-    out: Path,
-    title: str,
-    kind: str = "correlation",
-    query: int | None = None,
-    image: np.ndarray | None = None,
-    pixels: np.ndarray | None = None,
-    on_image: np.ndarray | None = None,
-) -> Path:
-    """Points coloured by the cosine similarity of their feature to a query point's (blue -1 to
-    red +1; `kind="correlation"`, the paper's Fig. 1) or by the PCA of the features (`kind="pca"`),
-    in bird's-eye view and, when an image is given, on the image at `pixels` (column, row) for the
-    points selected by the boolean mask `on_image`."""
+@dataclass(frozen=True)
+class PcaBasis:
+    """The first three principal components of some features and the range shown as RGB (their
+    2nd to 98th percentiles on the fitted rows). Fitted once per store or run and applied to
+    every scan, so a colour means the same feature direction in every picture."""
+
+    mean: np.ndarray  # (D,)
+    axes: np.ndarray  # (3, D), each with its largest coefficient positive (SVD signs are arbitrary)
+    low: np.ndarray  # (3,)
+    high: np.ndarray  # (3,)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, max_rows: int = 20000) -> "PcaBasis":
+        f = features.astype(np.float32)[:: max(1, len(features) // max_rows)]
+        mean = f.mean(axis=0)
+        _, _, vt = np.linalg.svd(f - mean, full_matrices=False)
+        axes = np.zeros((3, f.shape[1]), np.float32)
+        axes[: min(3, len(vt))] = vt[:3]
+        axes *= np.where(axes[np.arange(3), np.abs(axes).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
+        comps = (f - mean) @ axes.T
+        return cls(mean, axes, np.percentile(comps, 2, axis=0), np.percentile(comps, 98, axis=0))
+
+    def rgb(self, features: np.ndarray) -> np.ndarray:
+        comps = (features.astype(np.float32) - self.mean) @ self.axes.T
+        return np.clip((comps - self.low) / np.maximum(self.high - self.low, 1e-8), 0, 1)
+
+
+def scan_figure(scan, kind: str, out: Path, title: str, query: int | None = None, basis: PcaBasis | None = None) -> Path:
+    """A scan's features (stages/scan_features.ScanFeatures) in bird's-eye view and on the image
+    of every camera that has one: coloured by the cosine similarity of each feature to the query
+    row's (`kind="correlation"`, blue -1 to red +1, the paper's Fig. 1) or by `basis`'s PCA colours
+    (`kind="pca"`; fitted on this scan when not given)."""
     if kind == "correlation":
-        query = int(np.argmin(np.linalg.norm(xyz[:, :2], axis=1))) if query is None else query
-        values = cosine_to(features, query)
-        colours, cmap = None, plt.get_cmap("coolwarm")
+        colours = similarity_rgb(cosine_to(scan.features, query))
     else:
-        colours, values, cmap = pca_rgb(features), None, None
-    panels = 2 if image is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 6.5), layout="constrained", squeeze=False)
+        colours = (basis or PcaBasis.fit(scan.features)).rgb(scan.features)
+    cameras = [c for c in scan.cameras if c.image is not None]
+    panels = 1 + len(cameras)
+    cols = min(3, panels)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 5.2 * rows + 0.8), layout="constrained", squeeze=False)
+    star = dict(marker="*", s=250, c="black", edgecolors="white", linewidths=1.0)
     ax = axes[0, 0]
-    kwargs = dict(s=2, linewidths=0)
-    if colours is None:
-        mappable = ax.scatter(xyz[:, 0], xyz[:, 1], c=values, cmap=cmap, vmin=-1, vmax=1, **kwargs)
-        ax.scatter(xyz[query, 0], xyz[query, 1], marker="*", s=250, c="black", edgecolors="white", linewidths=1.0, label="query point")
+    ax.scatter(scan.xyz[:, 0], scan.xyz[:, 1], c=colours, s=2, linewidths=0)
+    if kind == "correlation":
+        ax.scatter(scan.xyz[query, 0], scan.xyz[query, 1], label="query point", **star)
         ax.legend(loc="upper right")
-    else:
-        ax.scatter(xyz[:, 0], xyz[:, 1], c=colours, **kwargs)
     ax.set_aspect("equal")
     ax.set_xlabel("x [m]")
     ax.set_ylabel("y [m]")
-    ax.set_title("bird's-eye view")
+    ax.set_title(f"bird's-eye view, {len(scan.xyz):,} points")
     ax.set_facecolor("0.15")
-    if image is not None:
-        ax2 = axes[0, 1]
-        ax2.imshow(image)
-        sel = on_image if on_image is not None else np.ones(len(xyz), bool)
-        if colours is None:
-            ax2.scatter(pixels[:, 0], pixels[:, 1], c=values[sel], cmap=cmap, vmin=-1, vmax=1, s=4, linewidths=0)
-            if sel[query]:
-                qpix = pixels[np.flatnonzero(sel) == query][0]
-                ax2.scatter([qpix[0]], [qpix[1]], marker="*", s=250, c="black", edgecolors="white", linewidths=1.0)
-        else:
-            ax2.scatter(pixels[:, 0], pixels[:, 1], c=colours[sel], s=4, linewidths=0)
-        ax2.set_axis_off()
-        ax2.set_title("projected on the camera image")
-    if colours is None:
-        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity to the query point's feature (centred)")
-    fig.suptitle(title)
+    for ax, cam in zip(axes.ravel()[1:], cameras):
+        ax.imshow(cam.image)
+        ax.scatter(cam.pixels[:, 0], cam.pixels[:, 1], c=colours[cam.rows], s=4, linewidths=0)
+        if kind == "correlation" and np.any(cam.rows == query):
+            qpix = cam.pixels[np.flatnonzero(cam.rows == query)[0]]
+            ax.scatter([qpix[0]], [qpix[1]], **star)
+        ax.set_title(f"{cam.name}: {len(cam.rows):,} points", fontsize=10)
+        ax.set_axis_off()
+    for ax in axes.ravel()[panels:]:
+        ax.set_axis_off()
+    if kind == "correlation":
+        mappable = plt.cm.ScalarMappable(norm=plt.Normalize(-1, 1), cmap="coolwarm")
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="cosine similarity to the query point's feature (centred)")
+    fig.suptitle(title + (f"\nquery: {scan.describe(query)}" if kind == "correlation" else "") + (f"\n({scan.note})" if scan.note else ""), fontsize=11)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)

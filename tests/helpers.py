@@ -51,7 +51,9 @@ def reseal(store_path: Path, part: int, keep_sha256: bool) -> None:
     record = json.loads(table.schema.metadata[PART_RECORD_KEY])
     for name, rec in record["arrays"].items():
         folder = store_path / f"parts/part-{part:06d}/{name}"
-        rec["chunk_bytes"] = [f.stat().st_size for f in sorted(folder.rglob("c/**/*")) if f.is_file()]
+        chunks = [f for f in folder.rglob("c/**/*") if f.is_file()]  # in chunk order (c/10 after c/9)
+        chunks.sort(key=lambda f: tuple(int(i) for i in f.relative_to(folder / "c").parts))
+        rec["chunk_bytes"] = [f.stat().st_size for f in chunks]
         if not keep_sha256:
             rec["sha256"] = hashlib.sha256(np.ascontiguousarray(zarr.open_array(str(folder), mode="r")[:]).tobytes()).hexdigest()
     pq.write_table(table.replace_schema_metadata({PART_RECORD_KEY: json.dumps(record)}), manifest)

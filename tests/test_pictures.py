@@ -1,19 +1,29 @@
-"""Pictures are produced and are not blank; the demo's table; an untrained checkpoint baseline."""
+"""Pictures are produced and are not blank, every camera of a scan, colours fitted once per store;
+the store statistics; the demo's table; an untrained checkpoint baseline."""
+
+import shutil
 
 import numpy as np
+import zarr
 import pytest
+from click.testing import CliRunner
 from PIL import Image
+
+from pipeline.cli import main
 
 from pipeline.transforms import Grid
 from stages.demo import DemoConfig, table
 from stages.extract import ExtractConfig, extract
-from stages.inspect import plot_entry, plot_student
-from stages.plots import cosine_to, pca_rgb
+from stages.inspect import feature_statistics, plot_entry, plot_student, stats_lines
+from stages.plots import PcaBasis, cosine_to
+from stages.scan_features import StoreScans, pick_query
 from stages.pretrain import PretrainConfig, pretrain
 from stages.student_data import SampleConfig
 from stages.train import OptimConfig, TrainConfig
 from stages.waffleiron import WaffleIronConfig
 from storage.checkpoint import load_checkpoint
+from storage.feature_store import FeatureStore
+from tests.helpers import reseal
 
 GRID = Grid(cell=4.0)
 
@@ -37,6 +47,77 @@ def test_store_entry_pictures(store, tmp_path):
         not_blank(p)
 
 
+def test_whole_scan_pictures_every_camera(store, tmp_path):
+    """--scan alone: one figure with the whole scan's bird's-eye view and every camera's image."""
+    scans = StoreScans(store)
+    scan_id = scans.scan_ids[0]
+    scan = scans.load(scan_id)
+    stored = [r for r in store.manifest().to_pylist() if r["scan_id"] == scan_id and r["count"]]
+    assert [c.name for c in scan.cameras] == [r["camera"] for r in stored] and len(stored) == 6
+    assert len(scan.xyz) == sum(r["count"] for r in stored) and all(c.image is not None for c in scan.cameras)
+    for cam, r in zip(scan.cameras, stored):  # each camera's rows are its entry, features and pixels as stored
+        entry = store.entry(scan_id, r["camera"])[1]
+        assert np.array_equal(scan.features[cam.rows], entry["features"]) and np.array_equal(cam.pixels, entry["pixel"])
+    paths = plot_entry(store, scan_id, None, tmp_path, class_name="car")
+    assert all("all-cameras" in p.name for p in paths)
+    for p in paths:
+        not_blank(p)
+        assert Image.open(p).size[0] > 1500  # three panels a row
+
+
+def test_query_named_by_point_and_class(store):
+    scan = StoreScans(store).load(StoreScans(store).scan_ids[0])
+    cars = np.flatnonzero(np.asarray(scan.class_names)[scan.labels] == "car")
+    assert len(cars)
+    row = pick_query(scan, class_name="car")
+    assert scan.class_of(row) == "car" and f"({scan.class_names[scan.labels[row]]})" in scan.describe(row)
+    raw = int(scan.point_index[cars[0]])
+    assert pick_query(scan, point=raw) == scan.row_of_point(raw) and scan.describe(scan.row_of_point(raw)).startswith(f"point {raw} (car) at (")
+    with pytest.raises(KeyError, match="not among"):
+        pick_query(scan, point=10**9)
+    with pytest.raises(KeyError, match="unknown class"):
+        pick_query(scan, class_name="unicorn")
+
+
+def test_pca_colours_fitted_once_per_store(store):
+    """Colours depend on the store, not on the scan or camera drawn: a point has the same colour in
+    the whole-scan picture and in its camera's picture, and a reopened store gives the same basis."""
+    scans = StoreScans(store)
+    basis = scans.pca()
+    again = StoreScans(FeatureStore(store.path)).pca()
+    assert np.array_equal(basis.axes, again.axes) and np.array_equal(basis.low, again.low)
+    a, b = scans.load(scans.scan_ids[0]), scans.load(scans.scan_ids[-1])
+    cam = a.cameras[2]
+    assert np.array_equal(basis.rgb(a.only(cam.name).features), basis.rgb(a.features)[cam.rows])
+    per_scan = [PcaBasis.fit(s.features) for s in (a, b)]  # what fitting per picture would give
+    assert not np.allclose(per_scan[0].rgb(a.features), per_scan[1].rgb(a.features), atol=0.05)
+
+
+def test_store_statistics_histogram_zero_rows_and_visible_fractions(store, tmp_path):
+    copy = tmp_path / "z.zarr"
+    shutil.copytree(store.path, copy)
+    assert store.layout == "grid"  # zero three tokens (a row of the statistics is a token)
+    grids = zarr.open_array(str(copy / "parts/part-000000/grids"), mode="r+")
+    zeroed = [(0, 0, 0), (0, 1, 2), (3, 2, 5)]
+    values = grids[:]
+    for g, i, j in zeroed:
+        values[g, :, i, j] = 0
+    grids[:] = values
+    reseal(copy, 0, keep_sha256=False)
+    damaged = FeatureStore(copy)
+    stats = feature_statistics(damaged)
+    counts, edges = stats["norm_histogram"]
+    assert stats["zero_norm_rows"] == len(zeroed) and counts.sum() == stats["rows"] and counts[0] >= len(zeroed)
+    assert edges[0] == 0 and edges[-1] == pytest.approx(stats["norm_max"])
+    manifest = [r for r in store.manifest().to_pylist() if r["camera"] == "CAM_FRONT" and r["status"] == "ok"]
+    assert stats["visible"]["CAM_FRONT"][0] == pytest.approx(np.mean([r["count"] / r["scan_points"] for r in manifest]))
+    lines = "\n".join(stats_lines(stats))
+    assert "zero-norm rows: 3 " in lines and "CAM_FRONT" in lines and "norm histogram" in lines and "#" in lines
+    result = CliRunner().invoke(main, ["inspect", str(copy), "--stats", "--plot", str(tmp_path / "pics")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pics/z-norms.png").exists()
+
+
 def test_untrained_run_and_student_pictures(store, nuscenes_root, tmp_path):
     cfg = PretrainConfig(
         stores=(store.path,), out=tmp_path / "untrained", model=WaffleIronConfig(depth=2, width=16, grid_shape=GRID.shape),
@@ -55,8 +136,10 @@ def test_feature_colourings():
     sim = cosine_to(f, 3)
     assert sim[3] == pytest.approx(1.0) and sim.min() < 0  # centring reveals the structure
     assert cosine_to(f, 3, centre=False).min() > 0.8
-    rgb = pca_rgb(f)
+    rgb = PcaBasis.fit(f).rgb(f)
     assert rgb.shape == (500, 3) and rgb.min() >= 0 and rgb.max() <= 1 and rgb.std() > 0.2
+    flipped = PcaBasis.fit(f * np.array([1, -1, 1, 1, 1, 1, 1, 1]))  # SVD signs are arbitrary; the basis fixes them
+    assert (flipped.axes[np.arange(3), np.abs(flipped.axes).argmax(axis=1)] > 0).all()
 
 
 def test_demo_table_in_the_paper_style():
