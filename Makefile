@@ -35,7 +35,7 @@ PRETRAIN_FLAGS ?= --epochs 4 --batch-size 4 --set optim.warmup_iters=6 --set tra
 EVAL_SPLIT ?= mini_val
 DOWNSTREAM_FLAGS ?= --epochs 6 --batch-size 4 --set train.log_every=1
 
-.PHONY: install test demo synth check-dataset extract-features pretrain probe finetune evaluate bench-extract bench-pretrain clean
+.PHONY: install test demo synth check-dataset extract-features pretrain probe finetune evaluate view screenshot bench-extract bench-pretrain clean
 
 install: $(VENV)/.installed
 
@@ -88,6 +88,15 @@ finetune: pretrain
 
 evaluate: probe
 	$(SCALR) evaluate --dataset $(DATASET) --root $(ROOT) --split $(EVAL_SPLIT) --checkpoint $(RUN)-probe/checkpoints/last.pt
+
+# The live feature viewer on $(STORE) (http://127.0.0.1:8080; Ctrl-C stops). VIEW_FLAGS="--checkpoint runs/x/checkpoints/last.pt"
+VIEW_FLAGS ?=
+view: install
+	$(SCALR) view $(STORE) $(VIEW_FLAGS)
+
+# The README's viewer picture, taken by the viewer's headless-Chromium test.
+screenshot: install
+	SCALR_VIEWER_SCREENSHOT=.readme/viewer.png $(BIN)/python -m pytest tests/test_view.py -k chromium
 
 bench-pretrain: extract-features
 	$(SCALR) bench pretrain --store $(STORE) --student WI-48-256

@@ -300,6 +300,26 @@ def runs(paths, plot, json_out):
         click.echo(f"plot: {plot_losses(rows, plot)}")
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="A student checkpoint: also show its features on the store's raw scans (the dataset must still be where the store was extracted from).")
+@click.option("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8080)
+@click.option("--scan", default=None, help="Scan shown first (default: the store's first).")
+@click.option("--point-size", type=float, default=0.12, help="Point size in metres.")
+@reports_bad_input
+def view(store, checkpoint, host, port, scan, point_size):
+    """A live feature viewer in the browser: pick a scan and a camera, see its points in 3D
+    coloured by the PCA of the cached features (or of a student's), click a point to colour the
+    whole scan by the cosine similarity to its feature, in 3D and on the camera image (the paper's
+    Fig. 1). Reads only the shown scan's chunks: a store of any size opens in seconds."""
+    from stages.view import ViewConfig, serve
+
+    if not Path(store).exists():
+        raise click.BadParameter(f"{store}: no such store", param_hint="STORE")
+    serve(ViewConfig(store, checkpoint, host, port, scan, point_size))
+
+
 @main.command("plot-features")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A student checkpoint (pretraining or downstream).")
 @DATASET

@@ -131,6 +131,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     runs = [run_row(r) for r in find_runs([cfg.runs])]
     print("\nRuns (`scalr runs " + str(cfg.runs) + " --plot runs.png`):\n" + "\n".join(runs_table(runs)))
     print(f"\nfigures: {cfg.out}/ (projection/, features/, pretraining-loss.png); results: {cfg.out}/results.txt; {time.time() - t0:.0f} s")
+    first = RIGS[0][0]
+    print(
+        f"\nLook at the cached features live (click a point: its similarity to every other point, in 3D and on the image):\n"
+        f"  scalr view {stores[first].path} --checkpoint {distilled / 'checkpoints/last.pt'}\n"
+        f"  then open http://127.0.0.1:8080 (from another machine: ssh -L 8080:localhost:8080 <this host>)"
+    )
     return results
 
 
