@@ -497,7 +497,8 @@ def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device
 @click.option("--repeats", default=3)
 @reports_bad_input
 def bench_open_cmd(store, repeats):
-    """Opening a store: the time of the integrity gate every reader runs (no chunk decoded)."""
+    """Opening a store: the time of the integrity gate every reader runs (no chunk decoded), and of
+    what `scalr view` reads before its page shows (manifests, PCA colours, the first scan)."""
     from stages.bench import bench_open, open_report_lines
 
     click.echo("\n".join(open_report_lines(bench_open(store, repeats))))

@@ -98,9 +98,11 @@ class PcaBasis:
     def fit(cls, features: np.ndarray, max_rows: int = 20000) -> "PcaBasis":
         f = features.astype(np.float32)[:: max(1, len(features) // max_rows)]
         mean = f.mean(axis=0)
-        _, _, vt = np.linalg.svd(f - mean, full_matrices=False)
+        centred = (f - mean).astype(np.float64)
+        _, vectors = np.linalg.eigh(centred.T @ centred)  # D x D: far cheaper than an SVD of the rows
         axes = np.zeros((3, f.shape[1]), np.float32)
-        axes[: min(3, len(vt))] = vt[:3]
+        top = vectors[:, ::-1][:, : min(3, len(f))].T  # largest variance first
+        axes[: len(top)] = top
         axes *= np.where(axes[np.arange(3), np.abs(axes).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
         comps = (f - mean) @ axes.T
         return cls(mean, axes, np.percentile(comps, 2, axis=0), np.percentile(comps, 98, axis=0))

@@ -45,9 +45,10 @@ class StoreGroup:
     def __init__(self, stores: list[FeatureStore]):
         first = stores[0]
         for other in stores[1:]:
-            for key in ("dataset", "image_size", "projection", "plan"):
-                if first.attrs[key] != other.attrs[key]:
-                    raise StoreError(f"{other.path}: cannot be joined with {first.path}: {key} differs ({other.attrs[key]} vs {first.attrs[key]})")
+            # recipe: the same points, but teachers fed differently resized images (`--recipe`)
+            for key in ("dataset", "image_size", "projection", "plan", "recipe"):
+                if first.attrs.get(key) != other.attrs.get(key):
+                    raise StoreError(f"{other.path}: cannot be joined with {first.path}: {key} differs ({other.attrs.get(key)} vs {first.attrs.get(key)})")
         self.stores = stores
         self.dataset = first.attrs["dataset"]
         self.teachers = [s.attrs["teacher"]["name"] for s in stores]

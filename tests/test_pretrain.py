@@ -197,6 +197,9 @@ def test_stores_that_cannot_be_joined(kitti_root, kitti_store, tmp_path):
     big = make_store(kitti_root, tmp_path / "big.zarr", image_size=(64, 128))
     with pytest.raises(StoreError, match="cannot be joined .* image_size differs"):
         DistillationData([kitti_store.path, big.path], SAMPLE)
+    plus = make_store(kitti_root, tmp_path / "plus.zarr", teacher="dino-vits8", recipe="scalr-plus")
+    with pytest.raises(StoreError, match="cannot be joined .* recipe differs"):
+        DistillationData([kitti_store.path, plus.path], SAMPLE)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(kitti_root, tmp_path):

@@ -225,6 +225,7 @@ def test_every_chunk_is_a_file_even_when_all_zero(tmp_path):
 def test_bench_open_counts_what_the_gate_reads(store):
     result = CliRunner().invoke(main, ["bench", "open", str(store.path), "--repeats", "1"])
     assert result.exit_code == 0 and "4 parts, 16 chunk files" in result.output, result.output  # 1 grid + 3 point arrays a part
+    assert "scalr view: manifests" in result.output and "first scan" in result.output
 
 
 @pytest.mark.parametrize("layout", ["grid", "points", "int8"])
