@@ -12,7 +12,6 @@ import click
 
 from pipeline import __version__
 from pipeline.datasets import READERS
-from pipeline.errors import DatasetError
 
 DATASET = click.option("--dataset", type=click.Choice(sorted(READERS)), required=True, help="Dataset format of ROOT.")
 ROOT = click.option("--root", type=click.Path(path_type=Path), required=True, help="Dataset root folder.")

@@ -1,6 +1,6 @@
 """verify: check a feature store end to end, without trusting anything it says about itself.
 
-The cheap checks are the integrity gate every reader runs (`FeatureStore.integrity_problems`);
+The cheap checks are the integrity gate every reader runs (storage/integrity.py);
 verify adds what needs the data itself: every chunk decoded (each one's CRC-32C checked by the
 codec), the SHA-256 of every array's decoded bytes compared with the one recorded at commit, no
 NaN or infinite value, and the recorded teacher compared with the teacher registry.
@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from storage.feature_store import FeatureStore, StoreError, part_name
+from storage.integrity import attrs_usable, part_problems, store_problems
 
 
 def verify_store(path, teachers: Mapping[str, tuple[int, int]] | None = None) -> tuple[list[str], dict]:
@@ -23,14 +24,14 @@ def verify_store(path, teachers: Mapping[str, tuple[int, int]] | None = None) ->
         store = FeatureStore(path, check=False)
     except StoreError as err:
         return [str(err)], {}
-    problems = store.store_problems()
-    if not store.attrs_usable:
+    problems = store_problems(store)
+    if not attrs_usable(store):
         return problems, {}
     if teachers is not None and store.attrs["teacher"].get("kind") != "student":  # a student store names its checkpoint instead
         problems += _teacher_problems(store, teachers)
     counts = {"parts": store.plan.parts, "entries": 0, "points": 0, "skipped": 0}
     for part in store.planned_committed_parts():
-        cheap = store.part_problems(part)
+        cheap = part_problems(store, part)
         problems += cheap or _content_problems(store, part)
         if not cheap:
             rows = store.read_part_manifest(part)[0].to_pydict()

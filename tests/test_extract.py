@@ -2,13 +2,11 @@
 bad input, verify and inspect."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest

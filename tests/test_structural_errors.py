@@ -75,7 +75,7 @@ def test_check_dataset_lists_every_bad_file_and_goes_on(nuscenes_copy):
     result = CliRunner().invoke(main, ["check-dataset", "--dataset", "nuscenes", "--root", str(nuscenes_copy), "--split", "mini_train"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "problems: 2" in result.output
-    assert f"ego_pose.json: ego_pose record" in result.output and "field 'rotation' is 'up'" in result.output
+    assert "ego_pose.json: ego_pose record" in result.output and "field 'rotation' is 'up'" in result.output
     assert f"{lidar}: size" in result.output and "not a multiple of the 20-byte record" in result.output
     with pytest.raises(DatasetError, match="field 'rotation' is 'up'"):  # every other command stops at it
         open_dataset("nuscenes", nuscenes_copy, "mini_train")
