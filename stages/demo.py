@@ -134,7 +134,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     first = RIGS[0][0]
     print(
         f"\nLook at the cached features live (click a point: its similarity to every other point, in 3D and on the image):\n"
-        f"  scalr view {stores[first].path} --checkpoint {distilled / 'checkpoints/last.pt'}\n"
+        f"  make view STORE={stores[first].path} VIEW_FLAGS=\"--checkpoint {distilled / 'checkpoints/last.pt'}\"\n"
+        f"  (or: scalr view {stores[first].path} --checkpoint {distilled / 'checkpoints/last.pt'}, with .venv/bin on PATH)\n"
         f"  then open http://127.0.0.1:8080 (from another machine: ssh -L 8080:localhost:8080 <this host>)"
     )
     return results

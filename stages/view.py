@@ -107,6 +107,7 @@ class FeatureViewer:
         self.query: int | None = None
         self.colours: np.ndarray | None = None  # (N, 3) uint8, what the 3D view shows
         self.image: np.ndarray | None = None  # what the image panel shows
+        self.cloud = None  # the scan's point cloud in the 3D view
 
         self.server = viser.ViserServer(host=cfg.host, port=cfg.port, label="scalr view", verbose=False)
         self.server.scene.set_up_direction("+z")
@@ -189,6 +190,7 @@ class FeatureViewer:
             with_images = tuple(c.name for c in self.scan.cameras if c.image is not None) or ("-",)
             self._set(self.scan_number, value=index)
             self._set(self.scan_id_box, value=self.scan.scan_id)
+            self._set(self.source_box, value=self.source)
             self._set(self.camera_box, options=with_images, value=with_images[0])
             self.cloud = self.server.scene.add_point_cloud(
                 "/scan", self.scan.xyz.astype(np.float32), np.zeros((len(self.scan.xyz), 3), np.uint8),

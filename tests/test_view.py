@@ -107,6 +107,7 @@ def test_viewer_with_a_student_and_on_a_student_store(stores, untrained, kitti_r
     try:
         viewer.show(0, "student")
         scan = viewer.scan
+        assert viewer.source_box.value == "student"  # the menu says what is shown
         assert scan.source.startswith("student") and scan.features.shape[1] == 16 and len(scan.xyz) > len(viewer.load("teacher", scan.scan_id).xyz)
         assert np.array_equal(viewer.colours, to_uint8(viewer.sources["student"].pca().rgb(scan.features)))
         row = click_from_above(viewer, pick_query(scan))
