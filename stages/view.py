@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import DatasetError
 from stages.plots import cosine_to, similarity_rgb
 from stages.scan_features import ScanFeatures, StoreScans, StudentScans, to_uint8
-from storage.feature_store import FeatureStore
+from storage.feature_store import FeatureStore, StoreError
 
 CACHED_SCANS = 4  # scans kept in memory (per source), for going back and forth
 
@@ -184,8 +185,8 @@ class FeatureViewer:
             self.source = source or self.source
             try:
                 self.scan = self.load(self.source, self.scan_ids[index])
-            except (KeyError, OSError) as err:  # a student on a scan without a point in its field of view
-                self.info.content = f"**cannot show scan {self.scan_ids[index]}**: {err}"
+            except (KeyError, OSError, DatasetError, StoreError) as err:  # a damaged chunk or raw file, a scan the student does not see
+                self.info.content = f"**cannot show scan {self.scan_ids[index]}** ({self.source}): {err}"
                 return
             with_images = tuple(c.name for c in self.scan.cameras if c.image is not None) or ("-",)
             self._set(self.scan_number, value=index)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.errors import DatasetError
 from pipeline.transforms import Grid
 from stages.embed import EmbedConfig, embed
 from stages.extract import ExtractConfig, extract
@@ -113,6 +114,14 @@ def test_viewer_with_a_student_and_on_a_student_store(stores, untrained, kitti_r
         row = click_from_above(viewer, pick_query(scan))
         assert row is not None and viewer.colours[row].tolist() == to_uint8(similarity_rgb(np.array([1.0])))[0].tolist()
         assert viewer.image is not None
+        shown = viewer.scan
+
+        def unreadable(scan_id):
+            raise DatasetError(f"/data/{scan_id}.bin", "size 17 is not a multiple of the 16-byte record")
+
+        viewer.sources["student"].load = unreadable  # a damaged raw scan: said on the page, the last scan stays
+        viewer.show(1)
+        assert viewer.scan is shown and "cannot show scan" in viewer.info.content and "16-byte record" in viewer.info.content
     finally:
         viewer.close()
     embedded = embed(EmbedConfig(untrained, "semantickitti", kitti_root, tmp_path / "e.zarr", split="train"))
