@@ -203,7 +203,7 @@ def plot_entry(store: FeatureStore, scan_id: str, camera: str | None, out_dir: P
     if scan_id not in scans.scan_ids:
         raise KeyError(f"{store.path}: no stored point for scan {scan_id!r} (scans with points: {len(scans.scan_ids)}; `scalr inspect {store.path}` lists the entries)")
     scan = scans.load(scan_id)
-    return _scan_pictures(scan if camera is None else scan.only(camera), store.attrs["teacher"]["name"], camera, out_dir, point, class_name, basis)
+    return _scan_pictures(scan if camera is None else scan.only(camera), f"{store.attrs['teacher']['name']}-{store.attrs['dataset']['name']}", camera, out_dir, point, class_name, basis)
 
 
 def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None) -> list[Path]:
@@ -213,7 +213,7 @@ def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id
 
     scans = StudentScans(checkpoint, dataset, root, split)
     scan = scans.load(scan_id)
-    return _scan_pictures(scan if camera is None else scan.only(camera), f"student-{scans.run_name}", camera, out_dir, point, class_name, scans.pca())
+    return _scan_pictures(scan if camera is None else scan.only(camera), f"student-{scans.run_name}-{dataset}", camera, out_dir, point, class_name, scans.pca())
 
 
 def _scan_pictures(scan, prefix: str, camera: str | None, out_dir: Path, point: int | None, class_name: str | None, basis) -> list[Path]:
@@ -221,7 +221,7 @@ def _scan_pictures(scan, prefix: str, camera: str | None, out_dir: Path, point: 
     from stages.scan_features import pick_query
 
     query = pick_query(scan, point, class_name)
-    stem = f"{prefix}-{scan.scan_id}-{camera or 'all-cameras'}"
+    stem = f"{prefix}-{scan.scan_id}-{camera or 'all-cameras'}"  # prefix names the dataset: PandaSet's two lidars share scan ids
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem)
     title = f"{scan.source}: scan {scan.scan_id}, {camera or 'every camera'}"
     return [
