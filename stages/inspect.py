@@ -196,10 +196,10 @@ def plot_entry(store: FeatureStore, scan_id: str, camera: str | None, out_dir: P
     (or on `pca_from`, a store of the same feature size, to compare two stores in one palette)."""
     from stages.scan_features import StoreScans
 
+    if pca_from is not None and pca_from.dim != store.dim:
+        raise StoreError(f"--pca-from {pca_from.path}: features of {pca_from.dim} dims, {store.path} has {store.dim}")
     scans = StoreScans(store)
     basis = StoreScans(pca_from).pca() if pca_from is not None else scans.pca()
-    if pca_from is not None and basis.mean.shape[0] != store.dim:
-        raise StoreError(f"--pca-from {pca_from.path}: features of {basis.mean.shape[0]} dims, {store.path} has {store.dim}")
     if scan_id not in scans.scan_ids:
         raise KeyError(f"{store.path}: no stored point for scan {scan_id!r} (scans with points: {len(scans.scan_ids)}; `scalr inspect {store.path}` lists the entries)")
     scan = scans.load(scan_id)

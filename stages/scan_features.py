@@ -205,8 +205,14 @@ class StudentScans:
         self.source = f"student {self.record.get('stage', '')} {self.run_name}".replace("  ", " ")
         self.scan_ids = self.ds.scan_ids
         self._pca: PcaBasis | None = None
+        self._last: ScanFeatures | None = None  # the PCA fit and the first picture or view share a forward
 
     def load(self, scan_id: str) -> ScanFeatures:
+        if self._last is None or self._last.scan_id != scan_id:
+            self._last = self._run(scan_id)
+        return self._last
+
+    def _run(self, scan_id: str) -> ScanFeatures:
         import torch
 
         from pipeline.datasets.base import load_image

@@ -22,7 +22,7 @@ from stages.student_data import SampleConfig
 from stages.train import OptimConfig, TrainConfig
 from stages.waffleiron import WaffleIronConfig
 from storage.checkpoint import load_checkpoint
-from storage.feature_store import FeatureStore
+from storage.feature_store import FeatureStore, StoreError
 from tests.helpers import reseal
 
 GRID = Grid(cell=4.0)
@@ -63,6 +63,20 @@ def test_whole_scan_pictures_every_camera(store, tmp_path):
     for p in paths:
         not_blank(p)
         assert Image.open(p).size[0] > 1500  # three panels a row
+
+
+def test_pca_from_another_store_of_the_same_size(store, tmp_path):
+    import json
+
+    row = store.manifest().to_pylist()[0]
+    assert len(plot_entry(store, row["scan_id"], row["camera"], tmp_path, pca_from=FeatureStore(store.path))) == 2
+    other = tmp_path / "other.zarr"
+    shutil.copytree(store.path, other)
+    meta = json.loads((other / "zarr.json").read_text())
+    meta["attributes"]["teacher"]["dim"] = 384
+    (other / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="--pca-from .* 384 dims"):
+        plot_entry(store, row["scan_id"], row["camera"], tmp_path, pca_from=FeatureStore(other, check=False))
 
 
 def test_query_named_by_point_and_class(store):
