@@ -2,7 +2,7 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from stages.cli import main
 
 
 def run(*args):
@@ -24,7 +24,7 @@ def test_help_lists_commands():
 
 def test_layout_choices_are_the_stores():
     """The CLI spells the choices out (importing the store module would slow every --help)."""
-    from pipeline.cli import LAYOUT, QUANTIZE
+    from stages.cli import LAYOUT, QUANTIZE
     from storage.feature_store import LAYOUTS, QUANTIZE as STORE_QUANTIZE
 
     choices = {p.name: set(p.type.choices) for p in (LAYOUT(lambda: None).__click_params__ + QUANTIZE(lambda: None).__click_params__)}

@@ -13,12 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
 from pipeline.synth import SynthConfig, generate
-from stages.extract import ExtractConfig, extract, load_resized
-from stages.teachers import load_teacher
+from stages.extract.extract import ExtractConfig, extract, load_resized
+from stages.extract.teachers import load_teacher
 from storage.targets import sample_grid
 from storage.feature_store import FeatureStore, StoreError
 from storage.verify import verify_store
@@ -122,7 +122,7 @@ def test_rerun_after_kill_9_finishes_and_matches_an_uninterrupted_run(tmp_path, 
     args = ["--dataset", "semantickitti", "--root", root, "--split", "train", "--teacher", "dino-vits8", "--random-init",
             "--out", out, "--scans-per-part", "1", "--num-workers", "1", "--image-size", "112x224", "--layout", layout]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract-features", *map(str, args)], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "extract-features", *map(str, args)], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list((out / "manifest").glob("part-*.parquet")) and proc.poll() is None:
         time.sleep(0.01)

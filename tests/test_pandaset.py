@@ -74,11 +74,11 @@ def test_bad_pandaset_input(pandaset_root, tmp_path):
 
 def test_four_lidars_pretrain_together(pandaset_root, nuscenes_root, kitti_root, tmp_path):
     from pipeline.transforms import Grid
-    from stages.extract import ExtractConfig, extract
-    from stages.pretrain import PretrainConfig, pretrain
-    from stages.student_data import DistillationData, SampleConfig
-    from stages.train import OptimConfig, TrainConfig
-    from stages.waffleiron import WaffleIronConfig
+    from stages.extract.extract import ExtractConfig, extract
+    from stages.student.pretrain import PretrainConfig, pretrain
+    from stages.student.samples import DistillationData, SampleConfig
+    from stages.student.train import OptimConfig, TrainConfig
+    from stages.student.waffleiron import WaffleIronConfig
 
     sources = [("nuscenes", nuscenes_root, "mini_train"), ("semantickitti", kitti_root, "train"), ("pandar64", pandaset_root, "train"), ("pandargt", pandaset_root, "train")]
     stores = [extract(ExtractConfig(n, r, s, "test-vit", tmp_path / f"{n}.zarr", random_init=True, image_size=(32, 64), num_workers=0)).path for n, r, s in sources]

@@ -9,18 +9,18 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from stages.cli import main
 
 from pipeline.transforms import Grid
-from stages.demo import DemoConfig, table
-from stages.extract import ExtractConfig, extract
-from stages.inspect import feature_statistics, plot_entry, plot_student, stats_lines
-from stages.plots import PcaBasis, cosine_to
-from stages.scan_features import StoreScans, pick_query
-from stages.pretrain import PretrainConfig, pretrain
-from stages.student_data import SampleConfig
-from stages.train import OptimConfig, TrainConfig
-from stages.waffleiron import WaffleIronConfig
+from stages.tools.demo import DemoConfig, table
+from stages.extract.extract import ExtractConfig, extract
+from stages.tools.inspect import feature_statistics, plot_entry, plot_student, stats_lines
+from stages.tools.pictures import PcaBasis, cosine_to
+from stages.tools.scan_features import StoreScans, pick_query
+from stages.student.pretrain import PretrainConfig, pretrain
+from stages.student.samples import SampleConfig
+from stages.student.train import OptimConfig, TrainConfig
+from stages.student.waffleiron import WaffleIronConfig
 from storage.checkpoint import load_checkpoint
 from storage.feature_store import FeatureStore, StoreError
 from tests.helpers import reseal

@@ -13,14 +13,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.synth import SynthConfig, generate
 from pipeline.transforms import Augment, Grid, crop_nearest, voxel_downsample
-from stages.extract import ExtractConfig, extract
-from stages.pretrain import PretrainConfig, build_student, pretrain
-from stages.student_data import DistillationData, EpochSampler, SampleConfig, collate
-from stages.train import NonFiniteLoss, OptimConfig, TrainConfig
-from stages.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig, param_count_closed_form
+from stages.extract.extract import ExtractConfig, extract
+from stages.student.pretrain import PretrainConfig, build_student, pretrain
+from stages.student.samples import DistillationData, EpochSampler, SampleConfig, collate
+from stages.student.train import NonFiniteLoss, OptimConfig, TrainConfig
+from stages.student.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig, param_count_closed_form
 from storage.checkpoint import load_checkpoint
 from storage.feature_store import StoreError
 
@@ -147,7 +147,7 @@ def test_two_ddp_processes_agree_with_one(nus_store, tmp_path):
             "--set", "sample.grid.cell=4.0", "--set", "sample.max_points=2000", "--set", "optim.warmup_iters=1", "--set", "train.log_every=1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for world, name in ((1, "one"), (2, "two")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m", "pipeline.cli", "pretrain", "--out", str(tmp_path / name), *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m", "stages.cli", "pretrain", "--out", str(tmp_path / name), *args]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("one", "two")]

@@ -8,8 +8,8 @@ from torch import nn
 
 from pipeline.datasets import READERS
 from pipeline.transforms import knn, student_features
-from stages.segment import load_backbone
-from stages.waffleiron import STUDENT_INPUTS, WaffleIron, WaffleIronConfig, make_head
+from stages.downstream.segment import load_backbone
+from stages.student.waffleiron import STUDENT_INPUTS, WaffleIron, WaffleIronConfig, make_head
 from storage.checkpoint import CheckpointError, save_checkpoint
 
 
@@ -84,7 +84,7 @@ def test_image_resize_is_the_released_float_bilinear(tmp_path):
     halving a 4 x 8 image averages each 2 x 2 block exactly; with antialias (ScaLR+) it blurs more."""
     from PIL import Image
 
-    from stages.extract import load_resized
+    from stages.extract.extract import load_resized
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (4, 8, 3), dtype=np.uint8)
@@ -98,7 +98,7 @@ def test_image_resize_is_the_released_float_bilinear(tmp_path):
 def test_dinov2_position_embeddings_follow_the_cvpr_code():
     """CVPR recipe: the 37 x 37 table of 518 px, bicubic at scale factors (h + 0.1) / 37 and
     (w + 0.1) / 37 at every forward, no antialias; scalr-plus: timm's table resized at load."""
-    from stages.teachers import load_teacher
+    from stages.extract.teachers import load_teacher
 
     cvpr = load_teacher("dinov2-vits14", (224, 448), random_init=True, pos_embed="dinov2-cvpr").model
     table = cvpr.pos_embed.detach()
@@ -144,7 +144,7 @@ def test_downstream_augmentation_treats_inputs_apart():
      ("finetune", "pandargt", 1.0, 25, 2, 0.0)],
 )  # fmt: skip
 def test_downstream_schedules_are_the_released_configs(mode, dataset, fraction, epochs, warmup, min_lr, tmp_path):
-    from stages.segment import SegmentConfig
+    from stages.downstream.segment import SegmentConfig
 
     cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=tmp_path, out=tmp_path, labels_fraction=fraction)
     assert (cfg.train.epochs, cfg.warmup_epochs, cfg.optim.min_lr) == (epochs, warmup, min_lr)

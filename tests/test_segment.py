@@ -7,17 +7,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.errors import DatasetError
 from pipeline.transforms import Grid
-from stages.evaluate import EvaluateConfig, confusion, evaluate, iou_from_confusion
-from stages.extract import ExtractConfig, extract
-from stages.losses import lovasz_softmax, segmentation_loss
-from stages.pretrain import PretrainConfig, pretrain
-from stages.segment import SegmentConfig, SegmentationModel, label_subset, layer_decay_groups, load_backbone, train_segmentation
-from stages.student_data import SampleConfig
-from stages.train import OptimConfig, TrainConfig
-from stages.waffleiron import WaffleIron, WaffleIronConfig
+from stages.downstream.evaluate import EvaluateConfig, confusion, evaluate, iou_from_confusion
+from stages.extract.extract import ExtractConfig, extract
+from stages.student.losses import lovasz_softmax, segmentation_loss
+from stages.student.pretrain import PretrainConfig, pretrain
+from stages.downstream.segment import SegmentConfig, SegmentationModel, label_subset, layer_decay_groups, load_backbone, train_segmentation
+from stages.student.samples import SampleConfig
+from stages.student.train import OptimConfig, TrainConfig
+from stages.student.waffleiron import WaffleIron, WaffleIronConfig
 from storage.checkpoint import CheckpointError, load_checkpoint
 from storage.feature_store import FeatureStore
 
@@ -340,7 +340,7 @@ def test_frame_lists_text_and_released_npy(nuscenes_root, tmp_path):
     """--frames-file: scan ids one a line, or the released .npy rows (lidar file, label file,
     token) matched by token or by lidar file name; an entry naming no scan is an error."""
     from pipeline.datasets import open_dataset
-    from stages.segment import frames_from_file
+    from stages.downstream.segment import frames_from_file
 
     ds = open_dataset("nuscenes", nuscenes_root, "mini_train")
     ids = ds.scan_ids
@@ -388,8 +388,8 @@ def test_runs_table_plot_and_tensorboard(kitti_root, pretrained, tmp_path, monke
     assert CliRunner().invoke(main, ["runs", str(tmp_path / "nothing")]).output.strip().endswith("no such run or folder")
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were absent
-    from stages.train import tensorboard_writer
+    from stages.student.train import tensorboard_writer
 
-    with caplog.at_level(logging.INFO, logger="stages.train"):
+    with caplog.at_level(logging.INFO, logger="stages.student.train"):
         assert tensorboard_writer(tmp_path / "x") is None
     assert "tensorboard is not installed" in caplog.text and not (tmp_path / "x/tensorboard").exists()

@@ -50,10 +50,10 @@ def test_six_class_map_covers_every_class():
 
 def test_a_kitti_model_scored_on_semanticposs(kitti_root, poss_root, tmp_path):
     from pipeline.transforms import Grid
-    from stages.evaluate import EvaluateConfig, evaluate
-    from stages.segment import SegmentConfig, train_segmentation
-    from stages.student_data import SampleConfig
-    from stages.train import TrainConfig
+    from stages.downstream.evaluate import EvaluateConfig, evaluate
+    from stages.downstream.segment import SegmentConfig, train_segmentation
+    from stages.student.samples import SampleConfig
+    from stages.student.train import TrainConfig
 
     cfg = SegmentConfig.for_mode("scratch", dataset="semantickitti", root=kitti_root, out=tmp_path / "run", student="WI-12-64", sample=SampleConfig(max_points=10**9, grid=Grid(cell=4.0)))
     cfg = cfg.__class__(**{**cfg.__dict__, "train": TrainConfig(epochs=1, batch_size=2, num_workers=0)})

@@ -14,9 +14,9 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.synth import SynthConfig, generate
-from stages.extract import ExtractConfig, extract
+from stages.extract.extract import ExtractConfig, extract
 from storage.feature_store import FORMAT_VERSION, PART_RECORD_KEY, FeatureStore, StoreError
 from storage.verify import verify_store
 

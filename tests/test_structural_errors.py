@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
 
@@ -82,7 +82,7 @@ def test_check_dataset_lists_every_bad_file_and_goes_on(nuscenes_copy):
 
 
 def test_extraction_records_scans_of_a_bad_record_as_skipped(nuscenes_copy, tmp_path, caplog):
-    from stages.extract import ExtractConfig, extract
+    from stages.extract.extract import ExtractConfig, extract
     from storage.verify import verify_store
 
     first = open_dataset("nuscenes", nuscenes_copy, "mini_train").scan_ids[0]
@@ -125,8 +125,8 @@ def test_empty_scan_is_counted_listed_and_warned_about(kitti_copy, tmp_path, cap
     (kitti_copy / "sequences/00/labels/000001.label").write_bytes(b"")
     result = CliRunner().invoke(main, ["check-dataset", "--dataset", "semantickitti", "--root", str(kitti_copy), "--split", "train"])
     assert result.exit_code == 0 and "1 scans have zero points: 00/000001" in result.output
-    from stages.extract import ExtractConfig, extract
-    from stages.student_data import DistillationData, SampleConfig
+    from stages.extract.extract import ExtractConfig, extract
+    from stages.student.samples import DistillationData, SampleConfig
 
     store = extract(ExtractConfig("semantickitti", kitti_copy, "train", "test-vit", tmp_path / "s.zarr", random_init=True, image_size=(32, 64), num_workers=0))
     assert store.entry("00/000001", "image_2")[0]["scan_points"] == 0
@@ -184,12 +184,12 @@ def test_pandaset_sequence_without_gps_is_never_dropped_silently(pandaset_root, 
 
 def test_bad_file_met_in_a_loader_worker_is_one_line(kitti_copy, tmp_path):
     """A DatasetError raised in a DataLoader worker reaches the command line as its own message."""
-    from stages.extract import ExtractConfig, extract
-    from stages.pretrain import PretrainConfig, pretrain
-    from stages.student_data import SampleConfig
-    from stages.train import OptimConfig, TrainConfig
+    from stages.extract.extract import ExtractConfig, extract
+    from stages.student.pretrain import PretrainConfig, pretrain
+    from stages.student.samples import SampleConfig
+    from stages.student.train import OptimConfig, TrainConfig
     from pipeline.transforms import Grid
-    from stages.waffleiron import WaffleIronConfig
+    from stages.student.waffleiron import WaffleIronConfig
 
     grid = Grid(cell=4.0)
     store = extract(ExtractConfig("semantickitti", kitti_copy, "train", "test-vit", tmp_path / "s.zarr", random_init=True, image_size=(32, 64), num_workers=0))

@@ -13,15 +13,15 @@ from PIL import Image
 
 from pipeline.errors import DatasetError
 from pipeline.transforms import Grid
-from stages.embed import EmbedConfig, embed
-from stages.extract import ExtractConfig, extract
-from stages.plots import plt, similarity_rgb
-from stages.pretrain import PretrainConfig, pretrain
-from stages.scan_features import StoreScans, pick_query, to_uint8
-from stages.student_data import SampleConfig
-from stages.train import OptimConfig, TrainConfig
-from stages.view import FeatureViewer, ViewConfig, nearest_on_ray
-from stages.waffleiron import WaffleIronConfig
+from stages.downstream.embed import EmbedConfig, embed
+from stages.extract.extract import ExtractConfig, extract
+from stages.tools.pictures import plt, similarity_rgb
+from stages.student.pretrain import PretrainConfig, pretrain
+from stages.tools.scan_features import StoreScans, pick_query, to_uint8
+from stages.student.samples import SampleConfig
+from stages.student.train import OptimConfig, TrainConfig
+from stages.tools.view import FeatureViewer, ViewConfig, nearest_on_ray
+from stages.student.waffleiron import WaffleIronConfig
 
 COOLWARM = plt.get_cmap("coolwarm")(np.linspace(0, 1, 256))[:, :3] * 255.0
 
@@ -94,7 +94,7 @@ def test_viewer_on_every_dataset_and_layout(stores, name):
 def test_view_command_names_bad_input(stores, tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from stages.cli import main
 
     result = CliRunner().invoke(main, ["view", str(stores["nuscenes-grid"].path), "--scan", "nope", "--port", str(free_port())])
     assert result.exit_code == 1 and "no stored point for scan 'nope'" in result.output, result.output

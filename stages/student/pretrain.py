@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from pipeline import __version__
 from pipeline.config import to_dict
-from stages.student_data import DistillationData, EpochSampler, SampleConfig, collate
-from stages.train import OptimConfig, TrainConfig, fit
-from stages.waffleiron import STUDENTS, Student, WaffleIron, WaffleIronConfig, cosine_distance_loss, make_head
+from stages.student.samples import DistillationData, EpochSampler, SampleConfig, collate
+from stages.student.train import OptimConfig, TrainConfig, fit
+from stages.student.waffleiron import STUDENTS, Student, WaffleIron, WaffleIronConfig, cosine_distance_loss, make_head
 
 log = logging.getLogger(__name__)
 

@@ -178,7 +178,7 @@ class WaffleIron(nn.Module):
         return self
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """(N, width) point features of a packed batch (see `stages.student_data.collate`)."""
+        """(N, width) point features of a packed batch (see `stages.student.samples.collate`)."""
         size = batch["batch_size"]
         planes = planes_of(batch["cells"], batch["batch"], size, self.cfg.grid_shape)
         x = self.embedding(batch["feats"], batch["neighbours"])

@@ -112,7 +112,7 @@ def synth(fmt, out, seed, scenes, frames, beams, azimuth_steps, image_scale, spe
 def check_dataset(dataset, root, split, max_scans, plot_dir, plot_scans, decode_images):
     """Validate a dataset root: read every scan, its labels and calibration, and print counts
     (scans, points, visible points per camera, label histogram). Exits 1 if any file is bad."""
-    from stages.check_dataset import CheckConfig, check_dataset
+    from stages.tools.check_dataset import CheckConfig, check_dataset
 
     report = check_dataset(CheckConfig(dataset, root, split, max_scans, plot_dir, plot_scans, decode_images))
     click.echo("\n".join(report.lines()))
@@ -132,7 +132,7 @@ def check_dataset(dataset, root, split, max_scans, plot_dir, plot_scans, decode_
 def plot_projection(dataset, root, split, scan_id, camera, colour_by, out):
     """Draw one scan's points on its camera image(s), coloured by depth or label."""
     from pipeline.datasets import open_dataset
-    from stages.plots import projection_figure
+    from stages.tools.pictures import projection_figure
 
     ds = open_dataset(dataset, root, split)
     scan = ds[ds.index_of(scan_id)]
@@ -184,8 +184,8 @@ def extract_features(dataset, root, split, teacher, out, weights, weights_dir, r
     """Stage 1: run a frozen teacher over every camera image and write its targets into a Zarr
     feature store keyed by (scan, camera). Rerunning the same command finishes an interrupted
     store. Under torchrun, each rank takes parts rank::world."""
-    from stages.extract import ExtractConfig, extract
-    from stages.inspect import summary_lines
+    from stages.extract.extract import ExtractConfig, extract
+    from stages.tools.inspect import summary_lines
 
     cfg = ExtractConfig(
         dataset, root, split, teacher, out, weights, weights_dir, random_init, seed, image_size, device, precision,
@@ -202,7 +202,7 @@ def verify(store):
     arrays, every chunk present, of its recorded size, decodable and passing its CRC-32C, every
     array's SHA-256 as recorded at commit, no NaN/inf, the teacher as in the registry. Exits 1
     naming each problem. (Every command that reads a store runs the cheap part of this.)"""
-    from stages.teachers import TEACHERS
+    from stages.extract.teachers import TEACHERS
     from storage.verify import verify_store
 
     problems, counts = verify_store(store, {name: (spec.dim, spec.patch) for name, spec in TEACHERS.items()})
@@ -230,7 +230,7 @@ def inspect(store, scan, camera, stats, plot_dir, point, class_name, pca_from):
     counts, skipped entries; one scan's entries with --scan (--camera for one); statistics with
     --stats; pictures of the cached targets with --plot, their PCA colours fitted once per store so
     they mean the same on every scan. Refuses a damaged or unfinished store (see `verify`)."""
-    from stages.inspect import InspectConfig, inspect
+    from stages.tools.inspect import InspectConfig, inspect
 
     if plot_dir and not (scan or stats):
         raise click.UsageError("--plot needs --scan (pictures of a scan) or --stats (the norm histogram)")
@@ -249,7 +249,7 @@ def convert(src, dst, to):
     `net` state dicts of its WaffleIron segmenter; the published checkpoints) and scalr's. The
     weights are moved and reshaped, never changed: a round trip is bitwise. probe, finetune,
     evaluate and plot-features also read released checkpoints directly."""
-    from stages.convert import convert as run
+    from stages.student.checkpoints import convert as run
 
     written = run(src, dst, to)
     click.echo(f"{dst}: {written} checkpoint written from {src}")
@@ -273,8 +273,8 @@ def embed(checkpoint, dataset, root, split, out, voxel_size, dtype, device, max_
     evaluation grid (PandaSet 512 x 512 cells over +-128 m; others 256 x 256 over +-64 m).
     inspect, verify, plain zarr and the pictures read it like a teacher store. Rerunning the same
     command finishes an interrupted store."""
-    from stages.embed import EmbedConfig
-    from stages.embed import embed as run
+    from stages.downstream.embed import EmbedConfig
+    from stages.downstream.embed import embed as run
 
     store = run(EmbedConfig(checkpoint, dataset, root, out, split=split, voxel_size=voxel_size, dtype=dtype, device=device, max_scans=max_scans))
     click.echo(f"{out}: {store.plan.scans} scans embedded ({store.attrs['teacher']['dim']} dims, {dtype}); see `scalr inspect {out}`")
@@ -289,7 +289,7 @@ def runs(paths, plot, json_out):
     """One table of runs: RUN folders, or folders searched for runs (any folder with config.json).
     Per run: stage, student and its parameters, teachers (or the pretraining run it started from),
     datasets, steps, final loss, the best mIoU of the eval-*.json files in or under it, wall time."""
-    from stages.runs import find_runs, plot_losses, run_row, table_lines
+    from stages.tools.runs import find_runs, plot_losses, run_row, table_lines
 
     rows = [run_row(r) for r in find_runs(list(paths))]
     click.echo("\n".join(table_lines(rows)))
@@ -312,7 +312,7 @@ def view(store, checkpoint, host, port, scan, point_size):
     coloured by the PCA of the cached features (or of a student's), click a point to colour the
     whole scan by the cosine similarity to its feature, in 3D and on the camera image (the paper's
     Fig. 1). Reads only the shown scan's chunks: a store of any size opens in seconds."""
-    from stages.view import ViewConfig, serve
+    from stages.tools.view import ViewConfig, serve
 
     if not Path(store).exists():
         raise click.BadParameter(f"{store}: no such store", param_hint="STORE")
@@ -334,7 +334,7 @@ def plot_features(checkpoint, dataset, root, split, scan_id, camera, out, point,
     """A student's feature correlation map (cosine similarity to a query point, as the paper's
     Fig. 1) and PCA of its features on a scan, in bird's-eye view and on the camera images (PCA
     fitted once for the checkpoint, on the split's first scan)."""
-    from stages.inspect import plot_student
+    from stages.tools.inspect import plot_student
 
     for path in plot_student(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):
         click.echo(f"plot: {path}")
@@ -359,9 +359,9 @@ def plot_features(checkpoint, dataset, root, split, scan_id, camera, out, point,
 def pretrain(stores, out, student, config_file, sets, epochs, batch_size, max_steps, precision, device, num_workers, loss, fresh):
     """Stage 2: train a WaffleIron student against cached teacher targets (no teacher, images or
     raw dataset needed). Resumes from --out's last checkpoint. Multi-GPU:
-    torchrun --nproc-per-node N -m pipeline.cli pretrain ..."""
+    torchrun --nproc-per-node N -m stages.cli pretrain ..."""
     from pipeline.config import layered
-    from stages.pretrain import PretrainConfig, pretrain
+    from stages.student.pretrain import PretrainConfig, pretrain
 
     flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.max_steps": max_steps, "train.precision": precision,
              "train.device": device, "train.num_workers": num_workers, "loss.kind": loss}  # fmt: skip
@@ -388,7 +388,7 @@ def _segment_command(mode: str):
     @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out.")
     def command(dataset, root, split, out, labels_fraction, frames_file, config_file, sets, epochs, batch_size, precision, device, num_workers, fresh, **extra):
         from pipeline.config import layered
-        from stages.segment import SegmentConfig, train_segmentation
+        from stages.downstream.segment import SegmentConfig, train_segmentation
 
         flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.precision": precision, "train.device": device, "train.num_workers": num_workers}
         cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=root, split=split, out=out, labels_fraction=int(labels_fraction) / 100, frames_file=frames_file, **extra)
@@ -425,7 +425,7 @@ def evaluate(dataset, root, split, checkpoint, out, device, max_scans, corruptio
     """mIoU (NaN-mean over classes) and accuracy of a segmentation model: predictions on the
     voxelised cloud, every point labelled by its nearest kept point, one confusion matrix. With
     --corruptions: mIoU per corruption and severity, CE, mCE (nuScenes: vs MinkUNet-18) and mRR."""
-    from stages.evaluate import EvaluateConfig, evaluate, table_lines
+    from stages.downstream.evaluate import EvaluateConfig, evaluate, table_lines
 
     from pipeline.corruptions import CORRUPTIONS
 
@@ -447,7 +447,7 @@ def demo(data, out, teacher, student, pretrain_epochs, probe_epochs, no_scratch)
     """The whole method on the synthetic rigs: data, extraction, pretraining on the mix, linear
     probing of the distilled vs random-init student, a results table and pictures. Reruns reuse
     what is there."""
-    from stages.demo import DemoConfig, run_demo
+    from stages.tools.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(data=data, out=out, teacher=teacher, student=student, pretrain_epochs=pretrain_epochs, probe_epochs=probe_epochs, scratch=not no_scratch))
 
@@ -479,8 +479,8 @@ def bench():
 def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device, precision, batch_size, num_workers, scans_per_part, max_scans, repeats, json_out, layout, quantize, recipe):
     """Extraction: images/s, extraction time / bare teacher forward time on the same images
     (goal <= 1.15), store bytes on disk, per entry and / (points x dim x 2)."""
-    from stages.bench import BenchExtractConfig, bench_extract, report_lines
-    from stages.extract import ExtractConfig
+    from stages.tools.bench import BenchExtractConfig, bench_extract, report_lines
+    from stages.extract.extract import ExtractConfig
 
     ecfg = ExtractConfig(dataset, root, split, teacher, Path("unused"), weights=weights, random_init=weights is None,
                          image_size=image_size, device=device, precision=precision, batch_size=batch_size,
@@ -498,7 +498,7 @@ def bench_extract_cmd(dataset, root, split, teacher, weights, image_size, device
 def bench_open_cmd(store, repeats):
     """Opening a store: the time of the integrity gate every reader runs (no chunk decoded), and of
     what `scalr view` reads before its page shows (manifests, PCA colours, the first scan)."""
-    from stages.bench import bench_open, open_report_lines
+    from stages.tools.bench import bench_open, open_report_lines
 
     click.echo("\n".join(open_report_lines(bench_open(store, repeats))))
 
@@ -518,7 +518,7 @@ def bench_open_cmd(store, repeats):
 def bench_pretrain_cmd(store, student, batch_size, max_points, steps, num_workers, device, precision, teachers, json_out):
     """Pretraining: step time with the real store loader / with batches in memory (goal <= 1.05),
     step time with a teacher run online / with cached targets, peak memory."""
-    from stages.bench import BenchPretrainConfig, bench_pretrain, pretrain_report_lines
+    from stages.tools.bench import BenchPretrainConfig, bench_pretrain, pretrain_report_lines
 
     result = bench_pretrain(BenchPretrainConfig(store, student, batch_size, max_points, steps, num_workers, device, precision, tuple(teachers)))
     click.echo("\n".join(pretrain_report_lines(result)))
@@ -529,7 +529,7 @@ def bench_pretrain_cmd(store, student, batch_size, max_points, steps, num_worker
 @main.command()
 def teachers():
     """List the registered teachers and the weights file each expects."""
-    from stages.teachers import TEACHERS
+    from stages.extract.teachers import TEACHERS
 
     for spec in TEACHERS.values():
         weights = "random init only" if spec.random_init_only else f"{spec.weights_file}  ({spec.weights_source})"

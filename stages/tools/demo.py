@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.synth import SynthConfig, generate
-from stages.check_dataset import CheckConfig, check_dataset
-from stages.evaluate import EvaluateConfig, evaluate
-from stages.extract import ExtractConfig, extract
-from stages.inspect import plot_entry, plot_student
-from stages.pretrain import PretrainConfig, pretrain
-from stages.runs import find_runs, run_row
-from stages.runs import table_lines as runs_table
-from stages.segment import SegmentConfig, train_segmentation
-from stages.student_data import SampleConfig
-from stages.train import TrainConfig
+from stages.tools.check_dataset import CheckConfig, check_dataset
+from stages.downstream.evaluate import EvaluateConfig, evaluate
+from stages.extract.extract import ExtractConfig, extract
+from stages.tools.inspect import plot_entry, plot_student
+from stages.student.pretrain import PretrainConfig, pretrain
+from stages.tools.runs import find_runs, run_row
+from stages.tools.runs import table_lines as runs_table
+from stages.downstream.segment import SegmentConfig, train_segmentation
+from stages.student.samples import SampleConfig
+from stages.student.train import TrainConfig
 
 # (dataset, synthetic format, train split, validation split): four lidars; PandaSet's two sensors
 # come from the same synthetic PandaSet-format folder.

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from pipeline.datasets import open_dataset
-from stages.extract import RECIPES, ExtractConfig, ScanImages, extract_parts, pick_device, recipe_teacher, run_teacher, store_attributes
-from stages.inspect import disk_bytes
-from stages.teachers import load_teacher
+from stages.extract.extract import RECIPES, ExtractConfig, ScanImages, extract_parts, pick_device, recipe_teacher, run_teacher, store_attributes
+from stages.tools.inspect import disk_bytes
+from stages.extract.teachers import load_teacher
 from storage.feature_store import FeatureStore
 
 
@@ -110,7 +110,7 @@ def bench_open(store_path: Path, repeats: int = 3) -> dict:
     does before its page shows (no gate: every manifest read, the PCA colours fitted on 16
     entries, the first scan read with its images and labels when the raw dataset is there). The
     first repeat may include a cold file-system cache."""
-    from stages.scan_features import StoreScans
+    from stages.tools.scan_features import StoreScans
 
     times, manifests, pca, first_scan = [], [], [], []
     for _ in range(repeats):
@@ -175,11 +175,11 @@ def bench_pretrain(cfg: BenchPretrainConfig) -> dict:
     import numpy as np
 
     from pipeline.datasets import open_dataset
-    from stages.extract import load_resized
-    from stages.pretrain import build_student
-    from stages.student_data import DistillationData, EpochSampler, SampleConfig, collate
+    from stages.extract.extract import load_resized
+    from stages.student.pretrain import build_student
+    from stages.student.samples import DistillationData, EpochSampler, SampleConfig, collate
     from storage.targets import sample_grid
-    from stages.waffleiron import STUDENTS, cosine_distance_loss
+    from stages.student.waffleiron import STUDENTS, cosine_distance_loss
 
     device = pick_device(cfg.device)
     data = DistillationData([cfg.store], SampleConfig(max_points=cfg.max_points))  # opening runs the integrity gate

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from stages.waffleiron import inputs_problem
+from stages.student.waffleiron import inputs_problem
 from storage.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, write_json
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.waffleiron import param_count_closed_form
+from stages.student.waffleiron import param_count_closed_form
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

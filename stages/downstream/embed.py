@@ -23,11 +23,11 @@ from pipeline import __version__
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
 from pipeline.transforms import Grid
-from stages.evaluate import released_eval_sample
-from stages.segment import load_backbone
-from stages.student_data import collate, student_inputs
-from stages.teachers import sha256_file
-from stages.train import pick_device
+from stages.downstream.evaluate import released_eval_sample
+from stages.downstream.segment import load_backbone
+from stages.student.samples import collate, student_inputs
+from stages.extract.teachers import sha256_file
+from stages.student.train import pick_device
 from storage.feature_store import FORMAT, FORMAT_VERSION, FeatureStore, PartWriter, StorePlan
 
 CAMERA = "lidar"  # the one entry of a scan: every kept point, seen or not by a camera

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from stages.waffleiron import STUDENT_INPUTS, WaffleIronConfig
+from stages.student.waffleiron import STUDENT_INPUTS, WaffleIronConfig
 from storage.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_file, save_checkpoint
 
 log = logging.getLogger(__name__)

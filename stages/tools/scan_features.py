@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.plots import PcaBasis
+from stages.tools.pictures import PcaBasis
 from storage.feature_store import FeatureStore
 
 PCA_ENTRIES = 16  # a store's PCA basis: entries spread evenly over the store ...
@@ -140,7 +140,7 @@ class StoreScans:
 
     def load(self, scan_id: str) -> ScanFeatures:
         from pipeline.errors import DatasetError
-        from stages.extract import load_resized
+        from stages.extract.extract import load_resized
 
         if scan_id not in self._rows:
             raise KeyError(f"{self.store.path}: no stored point for scan {scan_id!r}")
@@ -193,8 +193,8 @@ class StudentScans:
 
     def __init__(self, checkpoint: Path, dataset: str, root: Path, split: str):
         from pipeline.datasets import open_dataset
-        from stages.evaluate import trained_sample_config
-        from stages.segment import load_backbone
+        from stages.downstream.evaluate import trained_sample_config
+        from stages.downstream.segment import load_backbone
 
         self.checkpoint = Path(checkpoint)
         self.backbone, self.record = load_backbone(checkpoint, 0.0)
@@ -216,7 +216,7 @@ class StudentScans:
         import torch
 
         from pipeline.datasets.base import load_image
-        from stages.student_data import collate, student_inputs
+        from stages.student.samples import collate, student_inputs
 
         scan = self.ds[self.ds.index_of(scan_id)]
         keep, inputs = student_inputs(scan.points, self.ds.meta.intensity_norm, self.sample, None, train=False)

@@ -24,9 +24,9 @@ from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
 from pipeline.scan import IGNORE_INDEX, DatasetMeta
 from pipeline.transforms import Grid
-from stages.segment import load_segmenter
-from stages.student_data import SampleConfig, collate, student_inputs
-from stages.train import pick_device, tensorboard_writer
+from stages.downstream.segment import load_segmenter
+from stages.student.samples import SampleConfig, collate, student_inputs
+from stages.student.train import pick_device, tensorboard_writer
 from storage.checkpoint import CheckpointError
 
 

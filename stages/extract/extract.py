@@ -31,7 +31,7 @@ from pipeline import __version__
 from pipeline.datasets import LidarDataset, open_dataset
 from pipeline.errors import DatasetError
 from pipeline.geometry import resize_pixels
-from stages.teachers import POS_EMBED, Teacher, get_spec, hub_provenance, load_teacher, pos_embed_rule, resolve_weights, sha256_file
+from stages.extract.teachers import POS_EMBED, Teacher, get_spec, hub_provenance, load_teacher, pos_embed_rule, resolve_weights, sha256_file
 from storage.targets import sample_grid
 from storage.feature_store import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE, FeatureStore, PartWriter, StorePlan
 
@@ -45,7 +45,7 @@ class Recipe:
     """Where the released CVPR code (main) and ScaLR+ (branch scalr_plus) differ in stage 1."""
 
     antialias: bool  # of the bilinear image resize
-    pos_embed: str  # stages.teachers.POS_EMBED
+    pos_embed: str  # stages.extract.teachers.POS_EMBED
 
 
 RECIPES = {

@@ -19,7 +19,7 @@ from pipeline.datasets import open_dataset
 from pipeline.datasets.base import image_size, load_image
 from pipeline.errors import DatasetError
 from pipeline.scan import IGNORE_INDEX
-from stages.plots import projection_figure
+from stages.tools.pictures import projection_figure
 
 log = logging.getLogger(__name__)
 

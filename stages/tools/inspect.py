@@ -156,7 +156,7 @@ def stats_lines(stats: dict) -> list[str]:
 
 
 def norm_histogram_figure(stats: dict, store: FeatureStore, out: Path) -> Path:
-    from stages.plots import plt
+    from stages.tools.pictures import plt
 
     counts, edges = stats["norm_histogram"]
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
@@ -194,7 +194,7 @@ def plot_entry(store: FeatureStore, scan_id: str, camera: str | None, out_dir: P
     a query point and the PCA colours, in bird's-eye view and on each camera's image (images and
     labels from the raw dataset when it is still there). PCA colours are fitted once on the store
     (or on `pca_from`, a store of the same feature size, to compare two stores in one palette)."""
-    from stages.scan_features import StoreScans
+    from stages.tools.scan_features import StoreScans
 
     if pca_from is not None and pca_from.dim != store.dim:
         raise StoreError(f"--pca-from {pca_from.path}: features of {pca_from.dim} dims, {store.path} has {store.dim}")
@@ -209,7 +209,7 @@ def plot_entry(store: FeatureStore, scan_id: str, camera: str | None, out_dir: P
 def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None) -> list[Path]:
     """The same pictures for a student's backbone features on a raw scan (PCA fitted once for the
     checkpoint, on the split's first scan)."""
-    from stages.scan_features import StudentScans
+    from stages.tools.scan_features import StudentScans
 
     scans = StudentScans(checkpoint, dataset, root, split)
     scan = scans.load(scan_id)
@@ -217,8 +217,8 @@ def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id
 
 
 def _scan_pictures(scan, prefix: str, camera: str | None, out_dir: Path, point: int | None, class_name: str | None, basis) -> list[Path]:
-    from stages.plots import scan_figure
-    from stages.scan_features import pick_query
+    from stages.tools.pictures import scan_figure
+    from stages.tools.scan_features import pick_query
 
     query = pick_query(scan, point, class_name)
     stem = f"{prefix}-{scan.scan_id}-{camera or 'all-cameras'}"  # prefix names the dataset: PandaSet's two lidars share scan ids

@@ -22,11 +22,11 @@ from pipeline.config import to_dict
 from pipeline.datasets import READERS, LidarDataset, open_dataset
 from pipeline.errors import DatasetError
 from pipeline.transforms import Augment, Grid
-from stages.convert import read_student_checkpoint
-from stages.losses import segmentation_loss
-from stages.student_data import EpochSampler, SampleConfig, collate, student_inputs
-from stages.train import OptimConfig, TrainConfig, fit
-from stages.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig, inputs_problem
+from stages.student.checkpoints import read_student_checkpoint
+from stages.student.losses import segmentation_loss
+from stages.student.samples import EpochSampler, SampleConfig, collate, student_inputs
+from stages.student.train import OptimConfig, TrainConfig, fit
+from stages.student.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig, inputs_problem
 from storage.checkpoint import CheckpointError, load_weights
 
 log = logging.getLogger(__name__)

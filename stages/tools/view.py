@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DatasetError
-from stages.plots import cosine_to, similarity_rgb
-from stages.scan_features import ScanFeatures, StoreScans, StudentScans, to_uint8
+from stages.tools.pictures import cosine_to, similarity_rgb
+from stages.tools.scan_features import ScanFeatures, StoreScans, StudentScans, to_uint8
 from storage.feature_store import FeatureStore, StoreError
 
 CACHED_SCANS = 4  # scans kept in memory (per source), for going back and forth
