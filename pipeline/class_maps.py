@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.scan import IGNORE_INDEX
 
 
@@ -21,14 +22,14 @@ class ClassMap:
         """Shared index of each class index of `dataset` (IGNORE_INDEX for ignored classes), with
         an entry for IGNORE_INDEX itself."""
         if dataset not in self.maps:
-            raise ValueError(f"class map {self.name} has no entry for dataset {dataset}")
+            raise ConfigError(f"class map {self.name} has no entry for dataset {dataset}")
         m = self.maps[dataset]
         missing = [c for c in class_names if c not in m]
         if missing:
-            raise ValueError(f"class map {self.name} leaves {dataset} classes unmapped: {missing}")
+            raise ConfigError(f"class map {self.name} leaves {dataset} classes unmapped: {missing}")
         bad = [v for v in m.values() if v is not None and v not in self.classes]
         if bad:
-            raise ValueError(f"class map {self.name} maps {dataset} classes to unknown shared classes {bad}")
+            raise ConfigError(f"class map {self.name} maps {dataset} classes to unknown shared classes {bad}")
         lut = np.full(IGNORE_INDEX + 1, IGNORE_INDEX, dtype=np.int64)
         for i, c in enumerate(class_names):
             if m[c] is not None:
@@ -90,9 +91,9 @@ CLASS_MAPS = {m.name: m for m in (NUSCENES_SEMANTICKITTI, TO_SEMANTICPOSS)}
 def find_class_map(source: str, target: str, name: str | None = None) -> ClassMap:
     if name is not None:
         if name not in CLASS_MAPS:
-            raise ValueError(f"unknown class map {name!r}; known: {', '.join(CLASS_MAPS)}")
+            raise ConfigError(f"unknown class map {name!r}; known: {', '.join(CLASS_MAPS)}")
         return CLASS_MAPS[name]
     for m in CLASS_MAPS.values():
         if source in m.maps and target in m.maps:
             return m
-    raise ValueError(f"no class map between {source} and {target}; known: {', '.join(CLASS_MAPS)}")
+    raise ConfigError(f"no class map between {source} and {target}; known: {', '.join(CLASS_MAPS)}")

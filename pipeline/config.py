@@ -12,6 +12,8 @@ import tomllib
 import typing
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+
 
 def to_dict(cfg) -> dict:
     def plain(v):
@@ -32,7 +34,7 @@ def parse_sets(items: list[str]) -> dict:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         try:
             out[key.strip()] = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
@@ -45,7 +47,7 @@ def load_toml(path: Path) -> dict:
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"{path}: cannot read config ({err})") from None
+        raise ConfigError(f"{path}: cannot read config ({err})") from None
 
     def flat(d, prefix=""):
         for k, v in d.items():
@@ -74,12 +76,12 @@ def apply(cfg, overrides: dict):
 def _set(obj, path: list[str], value, full_key: str):
     names = {f.name: f for f in dataclasses.fields(obj)}
     if path[0] not in names:
-        raise ValueError(f"unknown config key {full_key!r} (known here: {', '.join(names)})")
+        raise ConfigError(f"unknown config key {full_key!r} (known here: {', '.join(names)})")
     field = names[path[0]]
     current = getattr(obj, path[0])
     if len(path) > 1:
         if not dataclasses.is_dataclass(current):
-            raise ValueError(f"config key {full_key!r}: {path[0]} has no sub-keys")
+            raise ConfigError(f"config key {full_key!r}: {path[0]} has no sub-keys")
         return dataclasses.replace(obj, **{path[0]: _set(current, path[1:], value, full_key)})
     hints = typing.get_type_hints(type(obj))
     return dataclasses.replace(obj, **{path[0]: _convert(value, hints.get(field.name), full_key)})
@@ -100,10 +102,10 @@ def _convert(value, hint, key):
                 return _convert(value, a, key)
             except (ValueError, TypeError):
                 continue
-        raise ValueError(f"config key {key!r}: {value!r} does not fit {hint}")
+        raise ConfigError(f"config key {key!r}: {value!r} does not fit {hint}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key!r}: expected a list, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], key) for v in value)
         return tuple(_convert(v, a, key) for v, a in zip(value, args))
@@ -112,5 +114,5 @@ def _convert(value, hint, key):
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and not isinstance(value, hint):
-        raise ValueError(f"config key {key!r}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"config key {key!r}: expected {hint.__name__}, got {value!r}")
     return value

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, NotFoundError
 
 IGNORE_INDEX = 255  # mapped label of points that no benchmark class covers
 
@@ -67,7 +67,7 @@ class Scan:
             if cam.name == name:
                 return cam
         names = ", ".join(c.name for c in self.cameras)
-        raise KeyError(f"scan {self.scan_id} has no camera {name!r} (it has: {names})")
+        raise NotFoundError(f"scan {self.scan_id} has no camera {name!r} (it has: {names})")
 
 
 @dataclass(frozen=True)

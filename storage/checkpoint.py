@@ -14,13 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.errors import PathError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(PathError, ValueError):
     """An unusable checkpoint file; `str()` reads "<path>: <problem>"."""
-
-    def __init__(self, path: str | Path, problem: str):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

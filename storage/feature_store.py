@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from pipeline.errors import NotFoundError
 from storage.chunks import read_rows, stored_axis_order  # noqa: F401 - stored_axis_order: part of the reading API
 from storage.integrity import integrity_problems, read_root_attributes
 from storage.layout import (  # noqa: F401 - re-exported: the names every caller imports from here
@@ -217,7 +218,7 @@ class FeatureStore:
         m = self.manifest()
         rows = m.filter(pc.and_(pc.equal(m["scan_id"], scan_id), pc.equal(m["camera"], camera))).to_pylist()
         if not rows:
-            raise KeyError(f"{self.path}: no entry for scan {scan_id!r}, camera {camera!r}")
+            raise NotFoundError(f"{self.path}: no entry for scan {scan_id!r}, camera {camera!r}")
         row = rows[0]
         return row, self.read(row["part"], row["offset"], row["count"], row["grid"])
 

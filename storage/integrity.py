@@ -16,15 +16,30 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from storage.layout import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE, REQUIRED_KEYS, StoreError, chunk_key, part_name
+import pyarrow as pa
 
-if TYPE_CHECKING:
-    from storage.feature_store import FeatureStore
+from storage.layout import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE, REQUIRED_KEYS, ArraySpec, StorePlan, StoreError, chunk_key, part_name
 
 
-def integrity_problems(store: FeatureStore) -> list[str]:
+class StoreFiles(Protocol):
+    """What the gate reads of a store, without decoding a chunk (storage.feature_store.FeatureStore)."""
+
+    path: Path
+    attrs: dict
+    plan: StorePlan
+    layout: str
+    specs: dict[str, ArraySpec]
+
+    def committed_parts(self) -> list[int]: ...
+    def planned_committed_parts(self) -> list[int]: ...
+    def read_part_manifest(self, part: int) -> tuple[pa.Table, dict]: ...
+    def manifest_path(self, part: int) -> Path: ...
+    def part_folder(self, part: int) -> Path: ...
+
+
+def integrity_problems(store: StoreFiles) -> list[str]:
     """Everything that can be checked without decoding a chunk, one line per problem naming
     the file: attributes, plan completeness, each part's manifest against its rows, its
     record and its arrays' metadata, each chunk file's presence and size."""
@@ -38,11 +53,11 @@ def integrity_problems(store: FeatureStore) -> list[str]:
     return problems
 
 
-def attrs_usable(store: FeatureStore) -> bool:
+def attrs_usable(store: StoreFiles) -> bool:
     return not attribute_problems(store.path, store.attrs)
 
 
-def store_problems(store: FeatureStore) -> list[str]:
+def store_problems(store: StoreFiles) -> list[str]:
     """The store as a whole: attributes, and every planned part committed (and no other)."""
     problems = attribute_problems(store.path, store.attrs)
     if problems:
@@ -59,7 +74,7 @@ def store_problems(store: FeatureStore) -> list[str]:
     return problems
 
 
-def part_problems(store: FeatureStore, part: int) -> list[str]:
+def part_problems(store: StoreFiles, part: int) -> list[str]:
     """One committed part: its manifest rows against the plan and its record, its arrays'
     metadata against both, its chunk files' presence and sizes."""
     try:

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 
+from pipeline.errors import ScalrError
+
 FORMAT = "scalr-feature-store"
 # 3: targets as the released code computes them (pixel floor twice, its border rules, a float
 #    image resize without PIL, DINOv2's own position-embedding interpolation; `recipe`).
@@ -48,11 +50,14 @@ MANIFEST_SCHEMA = pa.schema(
 PART_RECORD_KEY = b"scalr.part"  # manifest schema metadata: the part's integrity record (JSON)
 # Attributes that must agree for a rerun to continue an existing store.
 IDENTITY_KEYS = ("format", "format_version", "teacher", "image_size", "dataset", "plan", "projection", "dtype", "layout", "quantize", "grid_size", "recipe")
+# Of those, what stores of several teachers must share to be joined into one target: the same
+# scans and points, seen through the same resized images (the teachers and layouts may differ).
+JOIN_KEYS = ("dataset", "image_size", "projection", "plan", "recipe")
 REQUIRED_KEYS = IDENTITY_KEYS + ("cameras", "intensity_max")
 GRID_POINT_CHUNK_ROWS = 1 << 13  # grid layout: per-point arrays (28 bytes a row); an entry's read decodes ~2 chunks
 
 
-class StoreError(Exception):
+class StoreError(ScalrError):
     """A store that cannot be used as asked; the message names the store and the problem."""
 
 

@@ -24,8 +24,8 @@ def test_help_lists_commands():
 
 def test_layout_choices_are_the_stores():
     """The CLI spells the choices out (importing the store module would slow every --help)."""
-    from stages.cli import LAYOUT, QUANTIZE
-    from storage.feature_store import LAYOUTS, QUANTIZE as STORE_QUANTIZE
+    from stages.cli.extract import LAYOUT, QUANTIZE_OPTION as QUANTIZE
+    from storage.layout import LAYOUTS, QUANTIZE as STORE_QUANTIZE
 
     choices = {p.name: set(p.type.choices) for p in (LAYOUT(lambda: None).__click_params__ + QUANTIZE(lambda: None).__click_params__)}
     assert choices == {"layout": set(LAYOUTS), "quantize": set(STORE_QUANTIZE)}

@@ -17,7 +17,8 @@ from stages.cli import main
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
 from pipeline.synth import SynthConfig, generate
-from stages.extract.extract import ExtractConfig, extract, load_resized
+from stages.extract.extract import ExtractConfig, extract
+from stages.extract.images import load_resized
 from stages.extract.teachers import load_teacher
 from storage.targets import sample_grid
 from storage.feature_store import FeatureStore, StoreError

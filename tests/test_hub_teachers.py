@@ -7,7 +7,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from stages.extract.teachers import WeightsError, load_teacher
+from stages.extract.teachers import load_teacher
+from stages.extract.weights import WeightsError
 
 REPO = "timm/vit_small_patch14_dinov2.lvd142m"  # the hub repository timm names for dinov2-vits14
 COMMIT = hashlib.sha1(b"scalr test snapshot").hexdigest()

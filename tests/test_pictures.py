@@ -14,8 +14,9 @@ from stages.cli import main
 from pipeline.transforms import Grid
 from stages.tools.demo import DemoConfig, table
 from stages.extract.extract import ExtractConfig, extract
-from stages.tools.inspect import feature_statistics, plot_entry, plot_student, stats_lines
-from stages.tools.pictures import PcaBasis, cosine_to
+from stages.tools.inspect import feature_statistics, stats_lines
+from stages.tools.pictures import plot_entry, plot_student
+from stages.tools.colours import PcaBasis, cosine_to
 from stages.tools.scan_features import StoreScans, pick_query
 from stages.student.pretrain import PretrainConfig, pretrain
 from stages.student.samples import SampleConfig

@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.datasets import READERS
 from pipeline.transforms import knn, student_features
-from stages.downstream.segment import load_backbone
+from stages.student.checkpoints import load_backbone
 from stages.student.waffleiron import STUDENT_INPUTS, WaffleIron, WaffleIronConfig, make_head
 from storage.checkpoint import CheckpointError, save_checkpoint
 
@@ -72,10 +72,10 @@ def test_checkpoints_with_the_old_inputs_are_refused(tmp_path):
     old = tmp_path / "old.pt"
     save_checkpoint(old, {"model": model, "config": {"stage": "pretrain", "config": {"model": fields}}})
     with pytest.raises(CheckpointError, match="student inputs version 1 .* pretrain again"):
-        load_backbone(old, 0.0)
+        load_backbone(old)
     new = tmp_path / "new.pt"
     save_checkpoint(new, {"model": model, "config": {"stage": "pretrain", "config": {"model": {**fields, "inputs": STUDENT_INPUTS}}}})
-    backbone, _ = load_backbone(new, 0.0)
+    backbone, _ = load_backbone(new)
     assert backbone.cfg.inputs == STUDENT_INPUTS
 
 
@@ -84,7 +84,7 @@ def test_image_resize_is_the_released_float_bilinear(tmp_path):
     halving a 4 x 8 image averages each 2 x 2 block exactly; with antialias (ScaLR+) it blurs more."""
     from PIL import Image
 
-    from stages.extract.extract import load_resized
+    from stages.extract.images import load_resized
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (4, 8, 3), dtype=np.uint8)
@@ -98,13 +98,13 @@ def test_image_resize_is_the_released_float_bilinear(tmp_path):
 def test_dinov2_position_embeddings_follow_the_cvpr_code():
     """CVPR recipe: the 37 x 37 table of 518 px, bicubic at scale factors (h + 0.1) / 37 and
     (w + 0.1) / 37 at every forward, no antialias; scalr-plus: timm's table resized at load."""
-    from stages.extract.teachers import load_teacher
+    from stages.extract.teachers import dinov2_cvpr_pos_embed, load_teacher
 
     cvpr = load_teacher("dinov2-vits14", (224, 448), random_init=True, pos_embed="dinov2-cvpr").model
     table = cvpr.pos_embed.detach()
     assert table.shape == (1, 1 + 37 * 37, 384)
     tokens = torch.zeros(1, 16, 32, 384)
-    got = cvpr._pos_embed(tokens)
+    got = dinov2_cvpr_pos_embed(cvpr, tokens)
     grid = table[:, 1:].reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
     expected = torch.nn.functional.interpolate(grid, scale_factor=(16.1 / 37, 32.1 / 37), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 512, 384)
     torch.testing.assert_close(got[:, 1:], expected, rtol=0, atol=0)

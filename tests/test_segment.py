@@ -14,7 +14,11 @@ from stages.downstream.evaluate import EvaluateConfig, confusion, evaluate, iou_
 from stages.extract.extract import ExtractConfig, extract
 from stages.student.losses import lovasz_softmax, segmentation_loss
 from stages.student.pretrain import PretrainConfig, pretrain
-from stages.downstream.segment import SegmentConfig, SegmentationModel, label_subset, layer_decay_groups, load_backbone, train_segmentation
+from stages.downstream.finetune import layer_decay_groups
+from stages.downstream.labelled import label_subset
+from stages.downstream.segment import SegmentConfig, train_segmentation
+from stages.downstream.segmenter import SegmentationModel
+from stages.student.checkpoints import load_backbone
 from stages.student.samples import SampleConfig
 from stages.student.train import OptimConfig, TrainConfig
 from stages.student.waffleiron import WaffleIron, WaffleIronConfig
@@ -110,7 +114,7 @@ def test_bad_downstream_input(kitti_root, kitti_copy, pretrained, tmp_path):
     state["config"]["config"]["model"]["width"] = 32
     torch.save(state, other)
     with pytest.raises(CheckpointError, match=r"other.pt: weights do not fit the recorded student \(depth 2, width 32\) .*first: embedding.point.weight is \(16, 5\), the model's is \(32, 5\)"):
-        load_backbone(other, 0.0)
+        load_backbone(other)
     with pytest.raises(ValueError, match="not a segmentation model"):
         evaluate(EvaluateConfig("semantickitti", kitti_root, pretrained))
     import shutil
@@ -254,12 +258,11 @@ def test_released_checkpoints_convert_bitwise_and_load_everywhere(kitti_root, pr
     assert list(round_trip) == ["model_point"] and set(round_trip["model_point"]) == {f"module.{k}" for k in plain}
     assert all(torch.equal(round_trip["model_point"][f"module.{k}"], v) for k, v in plain.items())
 
-    a, _ = load_backbone(pretrained, 0.0)
-    b, record = load_backbone(released, 0.0)
+    a, _ = load_backbone(pretrained)
+    b, record = load_backbone(released, a.cfg.grid_shape)
     assert record["stage"] == "released-pretrain" and (b.cfg.depth, b.cfg.width, b.cfg.norm) == (2, 16, "batch")
     batch = {"feats": torch.randn(50, 5), "cells": torch.randint(0, 4, (50, 3)), "neighbours": torch.randint(0, 50, (50, 16)),
              "batch": torch.zeros(50, dtype=torch.long), "batch_size": 1}  # fmt: skip
-    b.regrid(a.cfg.grid_shape)
     torch.testing.assert_close(a.eval()(batch), b.eval()(batch), rtol=0, atol=0)
 
     args = ["probe", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", str(released), "--out", str(tmp_path / "p"), "--epochs", "1",
@@ -285,7 +288,7 @@ def test_released_checkpoint_with_a_foreign_tensor_is_named(pretrained, tmp_path
     state["model_points"]["embed.extra.weight"] = torch.zeros(3)
     torch.save(state, plain)
     with pytest.raises(CheckpointError, match="plain.pth: embed.extra.weight is not a tensor of the released WaffleIron segmenter"):
-        load_backbone(plain, 0.0)
+        load_backbone(plain)
 
 
 def test_embed_writes_student_features_of_the_released_evaluation_points(kitti_root, pretrained, tmp_path):
@@ -308,8 +311,8 @@ def test_embed_writes_student_features_of_the_released_evaluation_points(kitti_r
     assert pictures.exit_code == 0 and pictures.output.count("plot:") == 2, pictures.output
     store = FeatureStore(out)
     ds = open_dataset("semantickitti", kitti_root, "val")
-    backbone, _ = load_backbone(pretrained, 0.0)
-    backbone.regrid((256, 256, 32)).eval()
+    backbone, _ = load_backbone(pretrained, (256, 256, 32))
+    backbone.eval()
     for row in store.manifest().to_pylist():
         scan = ds[ds.index_of(row["scan_id"])]
         xyz = scan.points[:, :3]
@@ -340,7 +343,7 @@ def test_frame_lists_text_and_released_npy(nuscenes_root, tmp_path):
     """--frames-file: scan ids one a line, or the released .npy rows (lidar file, label file,
     token) matched by token or by lidar file name; an entry naming no scan is an error."""
     from pipeline.datasets import open_dataset
-    from stages.downstream.segment import frames_from_file
+    from stages.downstream.labelled import frames_from_file
 
     ds = open_dataset("nuscenes", nuscenes_root, "mini_train")
     ids = ds.scan_ids

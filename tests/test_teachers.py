@@ -5,7 +5,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from stages.extract.teachers import TEACHERS, WeightsError, load_teacher
+from stages.extract.registry import TEACHERS
+from stages.extract.teachers import load_teacher
+from stages.extract.weights import WeightsError
 from storage.targets import sample_grid
 
 SMALL = ["test-vit", "dino-vits8", "dinov2-vits14", "dinov2-vits14-reg4", "mae-vitb16", "maskclip-vitb16"]

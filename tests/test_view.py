@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,15 +16,15 @@ from pipeline.errors import DatasetError
 from pipeline.transforms import Grid
 from stages.downstream.embed import EmbedConfig, embed
 from stages.extract.extract import ExtractConfig, extract
-from stages.tools.pictures import plt, similarity_rgb
+from stages.tools.colours import similarity_rgb, to_uint8
 from stages.student.pretrain import PretrainConfig, pretrain
-from stages.tools.scan_features import StoreScans, pick_query, to_uint8
+from stages.tools.scan_features import StoreScans, pick_query
 from stages.student.samples import SampleConfig
 from stages.student.train import OptimConfig, TrainConfig
 from stages.tools.view import FeatureViewer, ViewConfig, nearest_on_ray
 from stages.student.waffleiron import WaffleIronConfig
 
-COOLWARM = plt.get_cmap("coolwarm")(np.linspace(0, 1, 256))[:, :3] * 255.0
+COOLWARM = matplotlib.colormaps["coolwarm"](np.linspace(0, 1, 256))[:, :3] * 255.0
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ from pipeline.datasets.nuscenes import NuScenes
 from pipeline.datasets.pandaset import Pandar64, PandarGT
 from pipeline.datasets.semantickitti import SemanticKITTI
 from pipeline.datasets.semanticposs import SemanticPOSS
+from pipeline.errors import ConfigError
 
 READERS: dict[str, type[LidarDataset]] = {
     "nuscenes": NuScenes,
@@ -26,7 +27,7 @@ def open_dataset(name: str, root: str | Path, split: str, keep_going: bool = Fal
     try:
         reader = READERS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(READERS)}") from None
+        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(READERS)}") from None
     return reader(root, split, keep_going)
 
 

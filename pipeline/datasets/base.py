@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, NotFoundError
 from pipeline.geometry import Projection, project
 from pipeline.scan import DatasetMeta, Scan
 
@@ -72,7 +72,7 @@ class LidarDataset(abc.ABC):
         try:
             return self.scan_ids.index(scan_id)
         except ValueError:
-            raise KeyError(f"no scan {scan_id!r} in {self.meta.name} {self.split} at {self.root}") from None
+            raise NotFoundError(f"no scan {scan_id!r} in {self.meta.name} {self.split} at {self.root}") from None
 
     def project(self, scan: Scan, camera_name: str) -> Projection:
         """Visible points of `scan` in one camera, with this dataset's visibility rule."""

@@ -11,7 +11,6 @@ plain zarr / pyarrow / dask and the pictures read it as they read teacher stores
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,15 +19,18 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.datasets import open_dataset
-from pipeline.errors import DatasetError
+from pipeline.datasets import LidarDataset, open_dataset
+from pipeline.errors import ConfigError, DatasetError
 from pipeline.transforms import Grid
-from stages.downstream.evaluate import released_eval_sample
-from stages.downstream.segment import load_backbone
-from stages.student.samples import collate, student_inputs
-from stages.extract.teachers import sha256_file
-from stages.student.train import pick_device
-from storage.feature_store import FORMAT, FORMAT_VERSION, FeatureStore, PartWriter, StorePlan
+from stages.extract.extract import dataset_attributes, intensity_attributes
+from stages.extract.weights import sha256_file
+from stages.runtime import pick_device
+from stages.student.checkpoints import build_backbone, read_student_checkpoint, recorded_student
+from stages.student.infer import released_eval_sample, run_on_scan
+from stages.student.samples import SampleConfig
+from stages.student.waffleiron import WaffleIron
+from storage.feature_store import FeatureStore, PartWriter, StorePlan
+from storage.layout import FORMAT, FORMAT_VERSION
 
 CAMERA = "lidar"  # the one entry of a scan: every kept point, seen or not by a camera
 NO_PIXEL = -1.0  # student stores have no image: `pixel` is (-1, -1)
@@ -50,9 +52,9 @@ class EmbedConfig:
 
     def __post_init__(self):
         if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"--dtype {self.dtype!r}: float16 or float32")
+            raise ConfigError(f"--dtype {self.dtype!r}: float16 or float32")
         if self.voxel_size is not None and self.voxel_size < 0:
-            raise ValueError(f"--voxel-size {self.voxel_size}: 0 (every point) or a size in metres")
+            raise ConfigError(f"--voxel-size {self.voxel_size}: 0 (every point) or a size in metres")
 
 
 def embed(cfg: EmbedConfig) -> FeatureStore:
@@ -61,30 +63,15 @@ def embed(cfg: EmbedConfig) -> FeatureStore:
     scans = ds.scan_ids if cfg.max_scans is None else ds.scan_ids[: cfg.max_scans]
     if not scans:
         raise DatasetError(cfg.root, f"split {cfg.split} has no scans")
-    backbone, record = load_backbone(cfg.checkpoint, 0.0)
+    state = read_student_checkpoint(cfg.checkpoint)
     sample = released_eval_sample(ds.meta)
-    sample = replace(sample, voxel=sample.voxel if cfg.voxel_size is None else cfg.voxel_size, grid=cfg.grid or sample.grid, neighbours=backbone.cfg.neighbours)
-    backbone.regrid(sample.grid.shape).eval()
-    device = pick_device(cfg.device, 0)
+    neighbours = recorded_student(cfg.checkpoint, state["config"]).neighbours
+    voxel = sample.voxel if cfg.voxel_size is None else cfg.voxel_size
+    sample = replace(sample, voxel=voxel, grid=cfg.grid or sample.grid, neighbours=neighbours)
+    backbone = build_backbone(cfg.checkpoint, state, sample.grid.shape).eval()
+    device = pick_device(cfg.device)
     backbone.to(device)
-    attrs = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "scalr_version": __version__,
-        "teacher": {"name": f"student:{Path(cfg.checkpoint).name}", "kind": "student", "timm_name": "-", "dim": backbone.cfg.width, "patch": 0,
-                    "weights": sha256_file(cfg.checkpoint), "random_init": False, "checkpoint": str(Path(cfg.checkpoint).resolve()),
-                    "stage": record.get("stage"), "depth": backbone.cfg.depth, "norm": backbone.cfg.norm},
-        "image_size": None,
-        "dataset": {"name": ds.meta.name, "split": cfg.split, "scans": len(scans), "scan_ids_sha256": hashlib.sha256("\n".join(scans).encode()).hexdigest()},
-        "dataset_root": str(Path(cfg.root).resolve()),
-        "index_problems": [],
-        "cameras": [CAMERA],
-        "intensity_max": ds.meta.intensity_max,
-        "plan": {"scans": len(scans), "scans_per_part": cfg.scans_per_part},
-        "projection": (f"student features: voxels of {sample.voxel} m, first point of each in scan order" if sample.voxel > 0 else "student features: every point")
-                      + f", inside {sample.grid.lo} - {sample.grid.hi} m (1e-4 m margin), {sample.grid.shape} cells; no pixel (-1)",
-        "sample": {"voxel": sample.voxel, "grid": {"lo": list(sample.grid.lo), "hi": list(sample.grid.hi), "cell": sample.grid.cell}, "neighbours": sample.neighbours},
-        "dtype": cfg.dtype, "layout": "points", "quantize": "none", "grid_size": None, "recipe": None,
-    }  # fmt: skip
-    store = FeatureStore.create_or_open(cfg.out, attrs)
+    store = FeatureStore.create_or_open(cfg.out, student_store_attributes(cfg, ds, scans, backbone, state["config"], sample))
     plan = StorePlan(len(scans), cfg.scans_per_part)
     todo = [p for p in range(plan.parts) if p not in set(store.committed_parts())]
     with tqdm(total=sum(len(plan.scans_of(p)) for p in todo), desc="embed", unit="scan", dynamic_ncols=True) as bar:
@@ -97,15 +84,40 @@ def embed(cfg: EmbedConfig) -> FeatureStore:
     return FeatureStore(cfg.out)
 
 
-@torch.no_grad()
-def _entry(ds, index: int, backbone, sample, dtype: str, device: torch.device) -> tuple[dict, dict | None]:
+def student_store_attributes(cfg: EmbedConfig, ds: LidarDataset, scans: list[str], backbone: WaffleIron, record: dict, sample: SampleConfig) -> dict:  # fmt: skip
+    """A student store's attributes: a teacher store's, with the checkpoint as its `teacher`."""
+    student = backbone.cfg
+    grid = sample.grid
+    kept = f"voxels of {sample.voxel} m, first point of each in scan order" if sample.voxel > 0 else "every point"
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "scalr_version": __version__,
+        "teacher": {"name": f"student:{Path(cfg.checkpoint).name}", "kind": "student", "timm_name": "-", "dim": student.width, "patch": 0,
+                    "weights": sha256_file(cfg.checkpoint), "random_init": False, "checkpoint": str(Path(cfg.checkpoint).resolve()),
+                    "stage": record.get("stage"), "depth": student.depth, "norm": student.norm},
+        "image_size": None,
+        "dataset": dataset_attributes(ds, cfg.split, scans),
+        "dataset_root": str(Path(cfg.root).resolve()),
+        "index_problems": [],
+        "cameras": [CAMERA],
+        "intensity_max": ds.meta.intensity_max,
+        "intensity": intensity_attributes(ds),
+        "plan": {"scans": len(scans), "scans_per_part": cfg.scans_per_part},
+        "projection": f"student features: {kept}, inside {grid.lo} - {grid.hi} m (1e-4 m margin), {grid.shape} cells; no pixel (-1)",
+        "sample": {"voxel": sample.voxel, "grid": {"lo": list(grid.lo), "hi": list(grid.hi), "cell": grid.cell}, "neighbours": sample.neighbours},
+        "dtype": cfg.dtype, "layout": "points", "quantize": "none", "grid_size": None, "recipe": None,
+    }  # fmt: skip
+
+
+def _entry(ds: LidarDataset, index: int, backbone: WaffleIron, sample: SampleConfig, dtype: str, device: torch.device) -> tuple[dict, dict | None]:  # fmt: skip
     scan = ds[index]
-    row = {"scan_index": index, "scan_id": scan.scan_id, "camera": CAMERA, "scan_points": scan.num_points, "image_height": 0, "image_width": 0, "status": "ok", "reason": ""}
-    keep, inputs = student_inputs(scan.points, ds.meta.intensity_norm, sample, None, train=False)
-    if len(keep) == 0:
+    row = {
+        "scan_index": index, "scan_id": scan.scan_id, "camera": CAMERA, "scan_points": scan.num_points,
+        "image_height": 0, "image_width": 0, "status": "ok", "reason": "",
+    }  # fmt: skip
+    keep, features = run_on_scan(backbone, scan.points, ds.meta.intensity_norm, sample, device)
+    if features is None:
         return row, None
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([{**inputs, "scan_id": scan.scan_id}]).items()}
-    features = backbone(batch).float().cpu().numpy()
+    features = features.float().cpu().numpy()
     if dtype == "float16" and not np.isfinite(features.astype(np.float16)).all():
         raise FloatingPointError(f"student features of {scan.scan_id} overflow float16 (|x| > 65504); use --dtype float32")
     return row, {

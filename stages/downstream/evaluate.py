@@ -16,18 +16,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+from torch import nn
 from tqdm import tqdm
 
 from pipeline.class_maps import find_class_map
 from pipeline.corruptions import CORRUPTIONS, MINKUNET18_NUSCENES_C, robustness
-from pipeline.datasets import open_dataset
-from pipeline.errors import DatasetError
-from pipeline.scan import IGNORE_INDEX, DatasetMeta
-from pipeline.transforms import Grid
-from stages.downstream.segment import load_segmenter
-from stages.student.samples import SampleConfig, collate, student_inputs
-from stages.student.train import pick_device, tensorboard_writer
+from pipeline.datasets import LidarDataset, open_dataset
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.scan import IGNORE_INDEX
+from stages.downstream.segmenter import build_segmenter, segmenter_classes
+from stages.runtime import pick_device
+from stages.student.checkpoints import read_student_checkpoint
+from stages.student.infer import run_on_scan, trained_sample_config
+from stages.student.samples import SampleConfig
+from stages.student.train import tensorboard_writer
 from storage.checkpoint import CheckpointError
+from storage.runs import RunFolder
+
+VEHICLES = {"car", "truck", "bus", "trailer", "construction_vehicle", "other-vehicle", "motorcycle", "bicycle"}
 
 
 @dataclass(frozen=True)
@@ -62,101 +68,117 @@ def iou_from_confusion(cm: np.ndarray, num_classes: int | None = None) -> dict:
     return {"iou": iou, "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), "accuracy": float(tp.sum() / total) if total else float("nan")}
 
 
-def released_eval_sample(meta: DatasetMeta) -> SampleConfig:
-    """The released evaluation settings of a dataset: 0.1 m voxels, its field of view in 0.5 m
-    cells, 16 neighbours, no crop."""
-    return SampleConfig(voxel=0.1, max_points=10**9, grid=Grid(*meta.field_of_view), neighbours=16)
+@dataclass(frozen=True)
+class Scoring:
+    """Where predictions and labels are scored: the dataset's own classes, or, across datasets, a
+    map's shared classes plus an "other" column for predictions outside them (always wrong)."""
+
+    class_names: tuple[str, ...]
+    pred_lut: np.ndarray  # trained class -> scored class
+    label_lut: np.ndarray  # the dataset's class -> scored class
+    columns: int  # of the confusion matrix
+    class_map: str | None
+
+    @classmethod
+    def of(cls, trained_on: str, trained_classes: tuple[str, ...], meta, class_map: str | None) -> Scoring:
+        if trained_on == meta.name and trained_classes == meta.class_names:
+            names = meta.class_names
+            lut = np.append(np.arange(len(names)), np.full(IGNORE_INDEX + 1 - len(names), IGNORE_INDEX))
+            return cls(names, lut, lut, len(names), None)
+        cmap = find_class_map(trained_on, meta.name, class_map)
+        pred_lut, label_lut = cmap.lookup(trained_on, trained_classes), cmap.lookup(meta.name, meta.class_names)
+        pred_lut[pred_lut == IGNORE_INDEX] = len(cmap.classes)  # a prediction outside the shared classes: "other"
+        return cls(cmap.classes, pred_lut, label_lut, len(cmap.classes) + 1, cmap.name)
 
 
-def trained_sample_config(record: dict, meta: DatasetMeta) -> SampleConfig:
-    """Evaluation samples for a checkpoint: the voxel size, grid and neighbours it was trained
-    with; for a released checkpoint (no record of them) the dataset's released settings."""
-    s = record.get("config", {}).get("sample")
-    if s is None:
-        return released_eval_sample(meta)
-    grid = Grid(tuple(s["grid"]["lo"]), tuple(s["grid"]["hi"]), s["grid"]["cell"])
-    return SampleConfig(voxel=s["voxel"], max_points=10**9, grid=grid, neighbours=s["neighbours"])
-
-
-VEHICLES = {"car", "truck", "bus", "trailer", "construction_vehicle", "other-vehicle", "motorcycle", "bicycle"}
-
-
-def predict(model, points: np.ndarray, sample: SampleConfig, intensity_norm: tuple[float, float], device: torch.device, seed: int) -> np.ndarray:
+def predict(model: nn.Module, points: np.ndarray, sample: SampleConfig, intensity_norm: tuple[float, float], device: torch.device) -> np.ndarray:  # fmt: skip
     """Class of every point: predict on the voxelised cloud, then copy each kept point's
     prediction to the original points nearest to it."""
-    keep, inputs = student_inputs(points, intensity_norm, sample, np.random.default_rng(seed), train=False)
-    batch = collate([{**inputs, "scan_id": ""}])
-    batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
-    pred_kept = model(batch).argmax(dim=1).cpu().numpy()
+    keep, logits = run_on_scan(model, points, intensity_norm, sample, device)
     _, nearest = cKDTree(points[keep, :3]).query(points[:, :3])
-    return pred_kept[nearest]
+    return logits.argmax(dim=1).cpu().numpy()[nearest]
+
+
+def evaluated_model(cfg: EvaluateConfig, state: dict, ds: LidarDataset) -> tuple[nn.Module, dict, SampleConfig]:
+    """(the segmenter of a checkpoint's `state` in eval mode on its evaluation grid, its run record,
+    the evaluation samples). A released segmenter has no record of its dataset: the one evaluated on."""
+    record = state["config"]
+    if record["stage"] == "released-segmenter":
+        if record["num_classes"] != ds.meta.num_classes:
+            released = f"released segmenter with {record['num_classes']} classes"
+            raise CheckpointError(cfg.checkpoint, f"{released}; {ds.meta.name} has {ds.meta.num_classes}")
+        record = {**record, "dataset": {"name": ds.meta.name, "classes": list(ds.meta.class_names)}}
+    sample = cfg.sample or trained_sample_config(record, ds.meta)
+    return build_segmenter(cfg.checkpoint, {**state, "config": record}, sample.grid.shape), record, sample
 
 
 @torch.no_grad()
 def evaluate(cfg: EvaluateConfig) -> dict:
-    model, record = load_segmenter(cfg.checkpoint)
+    state = read_student_checkpoint(cfg.checkpoint)
+    segmenter_classes(cfg.checkpoint, state["config"])  # a segmentation model, before reading any data
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
-    if record["stage"] == "released-segmenter":  # no record of its dataset: the one evaluated on
-        if record["num_classes"] != ds.meta.num_classes:
-            raise CheckpointError(cfg.checkpoint, f"released segmenter with {record['num_classes']} classes; {ds.meta.name} has {ds.meta.num_classes}")
-        record = {**record, "dataset": {"name": ds.meta.name, "classes": list(ds.meta.class_names)}}
-    trained_on, trained_classes = record["dataset"]["name"], tuple(record["dataset"]["classes"])
-    # Scoring space: the dataset's own classes, or, across datasets, a map's shared classes.
-    if trained_on == ds.meta.name and trained_classes == ds.meta.class_names:
-        class_names = ds.meta.class_names
-        pred_lut = label_lut = np.append(np.arange(len(class_names)), np.full(IGNORE_INDEX + 1 - len(class_names), IGNORE_INDEX))
-    else:
-        cmap = find_class_map(trained_on, ds.meta.name, cfg.class_map)
-        class_names = cmap.classes
-        pred_lut, label_lut = cmap.lookup(trained_on, trained_classes), cmap.lookup(ds.meta.name, ds.meta.class_names)
-        pred_lut[pred_lut == IGNORE_INDEX] = len(class_names)  # a prediction outside the shared classes: "other", always wrong
+    model, record, sample = evaluated_model(cfg, state, ds)
+    trained_on = record["dataset"]["name"]
+    scoring = Scoring.of(trained_on, tuple(record["dataset"]["classes"]), ds.meta, cfg.class_map)
     unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
     if unknown:
-        raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
-    sample = cfg.sample or trained_sample_config(record, ds.meta)
-    model.backbone.regrid(sample.grid.shape)
-    device = pick_device(cfg.device, 0)
-    model.to(device)
-    k = len(class_names) + (class_names is not ds.meta.class_names)  # + the "other" column across datasets
-    vehicles = np.array([i for i, name in enumerate(ds.meta.class_names) if name in VEHICLES])
-    variants = [("clean", 0)] + [(c, sev) for c in cfg.corruptions for sev in (1, 2, 3)]
-    cms = {v: np.zeros((k, k), dtype=np.int64) for v in variants}
+        raise ConfigError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
     count = len(ds) if cfg.max_scans is None else min(cfg.max_scans, len(ds))
     if count == 0:
         raise DatasetError(cfg.root, f"split {cfg.split} is empty")
-    unit_norm = (ds.meta.intensity_mean / ds.meta.intensity_max, ds.meta.intensity_std / ds.meta.intensity_max)
-    for i in tqdm(range(count), desc=f"evaluate {ds.meta.name} {cfg.split}", unit="scan"):
+    device = pick_device(cfg.device)
+    cms = confusions(cfg, ds, count, model.to(device), sample, scoring, device)
+    scores = {v: iou_from_confusion(cm, len(scoring.class_names)) for v, cm in cms.items()}
+    clean = scores[("clean", 0)]
+    result = {
+        "checkpoint": str(cfg.checkpoint), "dataset": ds.meta.name, "split": cfg.split, "scans": count,
+        "miou": clean["miou"], "accuracy": clean["accuracy"],
+        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(scoring.class_names, clean["iou"])},
+        "trained_on": trained_on, "class_map": scoring.class_map, "confusion": cms[("clean", 0)].tolist(),
+        "trained_as": record["stage"],
+    }  # fmt: skip
+    if cfg.corruptions:
+        per = {c: [scores[(c, sev)]["miou"] for sev in (1, 2, 3)] for c in cfg.corruptions}
+        baseline = MINKUNET18_NUSCENES_C if ds.meta.name == "nuscenes" else None
+        name = "MinkUNet-18 (Robo3D nuScenes-C)" if baseline else None
+        result["corruptions"] = {"miou": per, **robustness(per, clean["miou"], baseline), "baseline": name}
+    return write_result(cfg, ds, result)
+
+
+def confusions(cfg: EvaluateConfig, ds: LidarDataset, count: int, model: nn.Module, sample: SampleConfig, scoring: Scoring, device: torch.device) -> dict:  # fmt: skip
+    """One confusion matrix per variant (clean, and each corruption at severities 1-3) over the
+    first `count` scans."""
+    meta = ds.meta
+    vehicles = np.array([i for i, name in enumerate(meta.class_names) if name in VEHICLES])
+    variants = [("clean", 0)] + [(c, sev) for c in cfg.corruptions for sev in (1, 2, 3)]
+    cms = {v: np.zeros((scoring.columns, scoring.columns), dtype=np.int64) for v in variants}
+    unit_norm = (meta.intensity_mean / meta.intensity_max, meta.intensity_std / meta.intensity_max)
+    for i in tqdm(range(count), desc=f"evaluate {meta.name} {cfg.split}", unit="scan"):
         scan = ds[i]
         if scan.labels is None:
-            raise DatasetError(cfg.root, f"scan {scan.scan_id} has no labels: cannot evaluate {ds.meta.name} {cfg.split}")
+            raise DatasetError(cfg.root, f"scan {scan.scan_id} has no labels: cannot evaluate {meta.name} {cfg.split}")
         points = scan.points.copy()
-        points[:, 3] /= ds.meta.intensity_max  # the corruptions take intensities in [0, 1]
+        points[:, 3] /= meta.intensity_max  # the corruptions take intensities in [0, 1]
         for name, severity in variants:
             pts, labels = points, scan.labels
             if name != "clean":
                 rng = np.random.default_rng([cfg.seed, i, list(CORRUPTIONS).index(name), severity])
                 pts, labels = CORRUPTIONS[name](points, scan.labels, severity, rng, vehicles)
             if len(pts):
-                cms[(name, severity)] += confusion(pred_lut[predict(model, pts, sample, unit_norm, device, i)], label_lut[labels], k)
-    scores = {v: iou_from_confusion(cm, len(class_names)) for v, cm in cms.items()}
-    clean = scores[("clean", 0)]
-    result = {
-        "checkpoint": str(cfg.checkpoint), "dataset": ds.meta.name, "split": cfg.split, "scans": count,
-        "miou": clean["miou"], "accuracy": clean["accuracy"],
-        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, clean["iou"])},
-        "trained_on": trained_on, "class_map": None if class_names is ds.meta.class_names else cfg.class_map or find_class_map(trained_on, ds.meta.name).name,
-        "confusion": cms[("clean", 0)].tolist(), "trained_as": record["stage"],
-    }  # fmt: skip
-    if cfg.corruptions:
-        per = {c: [scores[(c, sev)]["miou"] for sev in (1, 2, 3)] for c in cfg.corruptions}
-        baseline = MINKUNET18_NUSCENES_C if ds.meta.name == "nuscenes" else None
-        result["corruptions"] = {"miou": per, **robustness(per, clean["miou"], baseline), "baseline": "MinkUNet-18 (Robo3D nuScenes-C)" if baseline else None}
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent.parent / f"eval-{ds.meta.name}-{cfg.split}.json"
+                pred = scoring.pred_lut[predict(model, pts, sample, unit_norm, device)]
+                cms[(name, severity)] += confusion(pred, scoring.label_lut[labels], scoring.columns)
+    return cms
+
+
+def write_result(cfg: EvaluateConfig, ds: LidarDataset, result: dict) -> dict:
+    """The result as JSON (beside the checkpoint's run unless `out`), and its mIoU in the run's
+    TensorBoard events when the checkpoint lies in a run folder."""
+    run = RunFolder.of_checkpoint(cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else run.evaluation(ds.meta.name, cfg.split)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     result["json"] = str(out)
-    run = Path(cfg.checkpoint).parent.parent  # RUN/checkpoints/last.pt: beside the run's training curves
-    writer = tensorboard_writer(run) if (run / "config.json").is_file() else None
+    writer = tensorboard_writer(run.path) if run.is_run() else None
     if writer is not None:
         tag = f"eval/{ds.meta.name}-{cfg.split}"
         writer.add_scalar(f"{tag}/miou", result["miou"], 0)

@@ -1,142 +1,25 @@
-"""Checkpoints of the released ScaLR code (valeoai/ScaLR) read as scalr's, and written back.
+"""The one reader of student checkpoints: scalr's own (a state dict and its run record) or the
+released ScaLR code's (converted in memory, see released.py), the student configuration its record
+holds (refused when it was trained on other inputs), its backbone on a given grid, and conversion
+between the two formats (`scalr convert`).
 
-The released `distill.py` saves `{"model_point": state_dict, "optim": ..., "epoch": ...}` (the
-published checkpoints use "model_points"), `finetune.py` saves `{"net": state_dict, ...}`; keys may
-carry DistributedDataParallel's "module." prefix. Its Segmenter holds `embed`, `waffleiron` and
-`classif` (the distillation head: one 1x1 conv, or conv-ReLU-conv for several teachers; after
-finetuning BatchNorm1d + conv). scalr's modules are the same computation with Linear layers and
-per-channel LayerScale vectors: a key maps to a key and a tensor is reshaped, never changed.
-
-The architecture (depth, width, norm, head) is read from the tensors. The grid is not in them
-(WaffleIron's weights do not depend on it): it comes from the dataset's recipe.
+Every command that takes a `--checkpoint` comes here: probe, finetune, evaluate, embed, the
+pictures and the viewer; training resumes check the same inputs version.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from stages.student.waffleiron import STUDENT_INPUTS, WaffleIronConfig
-from storage.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_file, save_checkpoint
+from pipeline.errors import ConfigError
+from stages.student.released import architecture, from_released, released_key, released_record, to_released
+from stages.student.waffleiron import STUDENT_INPUTS, WaffleIron, WaffleIronConfig
+from storage.checkpoint import CheckpointError, load_checkpoint, load_weights, read_checkpoint_file, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-RELEASED_KEYS = ("model_points", "model_point", "net")  # distill.py (published / as saved), finetune.py
-
-# (released prefix, scalr prefix, trailing singleton dims of the released `.weight`)
-_FIXED = [
-    ("embed.norm.", "backbone.embedding.norm.", 0),
-    ("embed.conv1.", "backbone.embedding.point.", 1),
-    ("embed.conv2.0.", "backbone.embedding.neighbour_norm.", 0),
-    ("embed.conv2.1.", "backbone.embedding.neighbour.0.", 2),
-    ("embed.conv2.2.", "backbone.embedding.neighbour.1.", 0),
-    ("embed.conv2.4.", "backbone.embedding.neighbour.3.", 2),
-    ("embed.final.", "backbone.embedding.final.", 1),
-]
-_LAYER = [  # inside waffleiron.{channel_mix,spatial_mix}.D / backbone.{channel,spatial}.D
-    ("channel_mix", "channel", "norm.", 0), ("channel_mix", "channel", "mlp.0.", 1), ("channel_mix", "channel", "mlp.2.", 1),
-    ("channel_mix", "channel", "scale.", 2),
-    ("spatial_mix", "spatial", "norm.", 0), ("spatial_mix", "spatial", "ffn.0.", 0), ("spatial_mix", "spatial", "ffn.2.", 0),
-    ("spatial_mix", "spatial", "scale.", 2),
-]  # fmt: skip
-_LAYER_KEY = re.compile(r"^waffleiron\.(channel_mix|spatial_mix)\.(\d+)\.(.+)$")
-_SCALR_LAYER_KEY = re.compile(r"^backbone\.(channel|spatial)\.(\d+)\.(.+)$")
-
-
-def released_key(state: dict) -> str | None:
-    """The key holding the model weights if `state` is a released-format checkpoint, else None."""
-    if not isinstance(state, dict) or "model" in state:
-        return None
-    for key in RELEASED_KEYS:
-        weights = state.get(key)
-        if isinstance(weights, dict) and weights and all(torch.is_tensor(v) for v in weights.values()):
-            return key
-    return None
-
-
-def released_state_dict(state: dict) -> dict | None:
-    """The model weights of a released-format checkpoint ("module." stripped), or None."""
-    key = released_key(state)
-    if key is None:
-        return None
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state[key].items()}
-
-
-def _rename(key: str, to_scalr: bool) -> tuple[str, int | None] | None:
-    """(the key in the other format, trailing singleton dims of the released `.weight`; None for
-    the head, whose convs become linears) or None for a key of neither model."""
-    src, dst = (0, 1) if to_scalr else (1, 0)
-    head = ("classif.", "head.")
-    if key.startswith(head[src]):
-        return head[dst] + key[len(head[src]) :], None
-    if m := (_LAYER_KEY if to_scalr else _SCALR_LAYER_KEY).match(key):
-        rule = next((r for r in _LAYER if r[src] == m[1] and m[3].startswith(r[2])), None)
-        if rule is None:
-            return None
-        return (f"backbone.{rule[1]}.{m[2]}.{m[3]}" if to_scalr else f"waffleiron.{rule[0]}.{m[2]}.{m[3]}"), rule[3]
-    rule = next((r for r in _FIXED if key.startswith(r[src])), None)
-    return None if rule is None else (rule[dst] + key[len(rule[src]) :], rule[2])
-
-
-def _convert(weights: dict, path: Path, to_scalr: bool) -> dict:
-    out = {}
-    for key, tensor in weights.items():
-        renamed = _rename(key, to_scalr)
-        if renamed is None:
-            what = "is not a tensor of the released WaffleIron segmenter (embed.*, waffleiron.*, classif.*)" if to_scalr else "has no counterpart in the released WaffleIron segmenter"
-            raise CheckpointError(path, f"{key} {what}")
-        name, dims = renamed
-        if dims is None:  # head: conv weight (out, in, 1) <-> linear (out, in)
-            dims = 1 if tensor.ndim == (3 if to_scalr else 2) and key.endswith("weight") else 0
-        if key.endswith("weight") and dims:
-            tensor = tensor.reshape(tensor.shape[: tensor.ndim - dims]) if to_scalr else tensor.reshape(*tensor.shape, *([1] * dims))
-        out[name] = tensor
-    return out
-
-
-def from_released(weights: dict, path: Path) -> dict:
-    """Released Segmenter weights -> scalr weights (`backbone.*`, `head.*`)."""
-    return _convert(weights, path, to_scalr=True)
-
-
-def to_released(weights: dict, path: Path) -> dict:
-    """scalr weights (`backbone.*`, `head.*`) -> released Segmenter weights."""
-    return _convert(weights, path, to_scalr=False)
-
-
-def architecture(weights: dict, path: Path) -> tuple[WaffleIronConfig, dict]:
-    """(student configuration, head description) read from scalr-named weights."""
-    try:
-        point = weights["backbone.embedding.point.weight"]
-    except KeyError:
-        raise CheckpointError(path, "no embedding weights (embed.conv1.weight): not a WaffleIron checkpoint") from None
-    width, in_channels = point.shape
-    depth = len({int(k.split(".")[2]) for k in weights if k.startswith("backbone.channel.")})
-    norm = "batch" if "backbone.channel.0.norm.running_mean" in weights else "layer"
-    cfg = WaffleIronConfig(depth=depth, width=width, in_channels=in_channels, norm=norm)
-    if "head.weight" in weights:
-        head = {"kind": "linear", "out": int(weights["head.weight"].shape[0])}
-    elif "head.2.weight" in weights:
-        head = {"kind": "mlp", "hidden": int(weights["head.0.weight"].shape[0]), "out": int(weights["head.2.weight"].shape[0])}
-    elif "head.0.running_mean" in weights and "head.1.weight" in weights:
-        head = {"kind": "segmentation", "out": int(weights["head.1.weight"].shape[0])}
-    else:
-        head = {"kind": "none"}
-    return cfg, head
-
-
-def released_record(cfg: WaffleIronConfig, head: dict, path: Path, state: dict) -> dict:
-    """A scalr run record for weights that came without one; it keeps the released key and
-    "module." prefix so `convert` writes the same file layout back."""
-    key = released_key(state)
-    stage = "released-segmenter" if head["kind"] == "segmentation" else "released-pretrain"
-    return {"stage": stage, "config": {"model": asdict(cfg)}, "head": head, "released_from": str(path),
-            "released_layout": {"key": key, "module_prefix": all(k.startswith("module.") for k in state[key])},
-            **({"num_classes": head["out"]} if head["kind"] == "segmentation" else {"target_dim": head.get("out")})}  # fmt: skip
+SEGMENTER_STAGES = ("probe", "finetune", "scratch", "released-segmenter")  # run records of segmentation models
 
 
 def read_student_checkpoint(path: Path) -> dict:
@@ -144,39 +27,87 @@ def read_student_checkpoint(path: Path) -> dict:
     released one is converted in memory; its record says so ("stage": "released-...")."""
     path = Path(path)
     state = read_checkpoint_file(path)
-    released = released_state_dict(state)
-    if released is None:
+    key = released_key(state)
+    if key is None:
         return load_checkpoint(path, state)
-    weights = from_released(released, path)
+    weights = from_released({_unprefixed(k): v for k, v in state[key].items()}, path)
     cfg, head = architecture(weights, path)
     log.info("%s: released ScaLR checkpoint, WaffleIron depth %d, width %d, %s norm, head %s", path, cfg.depth, cfg.width, cfg.norm, head["kind"])
     return {"model": weights, "config": released_record(cfg, head, path, state)}
 
 
-def convert(src: Path, dst: Path, to: str = "auto") -> str:
+def _unprefixed(key: str) -> str:
+    return key[len("module.") :] if key.startswith("module.") else key
+
+
+def inputs_problem(record: dict) -> str | None:
+    """Why a run record's student does not fit this scalr's student inputs, or None."""
+    model = record.get("config", {}).get("model") if isinstance(record.get("config"), dict) else None
+    made = model.get("inputs", 1) if isinstance(model, dict) else 1
+    if made == STUDENT_INPUTS:
+        return None
+    return (
+        f"made with student inputs version {made} (16 neighbours including the point, 2-D radius, intensity / max); "
+        f"this scalr gives the student inputs version {STUDENT_INPUTS} (the released ScaLR code's), so its weights would "
+        "see inputs they were not trained on: pretrain again (feature stores hold raw points and are reused as they are)"
+    )
+
+
+def recorded_student(path: Path, record: dict, **overrides) -> WaffleIronConfig:
+    """The student configuration a run record holds, with `overrides`; CheckpointError if there is
+    none usable or it was trained on other inputs."""
+    model_cfg = record.get("config", {}).get("model") if isinstance(record.get("config"), dict) else None
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(path, "no student configuration recorded; not a scalr checkpoint")
+    if problem := inputs_problem(record):
+        raise CheckpointError(path, problem)
+    try:
+        return WaffleIronConfig(**{**model_cfg, "grid_shape": tuple(model_cfg["grid_shape"]), **overrides})
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(path, f"recorded student configuration is unusable ({err})") from None
+
+
+def build_backbone(path: Path, state: dict, grid_shape: tuple[int, int, int] | None = None, drop_path: float = 0.0) -> WaffleIron:
+    """The backbone of a checkpoint's `state` on `grid_shape` (its weights do not depend on the
+    grid; None: the recorded one), loaded strictly."""
+    overrides = {"drop_path": drop_path} if grid_shape is None else {"drop_path": drop_path, "grid_shape": tuple(grid_shape)}
+    cfg = recorded_student(path, state["config"], **overrides)
+    backbone = WaffleIron(cfg)
+    weights = {k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    load_weights(path, backbone, weights, f"the recorded student (depth {cfg.depth}, width {cfg.width})")
+    return backbone
+
+
+def load_backbone(path: Path, grid_shape: tuple[int, int, int] | None = None, drop_path: float = 0.0) -> tuple[WaffleIron, dict]:
+    """(the backbone of the checkpoint at `path`, see `build_backbone`; its run record)."""
+    state = read_student_checkpoint(path)
+    return build_backbone(path, state, grid_shape, drop_path), state["config"]
+
+
+def convert_checkpoint(src: Path, dst: Path, to: str = "auto") -> str:
     """Write `src` in the other format (or the one `to` names): a released checkpoint becomes a
-    scalr checkpoint, a scalr one a released one (`model_points`). Returns the format written."""
-    state = read_checkpoint_file(Path(src))
-    is_released = released_state_dict(state) is not None
+    scalr checkpoint, a scalr one a released one (`model_points`, or `net` for a segmenter; the
+    key and "module." prefix it came with). Returns the format written."""
+    src, dst = Path(src), Path(dst)
+    state = read_checkpoint_file(src)
+    is_released = released_key(state) is not None
     target = ("scalr" if is_released else "released") if to == "auto" else to
     if target not in ("scalr", "released"):
-        raise ValueError(f"--to {to!r}: scalr, released or auto")
+        raise ConfigError(f"--to {to!r}: scalr, released or auto")
     if target == "scalr":
         if not is_released:
             raise CheckpointError(src, "is already a scalr checkpoint")
-        save_checkpoint(Path(dst), read_student_checkpoint(Path(src)))
+        save_checkpoint(dst, read_student_checkpoint(src))
         return target
     if is_released:
         raise CheckpointError(src, "is already a released-format checkpoint")
-    state = load_checkpoint(Path(src), state)
-    model = state["config"].get("config", {}).get("model", {})
-    if model.get("inputs", 1) != STUDENT_INPUTS:
+    state = load_checkpoint(src, state)
+    if inputs_problem(state["config"]):
         raise CheckpointError(src, "was trained on scalr's old student inputs; the released code would feed it other ones")
     layout = state["config"].get("released_layout") or {}
-    segmenter = state["config"].get("stage") in ("probe", "finetune", "scratch", "released-segmenter")
-    key = layout.get("key") or ("net" if segmenter else "model_points")
-    weights = to_released(state["model"], Path(src))
+    key = layout.get("key") or ("net" if state["config"].get("stage") in SEGMENTER_STAGES else "model_points")
+    weights = to_released(state["model"], src)
     if layout.get("module_prefix"):
         weights = {f"module.{k}": v for k, v in weights.items()}
-    save_checkpoint(Path(dst), {key: weights})
+    save_checkpoint(dst, {key: weights})
     return target

@@ -1,4 +1,5 @@
-"""Segmentation losses: cross-entropy (ignore 255) + Lovasz-softmax (Berman et al., CVPR 2018)."""
+"""Every loss scalr trains with, in one place: distillation (ScaLR's cosine distance, the PPKT
+contrastive baseline) and segmentation (cross-entropy + Lovasz-softmax, Berman et al., CVPR 2018)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.scan import IGNORE_INDEX
+
+
+def cosine_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-point ScaLR loss: || f/|f| - g/|g| ||_2 (NOT squared) = sqrt(2 - 2 cos)."""
+    return (F.normalize(student.float(), dim=1) - F.normalize(teacher.float(), dim=1)).norm(dim=1)
+
+
+def ppkt_loss(student: torch.Tensor, teacher: torch.Tensor, pairs: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """PPKT baseline: InfoNCE over `pairs` random point-pixel pairs of the batch; returns the sum
+    over pairs (normalised by the caller)."""
+    n = student.shape[0]
+    pick = torch.randperm(n, generator=generator)[: min(pairs, n)].to(student.device)
+    s = F.normalize(student[pick].float(), dim=1)
+    t = F.normalize(teacher[pick].float(), dim=1)
+    logits = s @ t.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(pick), device=logits.device), reduction="sum")
 
 
 def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -31,6 +48,7 @@ def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (ignoring IGNORE_INDEX) + Lovasz-softmax, per point of the batch."""
     logits = logits.float()
     ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
     if not (labels != IGNORE_INDEX).any():

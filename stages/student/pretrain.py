@@ -2,7 +2,7 @@
 
 Data flow: feature stores -> DistillationData (random camera, voxelise, crop, augment, student
 inputs) -> WaffleIron + distillation head -> loss against the stored targets -> the shared
-training loop (stages/train.py). No teacher, no image and no raw dataset is needed.
+training loop (train.py). No teacher, no image and no raw dataset is needed.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline import __version__
 from pipeline.config import to_dict
+from pipeline.errors import ConfigError
+from stages.runtime import seeded
+from stages.student.losses import cosine_distance_loss, ppkt_loss
 from stages.student.samples import DistillationData, EpochSampler, SampleConfig, collate
 from stages.student.train import OptimConfig, TrainConfig, fit
-from stages.student.waffleiron import STUDENTS, Student, WaffleIron, WaffleIronConfig, cosine_distance_loss, make_head
+from stages.student.waffleiron import STUDENTS, Student, WaffleIron, WaffleIronConfig, make_head
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class PretrainConfig:
 
     def resolved(self) -> "PretrainConfig":
         if self.student not in STUDENTS:
-            raise ValueError(f"unknown student {self.student!r}; presets: {', '.join(STUDENTS)}")
+            raise ConfigError(f"unknown student {self.student!r}; presets: {', '.join(STUDENTS)}")
         return self if self.model is not None else dataclasses.replace(self, model=STUDENTS[self.student])
 
 
@@ -56,25 +58,14 @@ def build_student(model_cfg: WaffleIronConfig, target_dim: int, head: str, hidde
     return Student(WaffleIron(model_cfg), make_head(model_cfg.width, target_dim, kind, hidden))
 
 
-def ppkt_loss(student: torch.Tensor, teacher: torch.Tensor, pairs: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """PPKT baseline: InfoNCE over `pairs` random point-pixel pairs of the batch; returns the sum
-    over pairs (normalised by the caller)."""
-    n = student.shape[0]
-    pick = torch.randperm(n, generator=generator)[: min(pairs, n)].to(student.device)
-    s = F.normalize(student[pick].float(), dim=1)
-    t = F.normalize(teacher[pick].float(), dim=1)
-    logits = s @ t.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(pick), device=logits.device), reduction="sum")
-
-
 def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     cfg = cfg.resolved()
     data = DistillationData(list(cfg.stores), cfg.sample)
     groups = data.groups
     if cfg.model.grid_shape != cfg.sample.grid.shape:
-        raise ValueError(f"model.grid_shape {cfg.model.grid_shape} differs from the sample grid's {cfg.sample.grid.shape}")
-    torch.manual_seed(cfg.train.seed)
-    model = build_student(cfg.model, data.target_dim, cfg.head, cfg.head_hidden, len(groups[0].teachers))
+        raise ConfigError(f"model.grid_shape {cfg.model.grid_shape} differs from the sample grid's {cfg.sample.grid.shape}")
+    with seeded(cfg.train.seed):
+        model = build_student(cfg.model, data.target_dim, cfg.head, cfg.head_hidden, len(groups[0].teachers))
     log.info(
         "student %s (%.2f M parameters), teachers %s (%d dims), %s: %d scans",
         cfg.student, sum(p.numel() for p in model.parameters()) / 1e6, groups[0].teachers, data.target_dim,
@@ -95,7 +86,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
         if cfg.loss.kind == "ppkt":
             total = ppkt_loss(pred, batch["targets"], cfg.loss.ppkt_pairs, cfg.loss.ppkt_temperature, ppkt_gen)
             return total, torch.tensor(float(min(cfg.loss.ppkt_pairs, len(pred))), device=pred.device)
-        raise ValueError(f"unknown loss {cfg.loss.kind!r}: cosine or ppkt")
+        raise ConfigError(f"unknown loss {cfg.loss.kind!r}: cosine or ppkt")
 
     return fit(
         model, [{"params": model.parameters()}], data,

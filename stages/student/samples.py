@@ -9,6 +9,7 @@ targets concatenated; stores of different datasets are concatenated into one tra
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ import numpy as np
 import torch
 
 from pipeline.datasets import READERS
+from pipeline.errors import ConfigError
 from pipeline.transforms import Augment, Grid, crop_nearest, knn, student_features, voxel_downsample
-from storage.feature_store import FeatureStore, StoreError
+from storage.feature_store import FeatureStore
+from storage.layout import JOIN_KEYS, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +48,14 @@ class StoreGroup:
     def __init__(self, stores: list[FeatureStore]):
         first = stores[0]
         for other in stores[1:]:
-            # recipe: the same points, but teachers fed differently resized images (`--recipe`)
-            for key in ("dataset", "image_size", "projection", "plan", "recipe"):
+            for key in JOIN_KEYS:
                 if first.attrs.get(key) != other.attrs.get(key):
                     raise StoreError(f"{other.path}: cannot be joined with {first.path}: {key} differs ({other.attrs.get(key)} vs {first.attrs.get(key)})")
         self.stores = stores
         self.dataset = first.attrs["dataset"]
         self.teachers = [s.attrs["teacher"]["name"] for s in stores]
         self.dims = [s.attrs["teacher"]["dim"] for s in stores]
-        self.intensity_norm = READERS[self.dataset["name"]].meta.intensity_norm
+        self.intensity_norm = intensity_norm(first)
         manifests = [s.manifest().to_pylist() for s in stores]
         keys = [[(r["scan_id"], r["camera"], r["count"], r["status"]) for r in m] for m in manifests]
         for store, k in zip(stores[1:], keys[1:]):
@@ -78,13 +80,21 @@ class StoreGroup:
         return f"{self.dataset['name']}/{self.dataset['split']}"
 
 
+def intensity_norm(store: FeatureStore) -> tuple[float, float]:
+    """(mean, std) standardising the store's raw intensities for the student, as recorded in it.
+    Stores of scalr 0.2.0 and before record the range only: their dataset's released statistics."""
+    recorded = store.attrs.get("intensity")
+    if recorded is not None:
+        return recorded["mean"], recorded["std"]
+    return READERS[store.attrs["dataset"]["name"]].meta.intensity_norm
+
+
 def group_stores(paths: list[Path]) -> list[StoreGroup]:
     """Stores grouped by dataset split (same scan ids); groups must have the same teachers."""
     stores = [FeatureStore(p) for p in paths]
     by_data: dict[str, list[FeatureStore]] = {}
-    for s in stores:
-        d = s.attrs["dataset"]  # PandaSet's two lidars share scan ids: the name tells them apart
-        by_data.setdefault(f"{d['name']}/{d['split']}/{d['scan_ids_sha256']}", []).append(s)
+    for s in stores:  # name, split and scan ids: PandaSet's two lidars share scan ids, not names
+        by_data.setdefault(json.dumps(s.attrs["dataset"], sort_keys=True), []).append(s)
     groups = [StoreGroup(sorted(g, key=lambda s: s.attrs["teacher"]["name"])) for g in by_data.values()]
     for g in groups[1:]:
         if g.teachers != groups[0].teachers or g.dims != groups[0].dims:
@@ -178,10 +188,10 @@ class EpochSampler:
 
     def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1, balanced: bool = False):
         if batch_size % world:
-            raise ValueError(f"global batch size {batch_size} is not divisible by {world} ranks")
+            raise ConfigError(f"global batch size {batch_size} is not divisible by {world} ranks")
         total = sum(sizes)
         if total < batch_size:
-            raise ValueError(f"{total} training scans cannot fill one batch of {batch_size}")
+            raise ConfigError(f"{total} training scans cannot fill one batch of {batch_size}")
         self.sizes, self.batch_size, self.seed = sizes, batch_size, seed
         self.rank, self.world, self.balanced = rank, world, balanced
         self.epoch, self.first_batch = 0, 0

@@ -1,9 +1,11 @@
-"""The one training loop of scalr (pretraining now; probing and finetuning reuse it).
+"""The one training loop of scalr: pretraining, probing, finetuning and training from scratch.
 
-A run folder holds config.json (the resolved config), metrics.jsonl (one line per logged step),
-checkpoints/last.pt (model, optimiser, scheduler, scaler, sampler position, RNG states, config)
-and loss.png. Launched under `torchrun`, it uses DDP with SyncBatchNorm; the rank and world size
-come only from the launcher's environment.
+A run folder (storage/runs.py) holds config.json (the run record), metrics.jsonl (one line per
+logged step), checkpoints/last.pt (model, optimiser, scheduler, scaler, sampler position, RNG
+states, record) and loss.png. Launched under `torchrun`, it uses DDP with SyncBatchNorm; the rank
+and world size come only from the launcher's environment (stages/runtime.py). The run's random
+state lives in a fork of torch's generator, seeded or restored from the checkpoint, and saved with
+every checkpoint: the caller's random state is the same after training as before.
 """
 
 from __future__ import annotations
@@ -11,20 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from matplotlib.figure import Figure
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 from tqdm import tqdm
 
-from stages.student.waffleiron import inputs_problem
+from pipeline.errors import ScalrError
+from stages.runtime import Launch, Loader, autocast, peak_memory_mib, pick_device, to_device
+from stages.student.checkpoints import inputs_problem
 from storage.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, write_json
+from storage.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +57,12 @@ class TrainConfig:
     log_every: int = 10  # steps
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(ScalrError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        d = cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
-        if d.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return d
-
-    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(value)
-        return value
+StepLoss = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]  # (sum of per-point losses, number of points)
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "rng")
 
 
 class CpuSyncBatchNorm(nn.BatchNorm1d):
@@ -81,8 +71,6 @@ class CpuSyncBatchNorm(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         xf = x.float()
         stats = all_reduce(torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([x.shape[0]])]))
@@ -112,12 +100,6 @@ def cpu_sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
     """Learning-rate factor: linear warm-up over `warmup` steps, then cosine to min_lr at `total`."""
     if step < warmup:
@@ -126,26 +108,24 @@ def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: fl
     return (min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))) / base_lr
 
 
-StepLoss = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]  # (sum of per-point losses, number of points)
-
-
 def tensorboard_writer(run_dir: Path):
     """A TensorBoard writer into RUN/tensorboard, or None with a one-line note when the optional
     tensorboard package is absent (`pip install 'scalr[tb]'`)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
+    try:  # tensorboard is an optional extra: imported only where events are written
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
     except ImportError:
         log.info("tensorboard is not installed: metrics go to metrics.jsonl only (pip install 'scalr[tb]' adds TensorBoard event files)")
         return None
-    return SummaryWriter(str(Path(run_dir) / "tensorboard"))
+    return SummaryWriter(str(RunFolder(run_dir).tensorboard))
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+@dataclass
+class Position:
+    """Where training stands: steps done, and the epoch and batch the next step takes."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
 
 
 def fit(
@@ -162,145 +142,202 @@ def fit(
     resume: bool = True,
 ) -> dict:
     """Train `model` and return a summary. `make_sampler(rank, world)` gives an EpochSampler."""
-    ddp = Distributed.from_env()
-    device = pick_device(train.device, ddp.local_rank)
-    run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    sampler = make_sampler(ddp.rank, ddp.world)
-    steps_per_epoch = len(sampler)
-    total_steps = steps_per_epoch * train.epochs
-    model.to(device)
-    optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
-    bases = [g.get("lr", optim.lr) for g in optimizer.param_groups]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [lambda s, b=b: warmup_cosine(s, total_steps, optim.warmup_iters, b, optim.min_lr * b / optim.lr) for b in bases]
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        missing = [k for k in ("optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "rng") if k not in state]
+    trainer = Trainer(model, param_groups, make_sampler, optim, train, RunFolder(run_dir), record)
+    with torch.random.fork_rng(devices=trainer.rng_devices):  # the run's own random state
+        trainer.start(resume)
+        trainer.train(dataset, collate, step_loss)
+    return trainer.summary()
+
+
+class Trainer:
+    """The state of one training run and the steps that move it."""
+
+    def __init__(self, model, param_groups, make_sampler, optim: OptimConfig, train: TrainConfig, run: RunFolder, record: dict):  # fmt: skip
+        self.launch = Launch.from_env().join()
+        self.device = pick_device(train.device, self.launch)
+        self.model, self.optim, self.train_cfg, self.run, self.record = model.to(self.device), optim, train, run, record
+        self.sampler = make_sampler(self.launch.rank, self.launch.world)
+        self.steps_per_epoch = len(self.sampler)
+        total = self.steps_per_epoch * train.epochs
+        self.last_step = total if train.max_steps is None else min(total, train.max_steps)
+        self.optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+        factors = [self._lr_factor(g.get("lr", optim.lr), total) for g in self.optimizer.param_groups]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factors)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
+        self.position = Position()
+        self.saved_step: int | None = None  # the step last written to the run's checkpoint
+        self.rng_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+    def _lr_factor(self, base: float, total: int) -> Callable[[int], float]:
+        optim = self.optim
+        return lambda s: warmup_cosine(s, total, optim.warmup_iters, base, optim.min_lr * base / optim.lr)
+
+    # ---- start: fresh or resumed ---------------------------------------------------------
+    def start(self, resume: bool) -> None:
+        """Resume from the run's checkpoint when asked and present, else seed a fresh run."""
+        if resume and self.run.checkpoint.is_file():
+            self._resume(self.run.checkpoint)
+        else:
+            torch.manual_seed(self.train_cfg.seed)  # noqa: TID251 - inside fit's fork of the generator
+        if self.launch.rank == 0:
+            write_json(self.run.record, self.record)
+            if self.position.step == 0:
+                self.run.metrics.unlink(missing_ok=True)  # a fresh run starts a fresh log
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        missing = [k for k in RESUME_KEYS if k not in state]
         if missing:
-            raise CheckpointError(ckpt_path, f"cannot resume: no {missing} (not a training checkpoint; use --fresh or another --out)")
+            raise CheckpointError(path, f"cannot resume: no {missing} (not a training checkpoint; use --fresh or another --out)")
         if problem := inputs_problem(state["config"]):
-            raise CheckpointError(ckpt_path, f"cannot resume: {problem} (use --fresh or another --out)")
-        load_weights(ckpt_path, model, state["model"], "this run's model (use --fresh or another --out to start a different model)")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            raise CheckpointError(path, f"cannot resume: {problem} (use --fresh or another --out)")
+        what = "this run's model (use --fresh or another --out to start a different model)"
+        load_weights(path, self.model, state["model"], what)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        log.info("%s: resuming at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch_in_epoch)
-    else:
-        torch.manual_seed(train.seed)
-    metrics_file = run_dir / "metrics.jsonl"
-    writer = tensorboard_writer(run_dir) if ddp.rank == 0 else None
-    if ddp.rank == 0:
-        write_json(run_dir / "config.json", record)
-        if step == 0:
-            metrics_file.unlink(missing_ok=True)  # a fresh run starts a fresh log
-    net = model
-    if ddp.world > 1:  # batch statistics over the global batch; PyTorch's SyncBatchNorm is GPU-only
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else cpu_sync_batchnorm(model)
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train.precision]
-    last_step = total_steps if train.max_steps is None else min(total_steps, train.max_steps)
+        self.saved_step = self.position.step
+        log.info("%s: resuming at step %d (epoch %d, batch %d)", path, *vars(self.position).values())
 
-    saved_step = step if resume and ckpt_path.is_file() else None  # the step last written to ckpt_path
-
-    def save(at_step, at_epoch, at_batch):
-        nonlocal saved_step
-        saved_step = at_step
-        if ddp.rank != 0:
+    def save(self) -> None:
+        p = self.position
+        self.saved_step = p.step
+        if self.launch.rank != 0:
             return
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "step": at_step, "epoch": at_epoch, "batch_in_epoch": at_batch,
-            "rng": rng, "config": record,
+        save_checkpoint(self.run.checkpoint, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch,
+            "rng": rng, "config": self.record,
         })  # fmt: skip
 
-    net.train()
-    bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=ddp.rank != 0, dynamic_ncols=True)
-    window_loss, window_points, window_samples, t_window = 0.0, 0, 0, time.perf_counter()
-    loader_gen = torch.Generator().manual_seed(train.seed)  # keeps loader seeding off the global RNG
-    # One loader for the whole run: its workers persist across epochs, and the batch sampler,
-    # iterated in this process, is moved to each epoch (and resume position) before iterating.
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers, pin_memory=device.type == "cuda",
-        generator=loader_gen, prefetch_factor=4 if train.num_workers else None, persistent_workers=train.num_workers > 0,
-    )  # fmt: skip
-    while step < last_step:
-        sampler.start(epoch, batch_in_epoch)
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss_sum, count = step_loss(net, batch)
-            # Normalise by the GLOBAL number of points (DDP averages gradients over ranks), so
-            # any number of ranks computes the same update as one process.
-            global_count = ddp.all_sum(count.detach().float().clone())
-            loss = loss_sum * ddp.world / global_count.clamp(min=1)
-            finite = ddp.all_sum(torch.isfinite(loss.detach()).float())
-            if finite.item() < ddp.world:
-                bar.close()
-                raise NonFiniteLoss(f"non-finite loss at step {step + 1} (epoch {epoch}); stopped. The last good checkpoint is {ckpt_path if ckpt_path.is_file() else 'none yet'}; lower the learning rate or use --set train.precision=fp32")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if optim.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            batch_in_epoch += 1
-            global_loss = ddp.all_sum(loss_sum.detach().float().clone()).item()
-            window_loss += global_loss
-            window_points += int(global_count.item())
-            window_samples += train.batch_size
-            if step % train.log_every == 0 or step == last_step:
-                dt = time.perf_counter() - t_window
-                entry = {"step": step, "epoch": epoch, "loss": window_loss / max(window_points, 1), "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / dt, "time": time.time()}
-                if ddp.rank == 0:
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps(entry) + "\n")
-                if writer is not None:
-                    for key in ("loss", "lr", "samples_per_s"):
-                        writer.add_scalar(f"train/{key}", entry[key], step)
-                    writer.add_scalar("train/peak_memory_mib", peak_memory_mib(device), step)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", samples_s=f"{entry['samples_per_s']:.1f}")
-                window_loss, window_points, window_samples, t_window = 0.0, 0, 0, time.perf_counter()
-            bar.update(1)
-            if batch_in_epoch == steps_per_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
-            if step % train.checkpoint_every == 0 or step == last_step:
-                save(step, epoch, batch_in_epoch)
-            if step >= last_step:
-                break
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if saved_step != step:
-        save(step, epoch, batch_in_epoch)  # e.g. max_steps=0: the untrained model, a baseline to probe
-    if ddp.rank == 0:
-        plot_loss(metrics_file, run_dir / "loss.png")
-    return {"steps": step, "epochs": epoch, "checkpoint": str(ckpt_path), "metrics": str(metrics_file)}
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self, dataset, collate: Callable, step_loss: StepLoss) -> None:
+        cfg, p = self.train_cfg, self.position
+        net = self._parallel()
+        net.train()
+        writer = tensorboard_writer(self.run.path) if self.launch.rank == 0 else None
+        log_window = MetricsWindow(self.run.metrics, writer, self.launch.rank == 0)
+        bar = tqdm(total=self.last_step, initial=p.step, desc="train", unit="step", disable=self.launch.rank != 0, dynamic_ncols=True)
+        # One loader for the whole run: its workers persist across epochs, and the batch sampler,
+        # iterated in this process, is moved to each epoch (and resume position) before iterating.
+        loader = Loader(
+            dataset, collate, batch_sampler=self.sampler, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),  # keeps loader seeding off the global generator
+            prefetch_factor=4 if cfg.num_workers else None, persistent_workers=cfg.num_workers > 0,
+        )  # fmt: skip
+        try:
+            while p.step < self.last_step:
+                self.sampler.start(p.epoch, p.batch_in_epoch)
+                for batch in loader:
+                    loss_sum, count = self.step(net, to_device(batch, self.device), step_loss)
+                    log_window.add(loss_sum, count, cfg.batch_size)
+                    if p.step % cfg.log_every == 0 or p.step == self.last_step:
+                        entry = log_window.flush(p, self.scheduler.get_last_lr()[0], peak_memory_mib(self.device))
+                        bar.set_postfix(loss=f"{entry['loss']:.4f}", samples_s=f"{entry['samples_per_s']:.1f}")
+                    bar.update(1)
+                    if p.batch_in_epoch == self.steps_per_epoch:
+                        p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+                    if p.step % cfg.checkpoint_every == 0 or p.step == self.last_step:
+                        self.save()
+                    if p.step >= self.last_step:
+                        break
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if self.saved_step != p.step:
+            self.save()  # e.g. max_steps=0: the untrained model, a baseline to probe
+        if self.launch.rank == 0:
+            plot_loss(self.run.metrics, self.run.loss_plot)
+
+    def _parallel(self) -> nn.Module:
+        """The model as trained: under several ranks, batch statistics over the global batch
+        (PyTorch's SyncBatchNorm is GPU-only) and DDP."""
+        if self.launch.world == 1:
+            return self.model
+        cuda = self.device.type == "cuda"
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(self.model) if cuda else cpu_sync_batchnorm(self.model)
+        return nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index] if cuda else None)
+
+    def step(self, net: nn.Module, batch: dict, step_loss: StepLoss) -> tuple[float, int]:
+        """One optimisation step; returns (sum of the per-point losses, points) over all ranks."""
+        p, world = self.position, self.launch.world
+        with autocast(self.device, self.train_cfg.precision):
+            loss_sum, count = step_loss(net, batch)
+        # Normalise by the GLOBAL number of points (DDP averages gradients over ranks), so
+        # any number of ranks computes the same update as one process.
+        global_count = self.launch.all_sum(count.detach().float().clone())
+        loss = loss_sum * world / global_count.clamp(min=1)
+        if self.launch.all_sum(torch.isfinite(loss.detach()).float()).item() < world:
+            last = self.run.checkpoint if self.run.checkpoint.is_file() else "none yet"
+            raise NonFiniteLoss(
+                f"non-finite loss at step {p.step + 1} (epoch {p.epoch}); stopped. The last good checkpoint is {last}; "
+                "lower the learning rate or use --set train.precision=fp32"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        p.step += 1
+        p.batch_in_epoch += 1
+        return self.launch.all_sum(loss_sum.detach().float().clone()).item(), int(global_count.item())
+
+    def summary(self) -> dict:
+        p = self.position
+        return {"steps": p.step, "epochs": p.epoch, "checkpoint": str(self.run.checkpoint), "metrics": str(self.run.metrics)}
+
+
+class MetricsWindow:
+    """Losses and throughput since the last log line; each flush appends one line to
+    metrics.jsonl (rank 0) and to TensorBoard when there is a writer."""
+
+    def __init__(self, path: Path, writer, write: bool):
+        self.path, self.writer, self.write = path, writer, write
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.points, self.samples, self.t0 = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss_sum: float, points: int, samples: int) -> None:
+        self.loss += loss_sum
+        self.points += points
+        self.samples += samples
+
+    def flush(self, position: Position, lr: float, peak_mib: float) -> dict:
+        dt = time.perf_counter() - self.t0
+        entry = {
+            "step": position.step, "epoch": position.epoch, "loss": self.loss / max(self.points, 1), "lr": lr,
+            "samples_per_s": self.samples / dt, "time": time.time(),
+        }  # fmt: skip
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "lr", "samples_per_s"):
+                self.writer.add_scalar(f"train/{key}", entry[key], position.step)
+            self.writer.add_scalar("train/peak_memory_mib", peak_mib, position.step)
+        self._reset()
+        return entry
 
 
 def plot_loss(metrics_file: Path, out: Path) -> Path | None:
+    """The run's loss and learning rate per step, as a PNG (matplotlib's Figure: no pyplot, no backend)."""
     if not metrics_file.is_file():
         return None
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
     steps = np.array([r["step"] for r in rows])
     ax.plot(steps, [r["loss"] for r in rows], label="loss")
     ax.set_xlabel("step")
@@ -312,5 +349,4 @@ def plot_loss(metrics_file: Path, out: Path) -> Path | None:
     ax.set_title(f"training loss ({metrics_file.parent.name})")
     fig.legend(loc="outside lower center", ncol=2, frameon=False)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out

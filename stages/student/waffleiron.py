@@ -8,13 +8,13 @@ points' features weighted by their cell's precomputed inverse count.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from pipeline.errors import ConfigError
 
 PLANES = ((0, 1), (0, 2), (1, 2))  # (x, y), (x, z), (y, z): layer d mixes on PLANES[d % 3]
 
@@ -45,17 +45,6 @@ STUDENTS = {
     "WI-48-768": WaffleIronConfig(width=768, norm="layer"),
     "WI-12-64": WaffleIronConfig(depth=12, width=64),  # small enough for CPU demos and tests
 }
-
-
-def inputs_problem(record: dict) -> str | None:
-    """Why a checkpoint's run record does not fit this scalr's student inputs, or None."""
-    model = record.get("config", {}).get("model") if isinstance(record.get("config"), dict) else None
-    made = model.get("inputs", 1) if isinstance(model, dict) else 1
-    if made == STUDENT_INPUTS:
-        return None
-    return (f"made with student inputs version {made} (16 neighbours including the point, 2-D radius, intensity / max); "
-            f"this scalr gives the student inputs version {STUDENT_INPUTS} (the released ScaLR code's), so its weights would "
-            "see inputs they were not trained on: pretrain again (feature stores hold raw points and are reused as they are)")  # fmt: skip
 
 
 def param_count_closed_form(width: int, depth: int, in_channels: int = 5) -> int:
@@ -89,7 +78,7 @@ def make_norm(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm1d(channels)
     if kind == "layer":
         return nn.LayerNorm(channels)
-    raise ValueError(f"unknown norm {kind!r}: batch or layer")
+    raise ConfigError(f"unknown norm {kind!r}: batch or layer")
 
 
 def drop_path(x: torch.Tensor, rate: float, batch: torch.Tensor, batch_size: int, training: bool) -> torch.Tensor:
@@ -171,12 +160,6 @@ class WaffleIron(nn.Module):
         self.spatial = nn.ModuleList(SpatialMix(cfg.width, cfg.norm, cfg.drop_path) for _ in range(cfg.depth))
         self.channel = nn.ModuleList(ChannelMix(cfg.width, cfg.norm, cfg.drop_path) for _ in range(cfg.depth))
 
-    def regrid(self, grid_shape: tuple[int, int, int]) -> "WaffleIron":
-        """The same weights on another grid (they do not depend on it): a dataset whose field of
-        view differs from pretraining's, e.g. PandaSet's 512 x 512 cells over +-128 m."""
-        self.cfg = dataclasses.replace(self.cfg, grid_shape=tuple(grid_shape))
-        return self
-
     def forward(self, batch: dict) -> torch.Tensor:
         """(N, width) point features of a packed batch (see `stages.student.samples.collate`)."""
         size = batch["batch_size"]
@@ -205,7 +188,7 @@ def make_head(width: int, out: int, kind: str, hidden: int = 2048) -> nn.Module:
         return nn.Linear(width, out)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
-    raise ValueError(f"unknown head {kind!r}: linear or mlp")
+    raise ConfigError(f"unknown head {kind!r}: linear or mlp")
 
 
 class Student(nn.Module):
@@ -217,8 +200,3 @@ class Student(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.head(self.backbone(batch))
-
-
-def cosine_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Per-point ScaLR loss: || f/|f| - g/|g| ||_2 (NOT squared) = sqrt(2 - 2 cos)."""
-    return (F.normalize(student.float(), dim=1) - F.normalize(teacher.float(), dim=1)).norm(dim=1)

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.synth import SynthConfig, generate
-from stages.tools.check_dataset import CheckConfig, check_dataset
 from stages.downstream.evaluate import EvaluateConfig, evaluate
+from stages.downstream.segment import SegmentConfig, train_segmentation
 from stages.extract.extract import ExtractConfig, extract
-from stages.tools.inspect import plot_entry, plot_student
 from stages.student.pretrain import PretrainConfig, pretrain
+from stages.student.train import TrainConfig
+from stages.tools.check_dataset import CheckConfig, check_dataset
+from stages.tools.pictures import plot_entry, plot_student
 from stages.tools.runs import find_runs, run_row
 from stages.tools.runs import table_lines as runs_table
-from stages.downstream.segment import SegmentConfig, train_segmentation
-from stages.student.samples import SampleConfig
-from stages.student.train import TrainConfig
+from storage.feature_store import FeatureStore
+from storage.runs import RunFolder
 
 # (dataset, synthetic format, train split, validation split): four lidars; PandaSet's two sensors
 # come from the same synthetic PandaSet-format folder.
@@ -63,10 +64,27 @@ def _say(step: str) -> None:
 def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.time()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    folders = {fmt: cfg.data / f"synth-{fmt}" for _, fmt, *_ in RIGS}
-    roots = {name: folders[fmt] for name, fmt, *_ in RIGS}
+    roots = synthetic_datasets(cfg)
+    check_datasets(cfg, roots)
+    stores = extract_stores(cfg, roots)
+    distilled, untrained = pretrain_students(cfg, stores)
+    results = probe_students(cfg, roots, distilled, untrained)
+    _say("6/6 pictures of the cached targets and of the students")
+    for name, _, train, _ in RIGS:
+        store = stores[name]
+        first = store.manifest().to_pylist()[0]
+        plot_entry(store, first["scan_id"], None, cfg.out / "features")  # every camera
+        for run in (distilled, untrained):
+            plot_student(run.checkpoint, name, roots[name], train, first["scan_id"], None, cfg.out / "features")
+    shutil.copy(distilled.loss_plot, cfg.out / "pretraining-loss.png")
+    report(cfg, results, stores, distilled, time.time() - t0)
+    return results
 
+
+def synthetic_datasets(cfg: DemoConfig) -> dict[str, Path]:
+    """dataset -> its synthetic root, written unless a previous run left it (a stamp says so)."""
     _say("1/6 synthetic datasets in the nuScenes, SemanticKITTI and PandaSet formats")
+    folders = {fmt: cfg.data / f"synth-{fmt}" for _, fmt, *_ in RIGS}
     for fmt, folder in folders.items():
         stamp = folder / ".done"
         if stamp.exists():
@@ -74,71 +92,86 @@ def run_demo(cfg: DemoConfig) -> dict:
             continue
         print(generate(fmt, folder, SynthConfig(seed=cfg.seed)))
         stamp.touch()
+    return {name: folders[fmt] for name, fmt, *_ in RIGS}
 
+
+def check_datasets(cfg: DemoConfig, roots: dict[str, Path]) -> None:
     _say("2/6 dataset check and projection overlays")
     for name, _, train, _ in RIGS:
         report = check_dataset(CheckConfig(name, roots[name], train, plot_dir=cfg.out / "projection"))
         print("\n".join(report.lines()[:3]))
 
+
+def extract_stores(cfg: DemoConfig, roots: dict[str, Path]) -> dict[str, FeatureStore]:
     _say(f"3/6 teacher features, extracted once per rig ({cfg.teacher}, RANDOM INIT: the demo downloads nothing)")
     stores = {}
     for name, _, train, _ in RIGS:
         path = cfg.stores / f"{name}-{train}-{cfg.teacher}.zarr"
         existed = path.exists()
-        stores[name] = extract(ExtractConfig(name, roots[name], train, cfg.teacher, path, random_init=True, seed=cfg.seed, num_workers=2))
-        print(f"{path}: {'resumed/reused' if existed else 'extracted'}, {sum(r['count'] for r in stores[name].manifest().to_pylist()):,} points with targets")
+        ecfg = ExtractConfig(name, roots[name], train, cfg.teacher, path, random_init=True, seed=cfg.seed, num_workers=2)
+        stores[name] = extract(ecfg)
+        points = sum(r["count"] for r in stores[name].manifest().to_pylist())
+        print(f"{path}: {'resumed/reused' if existed else 'extracted'}, {points:,} points with targets")
+    return stores
 
+
+def pretrain_students(cfg: DemoConfig, stores: dict[str, FeatureStore]) -> tuple[RunFolder, RunFolder]:
+    """(the student distilled on the mix of rigs, the same student untrained)."""
     _say(f"4/6 pretraining {cfg.student} on the mix of the four lidars (cached targets only)")
-    distilled = cfg.runs / f"demo-{cfg.student}-distilled"
-    pre = PretrainConfig(tuple(s.path for s in stores.values()), distilled, cfg.student).resolved()
-    pre = dataclasses.replace(pre, optim=dataclasses.replace(pre.optim, warmup_iters=10), train=TrainConfig(batch_size=cfg.batch_size, epochs=cfg.pretrain_epochs, seed=cfg.seed, log_every=1))
-    print(f"{distilled}: {pretrain(pre)}")
-    untrained = cfg.runs / f"demo-{cfg.student}-random-init"
-    pretrain(dataclasses.replace(pre, out=untrained, train=dataclasses.replace(pre.train, max_steps=0)))  # the same student, untrained
+    distilled = RunFolder(cfg.runs / f"demo-{cfg.student}-distilled")
+    pre = PretrainConfig(tuple(s.path for s in stores.values()), distilled.path, cfg.student).resolved()
+    train = TrainConfig(batch_size=cfg.batch_size, epochs=cfg.pretrain_epochs, seed=cfg.seed, log_every=1)
+    pre = dataclasses.replace(pre, optim=dataclasses.replace(pre.optim, warmup_iters=10), train=train)
+    print(f"{distilled.path}: {pretrain(pre)}")
+    untrained = RunFolder(cfg.runs / f"demo-{cfg.student}-random-init")
+    pretrain(dataclasses.replace(pre, out=untrained.path, train=dataclasses.replace(pre.train, max_steps=0)))
+    return distilled, untrained
 
+
+def probe_students(cfg: DemoConfig, roots: dict[str, Path], distilled: RunFolder, untrained: RunFolder) -> dict:
+    """Per rig: the validation mIoU of a linear probe of each student (and of the reference)."""
     _say("5/6 linear probing per rig: distilled student vs the same student at random init")
-    def crop(seg: SegmentConfig) -> SampleConfig:  # the dataset's released grid; training crops keep the CPU demo short, evaluation sees whole scans
-        return dataclasses.replace(seg.sample, max_points=cfg.downstream_points)
-
     results = {}
     for name, _, train, val in RIGS:
         row = {}
         for label, run in (("random-init", untrained), ("distilled", distilled)):
-            probe = SegmentConfig.for_mode("probe", dataset=name, root=roots[name], split=train, out=cfg.runs / f"{run.name}-probe-{name}", checkpoint=run / "checkpoints/last.pt")
-            probe = dataclasses.replace(probe, train=dataclasses.replace(probe.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1, sample=crop(probe))
-            ckpt = train_segmentation(probe)["checkpoint"]
-            row[label] = evaluate(EvaluateConfig(name, roots[name], Path(ckpt), split=val))["miou"]
+            out = cfg.runs / f"{run.name}-probe-{name}"
+            probe = SegmentConfig.for_mode("probe", dataset=name, root=roots[name], split=train, out=out, checkpoint=run.checkpoint)
+            row[label] = trained_miou(cfg, probe, roots[name], val)
         if cfg.scratch:
-            scratch = SegmentConfig.for_mode("scratch", dataset=name, root=roots[name], split=train, out=cfg.runs / f"demo-{cfg.student}-scratch-{name}", student=cfg.student)
-            scratch = dataclasses.replace(scratch, train=dataclasses.replace(scratch.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1), warmup_epochs=1, sample=crop(scratch))
-            row["scratch"] = evaluate(EvaluateConfig(name, roots[name], Path(train_segmentation(scratch)["checkpoint"]), split=val))["miou"]
+            out = cfg.runs / f"demo-{cfg.student}-scratch-{name}"
+            scratch = SegmentConfig.for_mode("scratch", dataset=name, root=roots[name], split=train, out=out, student=cfg.student)
+            row["scratch"] = trained_miou(cfg, scratch, roots[name], val)
         results[name] = row
+    return results
 
-    _say("6/6 pictures of the cached targets and of the students")
-    figures = []
-    for name, _, train, _ in RIGS:
-        store = stores[name]
-        first = store.manifest().to_pylist()[0]
-        figures += plot_entry(store, first["scan_id"], None, cfg.out / "features")  # every camera
-        for run in (distilled, untrained):
-            figures += plot_student(run / "checkpoints/last.pt", name, roots[name], train, first["scan_id"], None, cfg.out / "features")
-    shutil.copy(distilled / "loss.png", cfg.out / "pretraining-loss.png")
 
+def trained_miou(cfg: DemoConfig, seg: SegmentConfig, root: Path, val: str) -> float:
+    """Train `seg` for the demo's epochs on short crops (the dataset's released grid; the crop keeps
+    the CPU demo short, evaluation sees whole scans) and return its validation mIoU."""
+    train = dataclasses.replace(seg.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1)
+    sample = dataclasses.replace(seg.sample, max_points=cfg.downstream_points)
+    seg = dataclasses.replace(seg, train=train, warmup_epochs=1, sample=sample)
+    checkpoint = Path(train_segmentation(seg)["checkpoint"])
+    return evaluate(EvaluateConfig(seg.dataset, root, checkpoint, split=val))["miou"]
+
+
+def report(cfg: DemoConfig, results: dict, stores: dict[str, FeatureStore], distilled: RunFolder, seconds: float) -> None:
+    """The results table (also in OUT/results.txt and .json), the runs table and how to look further."""
     lines = table(results, cfg)
     (cfg.out / "results.txt").write_text("\n".join(lines) + "\n")
     (cfg.out / "results.json").write_text(json.dumps({"miou": results, "config": dataclasses.asdict(cfg)}, indent=2, default=str))
     print("\n".join(lines))
     runs = [run_row(r) for r in find_runs([cfg.runs])]
     print("\nRuns (`scalr runs " + str(cfg.runs) + " --plot runs.png`):\n" + "\n".join(runs_table(runs)))
-    print(f"\nfigures: {cfg.out}/ (projection/, features/, pretraining-loss.png); results: {cfg.out}/results.txt; {time.time() - t0:.0f} s")
-    first = RIGS[0][0]
+    print(f"\nfigures: {cfg.out}/ (projection/, features/, pretraining-loss.png); results: {cfg.out}/results.txt; {seconds:.0f} s")
+    store = stores[RIGS[0][0]].path
     print(
         f"\nLook at the cached features live (click a point: its similarity to every other point, in 3D and on the image):\n"
-        f"  make view STORE={stores[first].path} VIEW_FLAGS=\"--checkpoint {distilled / 'checkpoints/last.pt'}\"\n"
-        f"  (or: scalr view {stores[first].path} --checkpoint {distilled / 'checkpoints/last.pt'}, with .venv/bin on PATH)\n"
+        f"  make view STORE={store} VIEW_FLAGS=\"--checkpoint {distilled.checkpoint}\"\n"
+        f"  (or: scalr view {store} --checkpoint {distilled.checkpoint}, with .venv/bin on PATH)\n"
         f"  then open http://127.0.0.1:8080 (from another machine: ssh -L 8080:localhost:8080 <this host>)"
     )
-    return results
 
 
 def table(results: dict, cfg: DemoConfig) -> list[str]:

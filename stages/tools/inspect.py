@@ -1,5 +1,5 @@
-"""inspect: what a feature store holds: summary, one entry, and feature statistics computed
-out-of-core with dask (the store can be far larger than memory)."""
+"""inspect: what a feature store holds: summary, one entry, feature statistics computed out of core
+with dask (the store can be far larger than memory), and with --plot its pictures (pictures.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
+from stages.tools.pictures import norm_histogram_figure, plot_entry
 from storage.feature_store import FeatureStore, StoreError
 
 
@@ -155,21 +156,6 @@ def stats_lines(stats: dict) -> list[str]:
     return lines
 
 
-def norm_histogram_figure(stats: dict, store: FeatureStore, out: Path) -> Path:
-    from stages.tools.pictures import plt
-
-    counts, edges = stats["norm_histogram"]
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", edgecolor="white")
-    ax.set_xlabel(f"L2 norm of a stored {'feature' if stats['what'] == 'features' else 'grid token'}")
-    ax.set_ylabel("rows")
-    ax.set_title(f"{store.attrs['teacher']['name']}: {stats['rows']:,} rows, {stats['zero_norm_rows']:,} of norm 0", fontsize=10)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
 def inspect(cfg: InspectConfig) -> list[str]:
     store = FeatureStore(cfg.store)
     lines = summary_lines(store)
@@ -186,45 +172,3 @@ def inspect(cfg: InspectConfig) -> list[str]:
         pca_from = FeatureStore(cfg.pca_from) if cfg.pca_from else None
         lines += [f"plot: {path}" for path in plot_entry(store, cfg.scan, cfg.camera, cfg.plot_dir, cfg.point, cfg.class_name, pca_from)]
     return lines
-
-
-# ---- pictures ---------------------------------------------------------------------------------
-def plot_entry(store: FeatureStore, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None, pca_from: FeatureStore | None = None) -> list[Path]:
-    """The cached features of one scan (every camera, or only `camera`): the correlation map to
-    a query point and the PCA colours, in bird's-eye view and on each camera's image (images and
-    labels from the raw dataset when it is still there). PCA colours are fitted once on the store
-    (or on `pca_from`, a store of the same feature size, to compare two stores in one palette)."""
-    from stages.tools.scan_features import StoreScans
-
-    if pca_from is not None and pca_from.dim != store.dim:
-        raise StoreError(f"--pca-from {pca_from.path}: features of {pca_from.dim} dims, {store.path} has {store.dim}")
-    scans = StoreScans(store)
-    basis = StoreScans(pca_from).pca() if pca_from is not None else scans.pca()
-    if scan_id not in scans.scan_ids:
-        raise KeyError(f"{store.path}: no stored point for scan {scan_id!r} (scans with points: {len(scans.scan_ids)}; `scalr inspect {store.path}` lists the entries)")
-    scan = scans.load(scan_id)
-    return _scan_pictures(scan if camera is None else scan.only(camera), f"{store.attrs['teacher']['name']}-{store.attrs['dataset']['name']}", camera, out_dir, point, class_name, basis)
-
-
-def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None) -> list[Path]:
-    """The same pictures for a student's backbone features on a raw scan (PCA fitted once for the
-    checkpoint, on the split's first scan)."""
-    from stages.tools.scan_features import StudentScans
-
-    scans = StudentScans(checkpoint, dataset, root, split)
-    scan = scans.load(scan_id)
-    return _scan_pictures(scan if camera is None else scan.only(camera), f"student-{scans.run_name}-{dataset}", camera, out_dir, point, class_name, scans.pca())
-
-
-def _scan_pictures(scan, prefix: str, camera: str | None, out_dir: Path, point: int | None, class_name: str | None, basis) -> list[Path]:
-    from stages.tools.pictures import scan_figure
-    from stages.tools.scan_features import pick_query
-
-    query = pick_query(scan, point, class_name)
-    stem = f"{prefix}-{scan.scan_id}-{camera or 'all-cameras'}"  # prefix names the dataset: PandaSet's two lidars share scan ids
-    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem)
-    title = f"{scan.source}: scan {scan.scan_id}, {camera or 'every camera'}"
-    return [
-        scan_figure(scan, "correlation", Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", query),
-        scan_figure(scan, "pca", Path(out_dir) / f"{stem}-pca.png", title + ", PCA of features (fitted once for the store or run)", basis=basis),
-    ]

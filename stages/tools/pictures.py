@@ -1,26 +1,27 @@
-"""PNG figures shared by the stages (matplotlib, headless)."""
+"""PNG pictures: points projected on the camera images (the calibration check), a scan's features
+as PCA colours or as the similarity to a query point (the paper's Fig. 1) in bird's-eye view and on
+every camera's image, for a store (`inspect --plot`) or a student (`plot-features`), and the
+feature-norm histogram of a store. Drawn on matplotlib Figures: no pyplot, no global backend.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pipeline.datasets.base import load_image  # noqa: E402
-from pipeline.geometry import Projection  # noqa: E402
-from pipeline.scan import IGNORE_INDEX, Camera, Scan  # noqa: E402
-
-
-def class_colours(num_classes: int) -> np.ndarray:
-    """A fixed colour per class index: tab20's saturated colours first, then its light ones."""
-    cmap = plt.get_cmap("tab20")
-    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
-    return np.array([cmap(order[i % 20])[:3] for i in range(num_classes)])
+from pipeline.datasets.base import load_image
+from pipeline.errors import ConfigError, NotFoundError
+from pipeline.geometry import Projection
+from pipeline.scan import IGNORE_INDEX, Camera, Scan
+from stages.tools.colours import PcaBasis, class_colours, cosine_to, similarity_rgb
+from stages.tools.scan_features import ScanFeatures, StoreScans, StudentScans, pick_query
+from storage.feature_store import FeatureStore, StoreError
 
 
 def projection_figure(
@@ -32,13 +33,14 @@ def projection_figure(
 ) -> Path:
     """Points projected on each camera image, coloured by depth or label: the calibration check."""
     if colour_by == "label" and scan.labels is None:
-        raise ValueError(f"scan {scan.scan_id} has no labels to colour by")
+        raise ConfigError(f"scan {scan.scan_id} has no labels to colour by")
     cols = min(3, len(views))
     rows = -(-len(views) // cols)
     first = views[0][0].image_size
     panel_w = 6.0 if cols > 1 else 10.0
     size = (panel_w * cols, rows * panel_w * first[0] / first[1] + 1.2)
-    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     mappable = None
     present: set[int] = set()
     palette = class_colours(len(class_names))
@@ -59,61 +61,15 @@ def projection_figure(
     if mappable is not None:
         fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="depth [m]")
     elif present:
-        handles = [plt.Line2D([], [], marker="o", ls="", color=palette[c], label=class_names[c]) for c in sorted(present)]
+        handles = [Line2D([], [], marker="o", ls="", color=palette[c], label=class_names[c]) for c in sorted(present)]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(8, len(handles)), fontsize=9, frameon=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
-def cosine_to(features: np.ndarray, query: int, centre: bool = True) -> np.ndarray:
-    """Cosine similarity of every feature to the query's. Centred on the cloud's mean feature by
-    default: features of random or lightly trained networks share a large common component that
-    otherwise makes every point look alike."""
-    f = features.astype(np.float32)
-    if centre:
-        f = f - f.mean(axis=0)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
-    return f @ f[query]
-
-
-def similarity_rgb(values: np.ndarray) -> np.ndarray:
-    """Cosine similarities in [-1, 1] as RGB in [0, 1]: blue -1, grey 0, red +1 (coolwarm)."""
-    return plt.get_cmap("coolwarm")((np.asarray(values) + 1.0) / 2.0)[:, :3]
-
-
-@dataclass(frozen=True)
-class PcaBasis:
-    """The first three principal components of some features and the range shown as RGB (their
-    2nd to 98th percentiles on the fitted rows). Fitted once per store or run and applied to
-    every scan, so a colour means the same feature direction in every picture."""
-
-    mean: np.ndarray  # (D,)
-    axes: np.ndarray  # (3, D), each with its largest coefficient positive (SVD signs are arbitrary)
-    low: np.ndarray  # (3,)
-    high: np.ndarray  # (3,)
-
-    @classmethod
-    def fit(cls, features: np.ndarray, max_rows: int = 20000) -> "PcaBasis":
-        f = features.astype(np.float32)[:: max(1, len(features) // max_rows)]
-        mean = f.mean(axis=0)
-        centred = (f - mean).astype(np.float64)
-        _, vectors = np.linalg.eigh(centred.T @ centred)  # D x D: far cheaper than an SVD of the rows
-        axes = np.zeros((3, f.shape[1]), np.float32)
-        top = vectors[:, ::-1][:, : min(3, len(f))].T  # largest variance first
-        axes[: len(top)] = top
-        axes *= np.where(axes[np.arange(3), np.abs(axes).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
-        comps = (f - mean) @ axes.T
-        return cls(mean, axes, np.percentile(comps, 2, axis=0), np.percentile(comps, 98, axis=0))
-
-    def rgb(self, features: np.ndarray) -> np.ndarray:
-        comps = (features.astype(np.float32) - self.mean) @ self.axes.T
-        return np.clip((comps - self.low) / np.maximum(self.high - self.low, 1e-8), 0, 1)
-
-
-def scan_figure(scan, kind: str, out: Path, title: str, query: int | None = None, basis: PcaBasis | None = None) -> Path:
-    """A scan's features (stages/scan_features.ScanFeatures) in bird's-eye view and on the image
+def scan_figure(scan: ScanFeatures, kind: str, out: Path, title: str, query: int | None = None, basis: PcaBasis | None = None) -> Path:
+    """A scan's features in bird's-eye view and on the image
     of every camera that has one: coloured by the cosine similarity of each feature to the query
     row's (`kind="correlation"`, blue -1 to red +1, the paper's Fig. 1) or by `basis`'s PCA colours
     (`kind="pca"`; fitted on this scan when not given)."""
@@ -125,7 +81,8 @@ def scan_figure(scan, kind: str, out: Path, title: str, query: int | None = None
     panels = 1 + len(cameras)
     cols = min(3, panels)
     rows = -(-panels // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 5.2 * rows + 0.8), layout="constrained", squeeze=False)
+    fig = Figure(figsize=(6.5 * cols, 5.2 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     star = dict(marker="*", s=250, c="black", edgecolors="white", linewidths=1.0)
     ax = axes[0, 0]
     ax.scatter(scan.xyz[:, 0], scan.xyz[:, 1], c=colours, s=2, linewidths=0)
@@ -148,10 +105,56 @@ def scan_figure(scan, kind: str, out: Path, title: str, query: int | None = None
     for ax in axes.ravel()[panels:]:
         ax.set_axis_off()
     if kind == "correlation":
-        mappable = plt.cm.ScalarMappable(norm=plt.Normalize(-1, 1), cmap="coolwarm")
+        mappable = ScalarMappable(norm=Normalize(-1, 1), cmap=matplotlib.colormaps["coolwarm"])
         fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="cosine similarity to the query point's feature (centred)")
     fig.suptitle(title + (f"\nquery: {scan.describe(query)}" if kind == "correlation" else "") + (f"\n({scan.note})" if scan.note else ""), fontsize=11)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
+
+
+def norm_histogram_figure(stats: dict, store: FeatureStore, out: Path) -> Path:
+    counts, edges = stats["norm_histogram"]
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", edgecolor="white")
+    ax.set_xlabel(f"L2 norm of a stored {'feature' if stats['what'] == 'features' else 'grid token'}")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{store.attrs['teacher']['name']}: {stats['rows']:,} rows, {stats['zero_norm_rows']:,} of norm 0", fontsize=10)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def plot_entry(store: FeatureStore, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None, pca_from: FeatureStore | None = None) -> list[Path]:
+    """The cached features of one scan (every camera, or only `camera`): the correlation map to
+    a query point and the PCA colours, in bird's-eye view and on each camera's image (images and
+    labels from the raw dataset when it is still there). PCA colours are fitted once on the store
+    (or on `pca_from`, a store of the same feature size, to compare two stores in one palette)."""
+    if pca_from is not None and pca_from.dim != store.dim:
+        raise StoreError(f"--pca-from {pca_from.path}: features of {pca_from.dim} dims, {store.path} has {store.dim}")
+    scans = StoreScans(store)
+    basis = StoreScans(pca_from).pca() if pca_from is not None else scans.pca()
+    if scan_id not in scans.scan_ids:
+        raise NotFoundError(f"{store.path}: no stored point for scan {scan_id!r} (scans with points: {len(scans.scan_ids)}; `scalr inspect {store.path}` lists the entries)")
+    scan = scans.load(scan_id)
+    return _scan_pictures(scan if camera is None else scan.only(camera), f"{store.attrs['teacher']['name']}-{store.attrs['dataset']['name']}", camera, out_dir, point, class_name, basis)
+
+
+def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None) -> list[Path]:
+    """The same pictures for a student's backbone features on a raw scan (PCA fitted once for the
+    checkpoint, on the split's first scan)."""
+    scans = StudentScans(checkpoint, dataset, root, split)
+    scan = scans.load(scan_id)
+    return _scan_pictures(scan if camera is None else scan.only(camera), f"student-{scans.run_name}-{dataset}", camera, out_dir, point, class_name, scans.pca())
+
+
+def _scan_pictures(scan: ScanFeatures, prefix: str, camera: str | None, out_dir: Path, point: int | None, class_name: str | None, basis: PcaBasis) -> list[Path]:
+    query = pick_query(scan, point, class_name)
+    stem = f"{prefix}-{scan.scan_id}-{camera or 'all-cameras'}"  # prefix names the dataset: PandaSet's two lidars share scan ids
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem)
+    title = f"{scan.source}: scan {scan.scan_id}, {camera or 'every camera'}"
+    return [
+        scan_figure(scan, "correlation", Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", query),
+        scan_figure(scan, "pca", Path(out_dir) / f"{stem}-pca.png", title + ", PCA of features (fitted once for the store or run)", basis=basis),
+    ]

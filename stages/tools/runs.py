@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from pipeline.errors import ConfigError, PathError
 from stages.student.waffleiron import param_count_closed_form
+from storage.runs import RunFolder
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -16,16 +20,16 @@ def find_runs(paths: list[Path]) -> list[Path]:
     runs: list[Path] = []
     for path in map(Path, paths):
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such run or folder")
-        found = [path] if (path / "config.json").is_file() else sorted(p.parent for p in path.rglob("config.json"))
+            raise PathError(path, "no such run or folder")
+        found = [path] if RunFolder(path).is_run() else sorted(p.parent for p in path.rglob("config.json"))
         if not found:
-            raise FileNotFoundError(f"{path}: no run (a folder with config.json) in or under it")
+            raise PathError(path, "no run (a folder with config.json) in or under it")
         runs += [r for r in found if r not in runs]
     return runs
 
 
 def _metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
+    path = RunFolder(run).metrics
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -33,7 +37,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def run_row(run: Path) -> dict:
     """What a table row says about one run."""
-    record = json.loads((run / "config.json").read_text())
+    record = json.loads(RunFolder(run).record.read_text())
     cfg = record.get("config", {})
     model = cfg.get("model") or {}
     stores = record.get("stores") or []
@@ -66,7 +70,7 @@ def table_lines(rows: list[dict]) -> list[str]:
     header = f"{'run':<42}{'stage':<10}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}{'datasets':<42}{'steps':>7}{'loss':>9}{'best mIoU':>11}{'wall':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        source = ", ".join(r["teachers"]) or (Path(r["pretrained"]).parent.parent.name if r["pretrained"] else "-")
+        source = ", ".join(r["teachers"]) or (RunFolder.of_checkpoint(r["pretrained"]).name if r["pretrained"] else "-")
         params = "-" if not r["parameters"] else f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] >= 1e5 else f"{r['parameters'] / 1e3:.1f}k"
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
         miou = f"{100 * r['best_miou']:.1f}" if r["best_miou"] is not None else "-"
@@ -90,12 +94,8 @@ def _fit(text: str, width: int) -> str:
 
 def plot_losses(rows: list[dict], out: Path) -> Path:
     """Every run's loss curve on one figure (log scale when the losses span a decade)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5.5), layout="constrained")
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.subplots()
     values = []
     for r in rows:
         if r["losses"]:
@@ -103,7 +103,7 @@ def plot_losses(rows: list[dict], out: Path) -> Path:
             ax.plot(steps, losses, marker="o", markersize=3, label=f"{Path(r['run']).name} ({r['stage']}, {r['student']})")
             values += losses
     if not values:
-        raise ValueError("no run has a metrics.jsonl with losses to plot")
+        raise ConfigError("no run has a metrics.jsonl with losses to plot")
     if min(values) > 0 and max(values) / min(values) > 10:
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -113,5 +113,4 @@ def plot_losses(rows: list[dict], out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out

@@ -22,9 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from stages.tools.pictures import PcaBasis
+from pipeline.datasets import open_dataset
+from pipeline.datasets.base import load_image
+from pipeline.errors import NotFoundError, ScalrError
+from stages.extract.images import load_resized
+from stages.student.checkpoints import build_backbone, read_student_checkpoint
+from stages.student.infer import run_on_scan, trained_sample_config
+from stages.tools.colours import PcaBasis, to_uint8
 from storage.feature_store import FeatureStore
+from storage.runs import RunFolder
 
 PCA_ENTRIES = 16  # a store's PCA basis: entries spread evenly over the store ...
 PCA_ROWS_PER_ENTRY = 2048  # ... and at most this many rows of each
@@ -51,10 +59,10 @@ class ScanFeatures:
     note: str = ""  # what is missing and why (no image, no labels)
 
     def row_of_point(self, point: int) -> int:
-        """The first row holding raw point `point` (KeyError naming the scan if none does)."""
+        """The first row holding raw point `point` (NotFoundError naming the scan if none does)."""
         rows = np.flatnonzero(self.point_index == point)
         if not len(rows):
-            raise KeyError(f"point {point} of scan {self.scan_id} is not among the {len(self.xyz):,} points shown ({self.source}: only visible or kept points have features)")
+            raise NotFoundError(f"point {point} of scan {self.scan_id} is not among the {len(self.xyz):,} points shown ({self.source}: only visible or kept points have features)")
         return int(rows[0])
 
     def class_of(self, row: int) -> str | None:
@@ -70,7 +78,7 @@ class ScanFeatures:
         """The same scan restricted to the rows one camera sees."""
         view = next((c for c in self.cameras if c.name == camera), None)
         if view is None:
-            raise KeyError(f"scan {self.scan_id} has no camera {camera!r} ({self.source}); cameras: {', '.join(c.name for c in self.cameras)}")
+            raise NotFoundError(f"scan {self.scan_id} has no camera {camera!r} ({self.source}); cameras: {', '.join(c.name for c in self.cameras)}")
         rows = view.rows
         return ScanFeatures(
             self.scan_id, self.source, self.xyz[rows], self.features[rows], self.point_index[rows],
@@ -93,17 +101,13 @@ def pick_query(scan: ScanFeatures, point: int | None = None, class_name: str | N
         return scan.row_of_point(point)
     if scan.labels is not None:
         if class_name is not None and class_name not in scan.class_names:
-            raise KeyError(f"unknown class {class_name!r}; classes: {', '.join(scan.class_names)}")
+            raise NotFoundError(f"unknown class {class_name!r}; classes: {', '.join(scan.class_names)}")
         wanted = class_name or "car"
         members = np.flatnonzero(scan.labels == scan.class_names.index(wanted)) if wanted in scan.class_names else np.zeros(0, int)
         if len(members):
             centre = scan.xyz[members].mean(axis=0)
             return int(members[np.argmin(np.linalg.norm(scan.xyz[members] - centre, axis=1))])
     return int(np.argmin(np.linalg.norm(scan.xyz[:, :2], axis=1)))
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return image if image.dtype == np.uint8 else np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
 class StoreScans:
@@ -128,22 +132,16 @@ class StoreScans:
     def dataset(self):
         """The raw dataset the store was extracted from, or None (`dataset_note` says why)."""
         if self._dataset is None and self._dataset_note is None:
-            from pipeline.datasets import open_dataset
-            from pipeline.errors import DatasetError
-
             a = self.store.attrs
             try:
                 self._dataset = open_dataset(a["dataset"]["name"], a["dataset_root"], a["dataset"]["split"])
-            except (DatasetError, KeyError, OSError) as err:
+            except (ScalrError, OSError) as err:
                 self._dataset_note = f"raw dataset not readable at {a['dataset_root']} ({err}): no images or labels"
         return self._dataset
 
     def load(self, scan_id: str) -> ScanFeatures:
-        from pipeline.errors import DatasetError
-        from stages.extract.extract import load_resized
-
         if scan_id not in self._rows:
-            raise KeyError(f"{self.store.path}: no stored point for scan {scan_id!r}")
+            raise NotFoundError(f"{self.store.path}: no stored point for scan {scan_id!r}")
         parts = [(row, self.store.read(row["part"], row["offset"], row["count"], row["grid"])) for row in self._rows[scan_id]]
         xyz = np.concatenate([d["points"][:, :3] for _, d in parts])
         features = np.concatenate([d["features"] for _, d in parts])
@@ -156,7 +154,7 @@ class StoreScans:
             try:
                 raw = ds[ds.index_of(scan_id)]
                 labels = raw.labels[point_index] if raw.labels is not None else None
-            except (DatasetError, KeyError, OSError) as err:
+            except (ScalrError, OSError) as err:
                 notes.append(f"raw scan {scan_id} unreadable ({err})")
         size = self.store.attrs["image_size"]
         cameras = []
@@ -166,7 +164,7 @@ class StoreScans:
                 try:
                     cam = raw.camera(row["camera"])
                     image = to_uint8(load_resized(cam.image_path, cam.image_size, tuple(size)))
-                except (DatasetError, KeyError, OSError) as err:
+                except (ScalrError, OSError) as err:
                     notes.append(f"{row['camera']}: no image ({err})")
             cameras.append(CameraView(row["camera"], np.arange(start, start + len(data["points"])), data["pixel"], image))
         class_names = ds.meta.class_names if labels is not None else ()
@@ -178,7 +176,7 @@ class StoreScans:
         if self._pca is None:
             entries = [row for rows in self._rows.values() for row in rows]
             if not entries:
-                raise KeyError(f"{self.store.path}: no stored point to fit colours on")
+                raise NotFoundError(f"{self.store.path}: no stored point to fit colours on")
             chosen = [entries[i] for i in np.unique(np.linspace(0, len(entries) - 1, min(PCA_ENTRIES, len(entries))).astype(int))]
             samples = []
             for row in chosen:
@@ -192,16 +190,13 @@ class StudentScans:
     """A student checkpoint's backbone features on the scans of a raw dataset split."""
 
     def __init__(self, checkpoint: Path, dataset: str, root: Path, split: str):
-        from pipeline.datasets import open_dataset
-        from stages.downstream.evaluate import trained_sample_config
-        from stages.downstream.segment import load_backbone
-
         self.checkpoint = Path(checkpoint)
-        self.backbone, self.record = load_backbone(checkpoint, 0.0)
+        state = read_student_checkpoint(self.checkpoint)
+        self.record = state["config"]
         self.ds = open_dataset(dataset, root, split)
         self.sample = trained_sample_config(self.record, self.ds.meta)
-        self.backbone.regrid(self.sample.grid.shape).eval()
-        self.run_name = self.checkpoint.parent.parent.name or self.checkpoint.stem
+        self.backbone = build_backbone(self.checkpoint, state, self.sample.grid.shape).eval()
+        self.run_name = RunFolder.of_checkpoint(self.checkpoint).name or self.checkpoint.stem
         self.source = f"student {self.record.get('stage', '')} {self.run_name}".replace("  ", " ")
         self.scan_ids = self.ds.scan_ids
         self._pca: PcaBasis | None = None
@@ -213,17 +208,11 @@ class StudentScans:
         return self._last
 
     def _run(self, scan_id: str) -> ScanFeatures:
-        import torch
-
-        from pipeline.datasets.base import load_image
-        from stages.student.samples import collate, student_inputs
-
         scan = self.ds[self.ds.index_of(scan_id)]
-        keep, inputs = student_inputs(scan.points, self.ds.meta.intensity_norm, self.sample, None, train=False)
-        if not len(keep):
-            raise KeyError(f"scan {scan_id}: no point inside the student's field of view")
-        with torch.no_grad():
-            features = self.backbone(collate([{**inputs, "scan_id": scan_id}])).numpy()
+        keep, features = run_on_scan(self.backbone, scan.points, self.ds.meta.intensity_norm, self.sample, torch.device("cpu"))
+        if features is None:
+            raise NotFoundError(f"scan {scan_id}: no point inside the student's field of view")
+        features = features.numpy()
         row_of = np.full(scan.num_points, -1)
         row_of[keep] = np.arange(len(keep))
         cameras = []

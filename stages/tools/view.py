@@ -18,16 +18,19 @@ Only the shown scan's chunks are read (stages/scan_features.py).
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import viser
+from PIL import Image
 
-from pipeline.errors import DatasetError
-from stages.tools.pictures import cosine_to, similarity_rgb
-from stages.tools.scan_features import ScanFeatures, StoreScans, StudentScans, to_uint8
-from storage.feature_store import FeatureStore, StoreError
+from pipeline.errors import NotFoundError, ScalrError
+from stages.tools.colours import cosine_to, similarity_rgb, to_uint8
+from stages.tools.scan_features import ScanFeatures, StoreScans, StudentScans
+from storage.feature_store import FeatureStore
 
 CACHED_SCANS = 4  # scans kept in memory (per source), for going back and forth
 
@@ -58,8 +61,6 @@ def nearest_on_ray(xyz: np.ndarray, origin, direction, radius: float) -> int | N
 def splat(image: np.ndarray, pixels: np.ndarray, colours: np.ndarray, width: int, radius: int = 3) -> np.ndarray:
     """The image scaled to `width` columns with a (2r+1)-pixel square of colour at each point's
     pixel (column, row): what the browser shows beside the 3D view."""
-    from PIL import Image
-
     h, w = image.shape[:2]
     scale = width / w
     out = np.asarray(Image.fromarray(to_uint8(image)).resize((round(w * scale), round(h * scale)), Image.BILINEAR)).copy()
@@ -86,20 +87,18 @@ class FeatureViewer:
     calls (`show`, `select`, `click`) are also what the tests drive."""
 
     def __init__(self, cfg: ViewConfig):
-        import viser
-
         self.cfg = cfg
         self.store = FeatureStore(cfg.store, check=False)
         teacher = StoreScans(self.store)
         if not teacher.scan_ids:
-            raise KeyError(f"{cfg.store}: no stored point to show")
+            raise NotFoundError(f"{cfg.store}: no stored point to show")
         self.sources: dict[str, StoreScans | StudentScans] = {"teacher": teacher}
         if cfg.checkpoint is not None:
             a = self.store.attrs
             self.sources["student"] = StudentScans(cfg.checkpoint, a["dataset"]["name"], Path(a["dataset_root"]), a["dataset"]["split"])
         self.scan_ids = teacher.scan_ids
         if cfg.scan is not None and cfg.scan not in self.scan_ids:
-            raise KeyError(f"{cfg.store}: no stored point for scan {cfg.scan!r} (`scalr inspect {cfg.store}` lists the entries)")
+            raise NotFoundError(f"{cfg.store}: no stored point for scan {cfg.scan!r} (`scalr inspect {cfg.store}` lists the entries)")
         self._cache: OrderedDict[tuple[str, str], ScanFeatures] = OrderedDict()
         self._lock = threading.RLock()
         self._quiet = False  # set while this code changes the page's controls
@@ -185,7 +184,7 @@ class FeatureViewer:
             self.source = source or self.source
             try:
                 self.scan = self.load(self.source, self.scan_ids[index])
-            except (KeyError, OSError, DatasetError, StoreError) as err:  # a damaged chunk or raw file, a scan the student does not see
+            except (ScalrError, OSError) as err:  # a damaged chunk or raw file, a scan the student does not see
                 self.info.content = f"**cannot show scan {self.scan_ids[index]}** ({self.source}): {err}"
                 return
             with_images = tuple(c.name for c in self.scan.cameras if c.image is not None) or ("-",)
@@ -267,8 +266,6 @@ class FeatureViewer:
 
 def serve(cfg: ViewConfig) -> None:
     """Serve until interrupted (Ctrl-C)."""
-    import time
-
     viewer = FeatureViewer(cfg)
     print(f"scalr view: {viewer.url()} (open it in a browser; from another machine: ssh -L {cfg.port}:localhost:{cfg.port} <this host>). Ctrl-C stops.", flush=True)
     try:

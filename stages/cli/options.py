@@ -1,0 +1,47 @@
+"""Options several commands share, each spelled once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.datasets import READERS
+from stages.runtime import PRECISIONS
+
+DATASET = click.option("--dataset", type=click.Choice(sorted(READERS)), required=True, help="Dataset format of ROOT.")
+ROOT = click.option("--root", type=click.Path(path_type=Path), required=True, help="Dataset root folder.")
+SPLIT = click.option(
+    "--split",
+    default="train",
+    show_default=True,
+    help="Split: nuScenes train, val, mini_train, mini_val, paper_mini_train, paper_mini_val, test; "
+    "SemanticKITTI train, val, test.",
+)
+
+
+def precision_option(default: str | None = "fp32", help_text: str = "Autocast precision."):
+    """None: the config's (pretrain, probe, finetune layer flags over their config)."""
+    return click.option("--precision", type=click.Choice(list(PRECISIONS)), default=default, help=help_text)
+
+
+def device_option(default: str | None = "auto"):
+    return click.option("--device", default=default, help="auto (this process's GPU, else the CPU), cpu, cuda or cuda:N.")
+
+
+CHECKPOINT = click.option(
+    "--checkpoint", type=click.Path(path_type=Path), required=True, help="Pretraining checkpoint (RUN/checkpoints/last.pt)."
+)
+JSON_OUT = click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON here.")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    try:
+        return int(h), int(w)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not HEIGHTxWIDTH, e.g. 224x448") from None
+
+
+def image_size_option(help_text: str):
+    return click.option("--image-size", default="224x448", callback=lambda c, p, v: parse_size(v), help=help_text)

@@ -1,0 +1,71 @@
+"""What the teacher sees of a scan: each camera's image, decoded, checked against its calibration and
+resized as the released code does, with the points visible in it and their pixels in the resized
+image. `ScanImages` runs in DataLoader workers; bad input comes back as an error record, never as a
+lost entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.datasets import LidarDataset
+from pipeline.errors import DatasetError
+from pipeline.geometry import resize_pixels
+
+UNIT_FLOAT = (np.arange(256) / 255.0).astype(np.float32)  # uint8 -> float32(x / 255 in float64), as the released code
+
+
+def load_resized(path: Path, calibrated_hw: tuple[int, int], size_hw: tuple[int, int], antialias: bool = False) -> np.ndarray:
+    """Decode an image, check it has the calibrated size, and resize it as the released code:
+    float in [0, 1] (uint8 / 255 in float64, then float32, by lookup), bilinear with
+    align_corners=False, `antialias` as the torchvision of the recipe. Returns (H, W, 3) float32."""
+    try:
+        with Image.open(path) as img:
+            if img.size != (calibrated_hw[1], calibrated_hw[0]):
+                calibrated = f"{calibrated_hw[1]}x{calibrated_hw[0]}"
+                raise DatasetError(path, f"image is {img.size[0]}x{img.size[1]} but its calibration is for {calibrated}")
+            pixels = np.asarray(img.convert("RGB"))
+        image = torch.from_numpy(UNIT_FLOAT[pixels]).permute(2, 0, 1)[None]
+        resized = F.interpolate(image, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=antialias)
+        return resized[0].permute(1, 2, 0).numpy()
+    except FileNotFoundError:
+        raise DatasetError(path, "image file is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(path, f"corrupt or unreadable image ({err})") from None
+
+
+class ScanImages(torch.utils.data.Dataset):
+    """One item per scan: its points, and per camera the resized image and the visible points'
+    indices and pixels; an unreadable scan or image is an `error` (path, problem) in the item."""
+
+    def __init__(self, ds: LidarDataset, indices: list[int], image_size: tuple[int, int], antialias: bool = False):
+        self.ds, self.indices, self.image_size, self.antialias = ds, indices, image_size, antialias
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = self.indices[i]
+        item = {"scan_index": index, "scan_id": self.ds.scan_ids[index], "cameras": []}
+        try:
+            scan = self.ds[index]
+        except DatasetError as err:
+            return {**item, "error": (err.path, err.problem)}
+        item.update(points=scan.points, scan_points=scan.num_points)
+        for camera in scan.cameras:
+            entry = {"camera": camera.name, "image_size": camera.image_size}
+            try:
+                image = load_resized(camera.image_path, camera.image_size, self.image_size, self.antialias)
+            except DatasetError as err:
+                item["cameras"].append({**entry, "error": (err.path, err.problem)})
+                continue
+            proj = self.ds.project(scan, camera.name)
+            entry["image"] = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+            entry["point_index"] = proj.point_index.astype(np.int32)
+            entry["pixel"] = resize_pixels(proj.uv, camera.image_size, self.image_size)
+            item["cameras"].append(entry)
+        return item
