@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import tomllib
 import typing
 from pathlib import Path
+
+import tomllib
 
 from pipeline.errors import ConfigError
 

@@ -9,13 +9,15 @@ for a given numpy Generator.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from pipeline.scan import IGNORE_INDEX
 
-Corruption = Callable[[np.ndarray, np.ndarray | None, int, np.random.Generator, np.ndarray | None], tuple[np.ndarray, np.ndarray | None]]
+Corruption = Callable[
+    [np.ndarray, np.ndarray | None, int, np.random.Generator, np.ndarray | None], tuple[np.ndarray, np.ndarray | None]
+]
 
 
 def _keep(points, labels, mask):
@@ -78,7 +80,9 @@ def snow(points, labels, severity, rng, target=None):
     az = rng.uniform(-np.pi, np.pi, n)
     el = rng.uniform(elev.min(), elev.max(), n)
     rr = rng.uniform(1.0, 25.0, n)
-    flakes = np.stack([rr * np.cos(el) * np.cos(az), rr * np.cos(el) * np.sin(az), rr * np.sin(el), rng.uniform(0, 0.1, n)], axis=1)
+    flakes = np.stack(
+        [rr * np.cos(el) * np.cos(az), rr * np.cos(el) * np.sin(az), rr * np.sin(el), rng.uniform(0, 0.1, n)], axis=1
+    )
     out = points.copy()
     out[:, :3] += rng.normal(0, 0.02, (len(points), 3))
     out, lab = _keep(out, labels, rng.random(len(points)) >= rate)
@@ -143,16 +147,27 @@ def cross_sensor(points, labels, severity, rng, target=None):
 
 
 CORRUPTIONS: dict[str, Corruption] = {
-    "fog": fog, "wet_ground": wet_ground, "snow": snow, "motion_blur": motion_blur,
-    "beam_missing": beam_missing, "cross_talk": cross_talk, "incomplete_echo": incomplete_echo,
+    "fog": fog,
+    "wet_ground": wet_ground,
+    "snow": snow,
+    "motion_blur": motion_blur,
+    "beam_missing": beam_missing,
+    "cross_talk": cross_talk,
+    "incomplete_echo": incomplete_echo,
     "cross_sensor": cross_sensor,
-}  # fmt: skip
+}
 
 # Published MinkUNet-18 mIoU (%) on nuScenes-C per corruption (Robo3D), the mCE reference.
 MINKUNET18_NUSCENES_C = {
-    "fog": 53.64, "wet_ground": 73.91, "snow": 40.35, "motion_blur": 73.39, "beam_missing": 68.54,
-    "cross_talk": 26.58, "incomplete_echo": 63.83, "cross_sensor": 50.95,
-}  # fmt: skip
+    "fog": 53.64,
+    "wet_ground": 73.91,
+    "snow": 40.35,
+    "motion_blur": 73.39,
+    "beam_missing": 68.54,
+    "cross_talk": 26.58,
+    "incomplete_echo": 63.83,
+    "cross_sensor": 50.95,
+}
 MINKUNET18_NUSCENES_CLEAN = 75.76
 
 
@@ -164,4 +179,9 @@ def robustness(miou: dict[str, list[float]], clean: float, baseline: dict[str, f
         rr[name] = float(np.sum(per_severity) / (len(per_severity) * clean))
         if baseline and name in baseline:
             ce[name] = float(np.sum(1 - np.asarray(per_severity)) / (len(per_severity) * (1 - baseline[name] / 100)))
-    return {"ce": ce, "rr": rr, "mce": float(np.mean(list(ce.values()))) if ce else None, "mrr": float(np.mean(list(rr.values())))}
+    return {
+        "ce": ce,
+        "rr": rr,
+        "mce": float(np.mean(list(ce.values()))) if ce else None,
+        "mrr": float(np.mean(list(rr.values()))),
+    }

@@ -88,7 +88,10 @@ class DatasetMeta:
     intensity_std: float
     # The student's field of view (lo, hi) in metres at evaluation, probing and finetuning, as
     # the released configs: +-64 m (+-8 m in z) except PandaSet, +-128 m (512 x 512 cells).
-    field_of_view: tuple[tuple[float, float, float], tuple[float, float, float]] = ((-64.0, -64.0, -8.0), (64.0, 64.0, 8.0))
+    field_of_view: tuple[tuple[float, float, float], tuple[float, float, float]] = (
+        (-64.0, -64.0, -8.0),
+        (64.0, 64.0, 8.0),
+    )
 
     @property
     def intensity_norm(self) -> tuple[float, float]:

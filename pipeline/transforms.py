@@ -99,7 +99,7 @@ class Grid:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(round((h - l) / self.cell)) for l, h in zip(self.lo, self.hi))
+        return tuple(int(round((high - low) / self.cell)) for low, high in zip(self.lo, self.hi))
 
     def inside(self, xyz: np.ndarray) -> np.ndarray:
         """Points strictly inside the field of view shrunk by 1e-4 m, as the released code's crop."""

@@ -107,7 +107,9 @@ class Loader:
     text inside a RuntimeError). Iterating it iterates the DataLoader; `loader` is that DataLoader."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, collate_fn: Callable, **kwargs):
-        self.loader = torch.utils.data.DataLoader(_CarryErrors(dataset), collate_fn=_CollateCarried(collate_fn), **kwargs)
+        self.loader = torch.utils.data.DataLoader(
+            _CarryErrors(dataset), collate_fn=_CollateCarried(collate_fn), **kwargs
+        )
 
     def __iter__(self) -> Iterator:
         for batch in self.loader:

@@ -41,7 +41,9 @@ def read_checkpoint_file(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(path, f"not a readable checkpoint (truncated, corrupt or not written by torch.save: {reason[:200]})") from None
+        raise CheckpointError(
+            path, f"not a readable checkpoint (truncated, corrupt or not written by torch.save: {reason[:200]})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(path, f"holds a {type(state).__name__}, not a checkpoint dict")
     return state

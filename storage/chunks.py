@@ -21,7 +21,9 @@ def stored_axis_order(arr: zarr.Array) -> tuple[int, ...] | None:
     order = tuple(codecs.pop(0).order) if codecs and isinstance(codecs[0], TransposeCodec) else tuple(range(arr.ndim))
     names = [type(c).__name__ for c in codecs]
     endian = str(getattr(codecs[0].endian, "value", codecs[0].endian)) if names[:1] == ["BytesCodec"] else None
-    if names != ["BytesCodec", "BloscCodec", "Crc32cCodec"] or endian != ("None" if np.dtype(arr.dtype).itemsize == 1 else "little"):
+    if names != ["BytesCodec", "BloscCodec", "Crc32cCodec"] or endian != (
+        "None" if np.dtype(arr.dtype).itemsize == 1 else "little"
+    ):
         return None
     return order
 
@@ -45,7 +47,9 @@ def read_rows(folder: Path, arr: zarr.Array, start: int, stop: int) -> np.ndarra
         raw = (folder / chunk_key(i, arr.ndim)).read_bytes()
         if len(raw) < 4 or google_crc32c.value(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
             raise ValueError(f"chunk {i}: stored and computed CRC-32C differ")
-        chunk = np.frombuffer(blosc.decompress(raw[:-4]), dtype=dtype).reshape(stored_shape).transpose(np.argsort(order))
+        chunk = (
+            np.frombuffer(blosc.decompress(raw[:-4]), dtype=dtype).reshape(stored_shape).transpose(np.argsort(order))
+        )
         lo, hi = max(start - i * rows, 0), min(stop - i * rows, rows)
         blocks.append(chunk[lo:hi])
     if not blocks:

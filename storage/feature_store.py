@@ -65,12 +65,17 @@ class FeatureStore:
         if check:
             problems = self.integrity_problems()
             if problems:
-                shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-                raise StoreError(f"{self.path}: refusing a damaged or unfinished feature store ({len(problems)} problem(s); `scalr verify` checks everything):\n  {shown}")
+                shown = "\n  ".join(problems[:10]) + (
+                    f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+                )
+                raise StoreError(
+                    f"{self.path}: refusing a damaged or unfinished feature store ({len(problems)} problem(s); "
+                    f"`scalr verify` checks everything):\n  {shown}"
+                )
 
     # ---- creation -------------------------------------------------------------------------
     @classmethod
-    def create_or_open(cls, path: str | Path, attrs: dict) -> "FeatureStore":
+    def create_or_open(cls, path: str | Path, attrs: dict) -> FeatureStore:
         """Open the store at `path` for writing, creating it if absent. Creation is atomic (built
         in a temporary folder, then renamed), so concurrent ranks can all call this safely. An
         existing store must have the same identity (teacher, image size, dataset, plan, ...)."""
@@ -92,8 +97,12 @@ class FeatureStore:
     def check_identity(self, attrs: dict) -> None:
         diffs = [k for k in IDENTITY_KEYS if _canonical(self.attrs.get(k)) != _canonical(attrs.get(k))]
         if diffs:
-            details = "; ".join(f"{k}: store has {_short(self.attrs.get(k))}, this run {_short(attrs.get(k))}" for k in diffs)
-            raise StoreError(f"{self.path}: holds a different feature store ({details}). Use another --out or delete it.")
+            details = "; ".join(
+                f"{k}: store has {_short(self.attrs.get(k))}, this run {_short(attrs.get(k))}" for k in diffs
+            )
+            raise StoreError(
+                f"{self.path}: holds a different feature store ({details}). Use another --out or delete it."
+            )
 
     # ---- parts and manifest ---------------------------------------------------------------
     @property
@@ -139,9 +148,14 @@ class FeatureStore:
         except (OSError, pa.ArrowException) as err:
             raise StoreError(f"{path}: unreadable manifest ({type(err).__name__}: {err})") from None
         if not table.schema.remove_metadata().equals(MANIFEST_SCHEMA):
-            raise StoreError(f"{path}: manifest columns are {table.schema.remove_metadata().names} with other types than the manifest schema")
+            raise StoreError(
+                f"{path}: manifest columns are {table.schema.remove_metadata().names} with other types than the "
+                "manifest schema"
+            )
         if PART_RECORD_KEY not in metadata:
-            raise StoreError(f"{path}: the manifest has no integrity record (written by an older scalr, or rewritten by hand)")
+            raise StoreError(
+                f"{path}: the manifest has no integrity record (written by an older scalr, or rewritten by hand)"
+            )
         try:
             record = json.loads(metadata[PART_RECORD_KEY])
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -174,13 +188,17 @@ class FeatureStore:
         out["features"] = self.read_targets(part, offset, count, grid, np.arange(count), out["pixel"])
         return out
 
-    def read_points(self, part: int, offset: int, count: int, names: tuple[str, ...] = POINT_ARRAYS) -> dict[str, np.ndarray]:
+    def read_points(
+        self, part: int, offset: int, count: int, names: tuple[str, ...] = POINT_ARRAYS
+    ) -> dict[str, np.ndarray]:
         """`points`, `point_index` and `pixel` (or some of them) of one entry: one slice each. A
         chunk that fails its checksum or does not decode is a StoreError naming the array and rows."""
         arrays = self.arrays(part)
         return {name: self._slice(part, name, arrays[name], offset, offset + count) for name in names}
 
-    def read_targets(self, part: int, offset: int, count: int, grid: int, rows: np.ndarray, pixel: np.ndarray) -> np.ndarray:
+    def read_targets(
+        self, part: int, offset: int, count: int, grid: int, rows: np.ndarray, pixel: np.ndarray
+    ) -> np.ndarray:
         """(len(rows), D) float16 targets of some rows of one entry, whose pixels are `pixel`. Points
         layout: a slice of `features`. Grid layout: the entry's grid (one chunk) sampled at those
         pixels with the rule stage 1 uses (storage/targets.py), in the caller's process (a
@@ -193,8 +211,14 @@ class FeatureStore:
             return np.zeros((0, self.dim), np.float16)
         token_grid = self._slice(part, "grids", arrays["grids"], grid, grid + 1)[0]
         if "grid_scale" in arrays:
-            token_grid = dequantize(token_grid, self._slice(part, "grid_scale", arrays["grid_scale"], grid, grid + 1)[0])
-        features = sample_grid(torch.from_numpy(np.asarray(token_grid, np.float32)), torch.from_numpy(np.ascontiguousarray(pixel)), tuple(self.attrs["image_size"]))
+            token_grid = dequantize(
+                token_grid, self._slice(part, "grid_scale", arrays["grid_scale"], grid, grid + 1)[0]
+            )
+        features = sample_grid(
+            torch.from_numpy(np.asarray(token_grid, np.float32)),
+            torch.from_numpy(np.ascontiguousarray(pixel)),
+            tuple(self.attrs["image_size"]),
+        )
         return features.to(torch.float16).numpy()  # torch's float16 conversion: ~10x numpy's
 
     def chunk_bytes_read(self, part: int, offset: int, count: int, grid: int = -1) -> int:
@@ -211,7 +235,10 @@ class FeatureStore:
         try:
             return read_rows(self.part_folder(part) / name, arr, start, stop)
         except Exception as err:  # noqa: BLE001 - missing file, checksum mismatch, truncated or corrupt chunk
-            raise StoreError(f"{self.part_folder(part) / name}: rows {start}-{stop - 1} unreadable, a chunk is corrupt or missing ({type(err).__name__}: {err}); run `scalr verify {self.path}`") from None
+            raise StoreError(
+                f"{self.part_folder(part) / name}: rows {start}-{stop - 1} unreadable, a chunk is corrupt or "
+                f"missing ({type(err).__name__}: {err}); run `scalr verify {self.path}`"
+            ) from None
 
     def entry(self, scan_id: str, camera: str) -> tuple[dict, dict[str, np.ndarray]]:
         """(manifest row, arrays) of one (scan, camera)."""
@@ -255,9 +282,14 @@ class PartWriter:
         zarr.open_group(str(self.folder), mode="w", attributes={"part": part})
         self.arrays = {
             name: zarr.create_array(
-                store=str(self.folder / name), shape=(0, *spec.tail), chunks=(spec.chunk_rows, *spec.tail), dtype=spec.dtype,
-                **spec.codecs(), fill_value=0, config={"write_empty_chunks": True},  # every chunk is a file
-            )  # fmt: skip
+                store=str(self.folder / name),
+                shape=(0, *spec.tail),
+                chunks=(spec.chunk_rows, *spec.tail),
+                dtype=spec.dtype,
+                **spec.codecs(),
+                fill_value=0,
+                config={"write_empty_chunks": True},  # every chunk is a file
+            )
             for name, spec in self.specs.items()
         }
         self.hashes = {name: hashlib.sha256() for name in self.specs}  # of the decoded bytes, in row order
@@ -272,8 +304,15 @@ class PartWriter:
         layout, `grid` (D, h, w); None for a skipped entry."""
         count = 0 if data is None else len(data["point_index"])
         has_grid = count > 0 and "grids" in self.specs
-        self.rows.append({**row, "part": self.part, "offset": self.written["point"] + self.buffered["point"], "count": count,
-                          "grid": self.written["grid"] + self.buffered["grid"] if has_grid else -1})  # fmt: skip
+        self.rows.append(
+            {
+                **row,
+                "part": self.part,
+                "offset": self.written["point"] + self.buffered["point"],
+                "count": count,
+                "grid": self.written["grid"] + self.buffered["grid"] if has_grid else -1,
+            }
+        )
         if not count:
             return
         for name in POINT_ARRAYS + (("features",) if "features" in self.specs else ()):
@@ -317,7 +356,13 @@ class PartWriter:
             spec = self.specs[name]
             chunks = -(-arr.shape[0] // spec.chunk_rows)
             sizes = [(self.folder / name / chunk_key(i, arr.ndim)).stat().st_size for i in range(chunks)]
-            arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunk_rows": spec.chunk_rows, "chunk_bytes": sizes, "sha256": self.hashes[name].hexdigest()}
+            arrays[name] = {
+                "shape": list(arr.shape),
+                "dtype": str(arr.dtype),
+                "chunk_rows": spec.chunk_rows,
+                "chunk_bytes": sizes,
+                "sha256": self.hashes[name].hexdigest(),
+            }
         return {"part": self.part, "rows": self.written["point"], "grids": self.written["grid"], "arrays": arrays}
 
     def commit(self) -> None:

@@ -20,7 +20,18 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from storage.layout import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE, REQUIRED_KEYS, ArraySpec, StorePlan, StoreError, chunk_key, part_name
+from storage.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    LAYOUTS,
+    QUANTIZE,
+    REQUIRED_KEYS,
+    ArraySpec,
+    StoreError,
+    StorePlan,
+    chunk_key,
+    part_name,
+)
 
 
 class StoreFiles(Protocol):
@@ -66,8 +77,13 @@ def store_problems(store: StoreFiles) -> list[str]:
     committed = set(store.committed_parts())
     missing = [p for p in range(plan.parts) if p not in committed]
     if missing:
-        listed = ", ".join(part_name(p) for p in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        problems.append(f"{store.path}: {len(missing)} of {plan.parts} planned parts are not committed ({listed}); rerun the same extract-features command to finish it")
+        listed = ", ".join(part_name(p) for p in missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        problems.append(
+            f"{store.path}: {len(missing)} of {plan.parts} planned parts are not committed ({listed}); rerun the "
+            "same extract-features command to finish it"
+        )
     extra = sorted(committed - set(range(plan.parts)))
     if extra:
         problems.append(f"{store.path / 'manifest'}: parts {extra} are outside the plan of {plan.parts} parts")
@@ -88,17 +104,30 @@ def part_problems(store: StoreFiles, part: int) -> list[str]:
     present = set(zip(rows["scan_index"], rows["camera"]))
     if present != expected or len(rows["camera"]) != len(expected):
         lost, extra = sorted(expected - present)[:5], sorted(present - expected)[:5]
-        problems.append(f"{where}: entries do not match the plan (missing {lost}, unexpected {extra}, {len(rows['camera'])} rows for {len(expected)} entries)")
+        problems.append(
+            f"{where}: entries do not match the plan (missing {lost}, unexpected {extra}, {len(rows['camera'])} "
+            f"rows for {len(expected)} entries)"
+        )
     offset, grids = 0, 0
     with_grids = store.layout == "grid"
-    for scan_id, camera, p, o, n, g in zip(rows["scan_id"], rows["camera"], rows["part"], rows["offset"], rows["count"], rows["grid"]):
+    for scan_id, camera, p, o, n, g in zip(
+        rows["scan_id"], rows["camera"], rows["part"], rows["offset"], rows["count"], rows["grid"]
+    ):
         if p != part or o != offset or n < 0:
-            return problems + [f"{where}: row {scan_id}/{camera} has part {p}, offset {o}, count {n}; after the previous rows it must be part {part}, offset {offset}"]
+            return problems + [
+                f"{where}: row {scan_id}/{camera} has part {p}, offset {o}, count {n}; after the previous rows it "
+                f"must be part {part}, offset {offset}"
+            ]
         if g != (grids if with_grids and n > 0 else -1):
-            return problems + [f"{where}: row {scan_id}/{camera} has grid {g}; after the previous rows it must be {grids if with_grids and n > 0 else -1}"]
+            return problems + [
+                f"{where}: row {scan_id}/{camera} has grid {g}; after the previous rows it must be "
+                f"{grids if with_grids and n > 0 else -1}"
+            ]
         offset, grids = offset + n, grids + (g >= 0)
     if record.get("rows") != offset:
-        return problems + [f"{where}: the rows' counts add up to {offset} points but the part recorded {record.get('rows')}"]
+        return problems + [
+            f"{where}: the rows' counts add up to {offset} points but the part recorded {record.get('rows')}"
+        ]
     folder = store.part_folder(part)
     for name, spec in store.specs.items():
         length = offset if spec.per == "point" else grids
@@ -117,10 +146,19 @@ def read_root_attributes(path: Path) -> dict:
     except OSError as err:
         raise StoreError(f"{meta}: unreadable ({err.strerror})") from None
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a scalr feature store (format {attrs.get('format') if isinstance(attrs, dict) else attrs!r})")
+        raise StoreError(
+            f"{path}: not a scalr feature store (format {attrs.get('format') if isinstance(attrs, dict) else attrs!r})"
+        )
     if attrs.get("format_version") != FORMAT_VERSION:
-        why = " (its targets use scalr 0.1's pixel, border and resize rules, not the released code's)" if attrs.get("format_version") == 2 else ""
-        raise StoreError(f"{path}: store format version {attrs.get('format_version')!r}{why}, this scalr reads version {FORMAT_VERSION}; extract it again with this scalr into a new --out")
+        why = (
+            " (its targets use scalr 0.1's pixel, border and resize rules, not the released code's)"
+            if attrs.get("format_version") == 2
+            else ""
+        )
+        raise StoreError(
+            f"{path}: store format version {attrs.get('format_version')!r}{why}, this scalr reads version "
+            f"{FORMAT_VERSION}; extract it again with this scalr into a new --out"
+        )
     return attrs
 
 
@@ -134,18 +172,35 @@ def attribute_problems(path: Path, attrs: dict) -> list[str]:
     if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
         return [f"{where}: teacher dimension {dim!r} is not a positive integer"]
     student = isinstance(teacher, dict) and teacher.get("kind") == "student"  # `scalr embed`: no image
-    if not (student and size is None) and not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+    if not (student and size is None) and not (
+        isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+    ):
         return [f"{where}: image_size {size!r} is not [height, width]"]
     if attrs.get("dtype", "float16") not in ("float16", "float32") or (attrs.get("dtype") == "float32" and not student):
         return [f"{where}: dtype {attrs.get('dtype')!r} is not float16 (teacher stores) or float32 (student stores)"]
-    if not (isinstance(plan, dict) and set(plan) == {"scans", "scans_per_part"} and all(isinstance(v, int) and v > 0 for v in plan.values())):
+    if not (
+        isinstance(plan, dict)
+        and set(plan) == {"scans", "scans_per_part"}
+        and all(isinstance(v, int) and v > 0 for v in plan.values())
+    ):
         return [f"{where}: plan {plan!r} is not {{scans, scans_per_part}} of positive integers"]
-    if not (isinstance(attrs["cameras"], list) and attrs["cameras"] and all(isinstance(c, str) for c in attrs["cameras"])):
+    if not (
+        isinstance(attrs["cameras"], list) and attrs["cameras"] and all(isinstance(c, str) for c in attrs["cameras"])
+    ):
         return [f"{where}: cameras {attrs['cameras']!r} is not a list of camera names"]
     layout, quantize, grid_size = attrs["layout"], attrs["quantize"], attrs["grid_size"]
-    if layout not in LAYOUTS or quantize not in QUANTIZE or (layout == "points" and (quantize != "none" or grid_size is not None)):
-        return [f"{where}: layout {layout!r} with quantize {quantize!r} and grid_size {grid_size!r} is not one of the store layouts"]
-    if layout == "grid" and not (isinstance(grid_size, list) and len(grid_size) == 2 and all(isinstance(v, int) and v > 0 for v in grid_size)):
+    if (
+        layout not in LAYOUTS
+        or quantize not in QUANTIZE
+        or (layout == "points" and (quantize != "none" or grid_size is not None))
+    ):
+        return [
+            f"{where}: layout {layout!r} with quantize {quantize!r} and grid_size {grid_size!r} is not one of the "
+            "store layouts"
+        ]
+    if layout == "grid" and not (
+        isinstance(grid_size, list) and len(grid_size) == 2 and all(isinstance(v, int) and v > 0 for v in grid_size)
+    ):
         return [f"{where}: grid_size {grid_size!r} is not [rows, columns] of tokens"]
     return []
 
@@ -167,7 +222,10 @@ def array_problems(folder: Path, record: dict | None, shape: tuple[int, ...], dt
         return [f"{folder / 'zarr.json'}: corrupt array metadata ({type(err).__name__}: {err})"]
     expected = (shape, dtype, (chunk_rows, *shape[1:]))
     if on_disk != expected or tuple(record.get("shape", ())) != shape:
-        return [f"{folder}: array is {on_disk[0]} {on_disk[1]} in chunks of {on_disk[2]}; the manifest and the part's record say {shape} {dtype} in chunks of {expected[2]}"]
+        return [
+            f"{folder}: array is {on_disk[0]} {on_disk[1]} in chunks of {on_disk[2]}; the manifest and the part's "
+            f"record say {shape} {dtype} in chunks of {expected[2]}"
+        ]
     sizes = record.get("chunk_bytes", [])
     chunks = -(-shape[0] // chunk_rows)
     if len(sizes) != chunks:
@@ -184,5 +242,9 @@ def array_problems(folder: Path, record: dict | None, shape: tuple[int, ...], dt
         if actual != size:
             problems.append(f"{path}: chunk file is {actual} bytes, {size} were written (truncated or overwritten)")
     if absent:
-        problems.insert(0, f"{folder}: {len(absent)} of {chunks} chunk files are missing (chunks {absent[:10]}{' ...' if len(absent) > 10 else ''})")
+        problems.insert(
+            0,
+            f"{folder}: {len(absent)} of {chunks} chunk files are missing (chunks "
+            f"{absent[:10]}{' ...' if len(absent) > 10 else ''})",
+        )
     return problems

@@ -49,7 +49,20 @@ MANIFEST_SCHEMA = pa.schema(
 )
 PART_RECORD_KEY = b"scalr.part"  # manifest schema metadata: the part's integrity record (JSON)
 # Attributes that must agree for a rerun to continue an existing store.
-IDENTITY_KEYS = ("format", "format_version", "teacher", "image_size", "dataset", "plan", "projection", "dtype", "layout", "quantize", "grid_size", "recipe")
+IDENTITY_KEYS = (
+    "format",
+    "format_version",
+    "teacher",
+    "image_size",
+    "dataset",
+    "plan",
+    "projection",
+    "dtype",
+    "layout",
+    "quantize",
+    "grid_size",
+    "recipe",
+)
 # Of those, what stores of several teachers must share to be joined into one target: the same
 # scans and points, seen through the same resized images (the teachers and layouts may differ).
 JOIN_KEYS = ("dataset", "image_size", "projection", "plan", "recipe")
@@ -89,7 +102,10 @@ class ArraySpec:
         a point). CRC-32C last: checked first on every read, before the decompressor sees a
         damaged chunk."""
         filters = [TransposeCodec(order=tuple(range(len(self.tail), -1, -1)))] if self.columns else []
-        return {"filters": filters, "compressors": [BloscCodec(cname="zstd", clevel=self.zstd_level, shuffle=self.shuffle), Crc32cCodec()]}
+        return {
+            "filters": filters,
+            "compressors": [BloscCodec(cname="zstd", clevel=self.zstd_level, shuffle=self.shuffle), Crc32cCodec()],
+        }
 
 
 def array_layout(attrs: dict) -> dict[str, ArraySpec]:
@@ -97,12 +113,16 @@ def array_layout(attrs: dict) -> dict[str, ArraySpec]:
     dim = int(attrs["teacher"]["dim"])
     if attrs.get("layout", "points") == "points":
         rows = chunk_rows_for(dim)
-        features = ArraySpec((dim,), attrs.get("dtype", "float16"), rows, "point")  # float32: student stores of `scalr embed --dtype float32`
+        features = ArraySpec(
+            (dim,), attrs.get("dtype", "float16"), rows, "point"
+        )  # float32: student stores of `scalr embed --dtype float32`
         return {"features": features, **_point_arrays(rows)}
     h, w = attrs["grid_size"]
     if attrs.get("quantize") == "int8":
-        arrays = {"grids": ArraySpec((dim, h, w), "int8", 1, "grid", zstd_level=5),
-                  "grid_scale": ArraySpec((h, w), "float32", 1, "grid", zstd_level=5, shuffle="shuffle")}  # fmt: skip
+        arrays = {
+            "grids": ArraySpec((dim, h, w), "int8", 1, "grid", zstd_level=5),
+            "grid_scale": ArraySpec((h, w), "float32", 1, "grid", zstd_level=5, shuffle="shuffle"),
+        }
     else:
         arrays = {"grids": ArraySpec((dim, h, w), "float16", 1, "grid")}  # one grid a chunk: one read per entry
     return {**arrays, **_point_arrays(GRID_POINT_CHUNK_ROWS)}
@@ -110,9 +130,11 @@ def array_layout(attrs: dict) -> dict[str, ArraySpec]:
 
 def _point_arrays(rows: int) -> dict[str, ArraySpec]:
     """The per-point arrays every layout stores beside its targets."""
-    return {"points": ArraySpec((4,), "float32", rows, "point", columns=True, zstd_level=5, shuffle="shuffle"),
-            "point_index": ArraySpec((), "int32", rows, "point", zstd_level=5, shuffle="shuffle"),
-            "pixel": ArraySpec((2,), "float32", rows, "point", columns=True, zstd_level=5, shuffle="shuffle")}  # fmt: skip
+    return {
+        "points": ArraySpec((4,), "float32", rows, "point", columns=True, zstd_level=5, shuffle="shuffle"),
+        "point_index": ArraySpec((), "int32", rows, "point", zstd_level=5, shuffle="shuffle"),
+        "pixel": ArraySpec((2,), "float32", rows, "point", columns=True, zstd_level=5, shuffle="shuffle"),
+    }
 
 
 def chunk_key(index: int, ndim: int) -> str:

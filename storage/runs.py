@@ -1,11 +1,11 @@
 """A training run's folder, the one place its layout is spelled:
 
-    RUN/config.json              the run record: stage, resolved config, data, what it started from
-    RUN/metrics.jsonl            one line per logged step
-    RUN/checkpoints/last.pt      the last checkpoint (model, optimiser, schedule, RNG, the record)
-    RUN/loss.png                 the loss curve
-    RUN/tensorboard/             TensorBoard events (with the optional tensorboard package)
-    RUN/eval-DATASET-SPLIT.json  each evaluation of the run's model
+RUN/config.json              the run record: stage, resolved config, data, what it started from
+RUN/metrics.jsonl            one line per logged step
+RUN/checkpoints/last.pt      the last checkpoint (model, optimiser, schedule, RNG, the record)
+RUN/loss.png                 the loss curve
+RUN/tensorboard/             TensorBoard events (with the optional tensorboard package)
+RUN/eval-DATASET-SPLIT.json  each evaluation of the run's model
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ def sample_grid(grid: torch.Tensor, pixels: torch.Tensor, image_size: tuple[int,
     # align_corners=True maps pixel c of W onto grid x = c (w - 1) / (W - 1), which grid_sample
     # (also align_corners=True) addresses as 2 x / (w - 1) - 1 = 2 c / (W - 1) - 1.
     norm = torch.stack([2 * pixels[:, 0] / (w_img - 1) - 1, 2 * pixels[:, 1] / (h_img - 1) - 1], dim=-1)
-    out = F.grid_sample(grid[None].float(), norm.view(1, 1, -1, 2).to(grid.device, torch.float32), mode="bilinear", align_corners=True)
+    out = F.grid_sample(
+        grid[None].float(), norm.view(1, 1, -1, 2).to(grid.device, torch.float32), mode="bilinear", align_corners=True
+    )
     return out[0, :, 0].T
 
 

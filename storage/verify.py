@@ -27,7 +27,9 @@ def verify_store(path, teachers: Mapping[str, tuple[int, int]] | None = None) ->
     problems = store_problems(store)
     if not attrs_usable(store):
         return problems, {}
-    if teachers is not None and store.attrs["teacher"].get("kind") != "student":  # a student store names its checkpoint instead
+    if (
+        teachers is not None and store.attrs["teacher"].get("kind") != "student"
+    ):  # a student store names its checkpoint instead
         problems += _teacher_problems(store, teachers)
     counts = {"parts": store.plan.parts, "entries": 0, "points": 0, "skipped": 0}
     for part in store.planned_committed_parts():
@@ -49,7 +51,10 @@ def _teacher_problems(store: FeatureStore, teachers: Mapping[str, tuple[int, int
         return [f"{where}: teacher {name!r} is not in the teacher registry"]
     dim, patch = teachers[name]
     if (teacher.get("dim"), teacher.get("patch")) != (dim, patch):
-        return [f"{where}: teacher {name} is recorded with dim {teacher.get('dim')}, patch {teacher.get('patch')}; the registry's {name} has dim {dim}, patch {patch}"]
+        return [
+            f"{where}: teacher {name} is recorded with dim {teacher.get('dim')}, patch {teacher.get('patch')}; "
+            f"the registry's {name} has dim {dim}, patch {patch}"
+        ]
     return []
 
 
@@ -66,7 +71,8 @@ def _content_problems(store: FeatureStore, part: int) -> list[str]:
         arr, digest = arrays[name], hashlib.sha256()
         rows_per_chunk = arr.chunks[0]
         for start in range(0, arr.shape[0], rows_per_chunk):
-            where = f"{folder / name}: chunk {start // rows_per_chunk} (rows {start}-{min(start + rows_per_chunk, arr.shape[0]) - 1})"
+            last = min(start + rows_per_chunk, arr.shape[0]) - 1
+            where = f"{folder / name}: chunk {start // rows_per_chunk} (rows {start}-{last})"
             try:
                 block = arr[start : start + rows_per_chunk]
             except Exception as err:  # noqa: BLE001 - checksum mismatch, truncated or corrupt chunk
@@ -78,5 +84,8 @@ def _content_problems(store: FeatureStore, part: int) -> list[str]:
                 bad = int((~np.isfinite(block)).reshape(len(block), -1).any(axis=1).sum())
                 problems.append(f"{where}: {bad} rows with NaN or infinite values")
         if digest is not None and digest.hexdigest() != record["arrays"][name]["sha256"]:
-            problems.append(f"{folder / name}: content differs from what was written (SHA-256 of the decoded bytes does not match the part's record)")
+            problems.append(
+                f"{folder / name}: content differs from what was written (SHA-256 of the decoded bytes does not "
+                "match the part's record)"
+            )
     return problems

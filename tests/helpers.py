@@ -55,5 +55,7 @@ def reseal(store_path: Path, part: int, keep_sha256: bool) -> None:
         chunks.sort(key=lambda f: tuple(int(i) for i in f.relative_to(folder / "c").parts))
         rec["chunk_bytes"] = [f.stat().st_size for f in chunks]
         if not keep_sha256:
-            rec["sha256"] = hashlib.sha256(np.ascontiguousarray(zarr.open_array(str(folder), mode="r")[:]).tobytes()).hexdigest()
+            rec["sha256"] = hashlib.sha256(
+                np.ascontiguousarray(zarr.open_array(str(folder), mode="r")[:]).tobytes()
+            ).hexdigest()
     pq.write_table(table.replace_schema_metadata({PART_RECORD_KEY: json.dumps(record)}), manifest)

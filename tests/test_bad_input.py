@@ -130,7 +130,11 @@ def test_non_finite_or_degenerate_nuscenes_pose(nuscenes_copy):
         rows[0]["translation"][1] = float("nan")
 
     edit_table(nuscenes_copy, "ego_pose", nan_translation)
-    with pytest.raises(DatasetError, match=r"ego_pose.json: ego_pose record 0: field 'translation' is \[.*nan.*\], not finite numbers of shape \(3,\)"):
+    with pytest.raises(
+        DatasetError,
+        match=r"ego_pose.json: ego_pose record 0: field 'translation' is \[.*nan.*\], not finite numbers of shape "
+        r"\(3,\)",
+    ):
         open_dataset("nuscenes", nuscenes_copy, "mini_train")
 
     def zero_rotation(rows):

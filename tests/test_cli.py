@@ -2,7 +2,12 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline.datasets import open_dataset
 from stages.cli import main
+from stages.cli.extract import LAYOUT
+from stages.cli.extract import QUANTIZE_OPTION as QUANTIZE
+from storage.layout import LAYOUTS
+from storage.layout import QUANTIZE as STORE_QUANTIZE
 
 
 def run(*args):
@@ -24,18 +29,43 @@ def test_help_lists_commands():
 
 def test_layout_choices_are_the_stores():
     """The CLI spells the choices out (importing the store module would slow every --help)."""
-    from stages.cli.extract import LAYOUT, QUANTIZE_OPTION as QUANTIZE
-    from storage.layout import LAYOUTS, QUANTIZE as STORE_QUANTIZE
 
-    choices = {p.name: set(p.type.choices) for p in (LAYOUT(lambda: None).__click_params__ + QUANTIZE(lambda: None).__click_params__)}
+    choices = {
+        p.name: set(p.type.choices)
+        for p in (LAYOUT(lambda: None).__click_params__ + QUANTIZE(lambda: None).__click_params__)
+    }
     assert choices == {"layout": set(LAYOUTS), "quantize": set(STORE_QUANTIZE)}
 
 
 def test_synth_then_check_dataset_with_plots(tmp_path):
     root = tmp_path / "kitti"
-    result = run("synth", "--format", "semantickitti", "--out", root, "--scenes", 1, "--frames", 2, "--azimuth-steps", 256, "--image-scale", 0.4)
+    result = run(
+        "synth",
+        "--format",
+        "semantickitti",
+        "--out",
+        root,
+        "--scenes",
+        1,
+        "--frames",
+        2,
+        "--azimuth-steps",
+        256,
+        "--image-scale",
+        0.4,
+    )
     assert result.exit_code == 0, result.output
-    result = run("check-dataset", "--dataset", "semantickitti", "--root", root, "--split", "train", "--plot-dir", tmp_path / "plots")
+    result = run(
+        "check-dataset",
+        "--dataset",
+        "semantickitti",
+        "--root",
+        root,
+        "--split",
+        "train",
+        "--plot-dir",
+        tmp_path / "plots",
+    )
     assert result.exit_code == 0, result.output
     assert "semantickitti train: 2 scans" in result.output
     assert "image_2" in result.output and "road" in result.output and "problems: 0" in result.output
@@ -50,7 +80,9 @@ def test_check_dataset_lists_every_bad_file(nuscenes_copy):
     lidar[0].write_bytes(lidar[0].read_bytes()[:-3])
     image = sorted((nuscenes_copy / "samples/CAM_FRONT").iterdir())[1]
     image.write_bytes(image.read_bytes()[:300])
-    result = run("check-dataset", "--dataset", "nuscenes", "--root", nuscenes_copy, "--split", "mini_train", "--decode-images")
+    result = run(
+        "check-dataset", "--dataset", "nuscenes", "--root", nuscenes_copy, "--split", "mini_train", "--decode-images"
+    )
     assert result.exit_code == 1
     assert "problems: 2" in result.output
     assert f"{lidar[0]}: size" in result.output
@@ -64,10 +96,23 @@ def test_bad_root_is_a_one_line_error(tmp_path):
 
 
 def test_plot_projection(nuscenes_root, tmp_path):
-    from pipeline.datasets import open_dataset
 
     scan_id = open_dataset("nuscenes", nuscenes_root, "mini_train").scan_ids[0]
     out = tmp_path / "p.png"
-    result = run("plot-projection", "--dataset", "nuscenes", "--root", nuscenes_root, "--split", "mini_train", "--scan", scan_id, "--colour-by", "label", "--out", out)
+    result = run(
+        "plot-projection",
+        "--dataset",
+        "nuscenes",
+        "--root",
+        nuscenes_root,
+        "--split",
+        "mini_train",
+        "--scan",
+        scan_id,
+        "--colour-by",
+        "label",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert_not_blank(out)

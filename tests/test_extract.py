@@ -8,29 +8,42 @@ import sys
 import time
 from dataclasses import replace
 
+import dask.array as da
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
+from helpers import assert_same_store
+from PIL import Image
 
-from stages.cli import main
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
 from pipeline.synth import SynthConfig, generate
+from stages.cli import main
 from stages.extract.extract import ExtractConfig, extract
 from stages.extract.images import load_resized
 from stages.extract.teachers import load_teacher
-from storage.targets import sample_grid
 from storage.feature_store import FeatureStore, StoreError
+from storage.targets import sample_grid
 from storage.verify import verify_store
-
-from helpers import assert_same_store
 
 IMAGE = (32, 64)  # tiny teacher input: 2 x 4 tokens of test-vit
 
 
 def config(root, out, **kw) -> ExtractConfig:
-    base = dict(dataset="semantickitti", root=root, split="train", teacher="test-vit", out=out, random_init=True, image_size=IMAGE, num_workers=0, scans_per_part=1)
+    base = {
+        "dataset": "semantickitti",
+        "root": root,
+        "split": "train",
+        "teacher": "test-vit",
+        "out": out,
+        "random_init": True,
+        "image_size": IMAGE,
+        "num_workers": 0,
+        "scans_per_part": 1,
+    }
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -50,7 +63,11 @@ def kitti_store(kitti4_root, tmp_path_factory):
     return extract(config(kitti4_root, out))
 
 
-LAYOUTS = {"points": dict(layout="points"), "grid": dict(layout="grid"), "grid-int8": dict(layout="grid", quantize="int8")}
+LAYOUTS = {
+    "points": {"layout": "points"},
+    "grid": {"layout": "grid"},
+    "grid-int8": {"layout": "grid", "quantize": "int8"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +93,9 @@ def test_grid_layout_targets_equal_the_points_layout(kitti_stores):
             ref, got = reference.entry(r["scan_id"], r["camera"])[1], store.entry(r["scan_id"], r["camera"])[1]
             for key in ("points", "point_index", "pixel"):
                 assert np.array_equal(ref[key], got[key]), (name, key)
-            assert got["features"].dtype == np.float16 and cosines(ref["features"], got["features"]).min() >= minimum, name
+            assert got["features"].dtype == np.float16 and cosines(ref["features"], got["features"]).min() >= minimum, (
+                name
+            )
         assert verify_store(store.path)[0] == []
 
 
@@ -97,11 +116,15 @@ def test_store_holds_every_entry_with_exact_targets(kitti_stores, kitti4_root, l
     assert np.array_equal(data["point_index"], proj.point_index)
     assert np.array_equal(data["points"], scan.points[proj.point_index])  # the student needs no raw scan
     teacher = load_teacher("test-vit", IMAGE, random_init=True)
-    image = torch.from_numpy(load_resized(scan.cameras[0].image_path, scan.cameras[0].image_size, IMAGE)).permute(2, 0, 1)
+    image = torch.from_numpy(load_resized(scan.cameras[0].image_path, scan.cameras[0].image_size, IMAGE)).permute(
+        2, 0, 1
+    )
     expected = sample_grid(teacher(image[None])[0], torch.from_numpy(data["pixel"]), IMAGE).numpy()
     assert row["count"] == len(proj) > 500
     assert cosines(data["features"], expected).min() >= (0.999 if layout == "grid-int8" else 0.9999)
-    assert np.allclose(data["features"].astype(np.float32), expected, atol=2e-3 if layout != "grid-int8" else 2e-2, rtol=1e-2)
+    assert np.allclose(
+        data["features"].astype(np.float32), expected, atol=2e-3 if layout != "grid-int8" else 2e-2, rtol=1e-2
+    )
 
 
 def test_entry_with_no_visible_point_is_recorded(kitti_copy, tmp_path):
@@ -120,10 +143,35 @@ def test_rerun_after_kill_9_finishes_and_matches_an_uninterrupted_run(tmp_path, 
     root = tmp_path / "data"
     generate("semantickitti", root, SynthConfig(seed=1, scenes=1, frames=10, azimuth_steps=256, image_scale=0.3))
     out = tmp_path / "killed.zarr"
-    args = ["--dataset", "semantickitti", "--root", root, "--split", "train", "--teacher", "dino-vits8", "--random-init",
-            "--out", out, "--scans-per-part", "1", "--num-workers", "1", "--image-size", "112x224", "--layout", layout]  # fmt: skip
+    args = [
+        "--dataset",
+        "semantickitti",
+        "--root",
+        root,
+        "--split",
+        "train",
+        "--teacher",
+        "dino-vits8",
+        "--random-init",
+        "--out",
+        out,
+        "--scans-per-part",
+        "1",
+        "--num-workers",
+        "1",
+        "--image-size",
+        "112x224",
+        "--layout",
+        layout,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "extract-features", *map(str, args)], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.cli", "extract-features", *map(str, args)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list((out / "manifest").glob("part-*.parquet")) and proc.poll() is None:
         time.sleep(0.01)
@@ -147,7 +195,10 @@ def test_leftover_of_a_crashed_writer_is_redone(kitti4_root, tmp_path):
     (store.manifest_path(1)).unlink()  # part 1 "crashed" after writing data, before committing
     chunk = next(f for f in (out / "parts/part-000001/grids").rglob("c/**/*") if f.is_file())
     chunk.write_bytes(b"half-written")
-    with pytest.raises(StoreError, match=r"1 of 4 planned parts are not committed \(part-000001\); rerun the same extract-features command"):
+    with pytest.raises(
+        StoreError,
+        match=r"1 of 4 planned parts are not committed \(part-000001\); rerun the same extract-features command",
+    ):
         FeatureStore(out)  # readers refuse the unfinished store
     assert len(FeatureStore(out, check=False).manifest()) == 3  # the part is invisible
     extract(config(kitti_root, out))
@@ -184,7 +235,7 @@ def test_thread_count_changes_features_by_at_most_one_float16_step(kitti4_root, 
 
 
 def test_dataloader_workers_give_the_same_store_nuscenes(nuscenes_root, tmp_path):
-    kw = dict(dataset="nuscenes", split="mini_train", scans_per_part=2)
+    kw = {"dataset": "nuscenes", "split": "mini_train", "scans_per_part": 2}
     a = extract(config(nuscenes_root, tmp_path / "a.zarr", num_workers=2, **kw))
     extract(config(nuscenes_root, tmp_path / "b.zarr", num_workers=0, **kw))
     assert_same_store(tmp_path / "a.zarr", tmp_path / "b.zarr")
@@ -210,7 +261,6 @@ def test_bad_image_raises_or_is_a_recorded_skip(kitti_copy, tmp_path):
 def test_image_of_the_wrong_size_is_bad_calibration(nuscenes_copy, tmp_path):
     """nuScenes states each image's size in its table; an image of another size means the
     calibration (intrinsics) does not belong to it."""
-    from PIL import Image
 
     image = sorted((nuscenes_copy / "samples/CAM_BACK").iterdir())[0]
     Image.open(image).resize((100, 50)).save(image)
@@ -238,9 +288,6 @@ def test_inspect_summary_entry_and_dask_stats(kitti_store):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_store_is_readable_with_plain_zarr_pyarrow_and_dask(kitti_stores, layout):
     """The README's plain-Python recipes, per layout."""
-    import dask.array as da
-    import pyarrow.parquet as pq
-    import zarr
 
     store = kitti_stores[layout]
     manifest = pq.read_table(store.path / "manifest").to_pylist()
@@ -259,7 +306,12 @@ def test_store_is_readable_with_plain_zarr_pyarrow_and_dask(kitti_stores, layout
         x, y = pixel[:, 0] * (w - 1) / (W - 1), pixel[:, 1] * (h - 1) / (H - 1)
         x0, y0 = np.minimum(np.floor(x).astype(int), w - 2), np.minimum(np.floor(y).astype(int), h - 2)
         fx, fy = x - x0, y - y0
-        feats = (grid[:, y0, x0] * (1 - fx) * (1 - fy) + grid[:, y0, x0 + 1] * fx * (1 - fy) + grid[:, y0 + 1, x0] * (1 - fx) * fy + grid[:, y0 + 1, x0 + 1] * fx * fy).T
+        feats = (
+            grid[:, y0, x0] * (1 - fx) * (1 - fy)
+            + grid[:, y0, x0 + 1] * fx * (1 - fy)
+            + grid[:, y0 + 1, x0] * (1 - fx) * fy
+            + grid[:, y0 + 1, x0 + 1] * fx * fy
+        ).T
         lazy = da.from_zarr(str(store.path / "parts/part-000000/grids"))
     assert feats.shape == (row["count"], 64) and g.attrs["teacher"]["name"] == "test-vit"
     assert cosines(feats, store.entry(row["scan_id"], row["camera"])[1]["features"]).min() > 0.999

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from pipeline.datasets import READERS
 from pipeline.datasets.nuscenes import META as NUSCENES
 from pipeline.datasets.semantickitti import META as KITTI
 from pipeline.geometry import (
@@ -58,7 +59,16 @@ def test_points_behind_or_too_close_are_dropped():
 
 @pytest.mark.parametrize(
     "u, nuscenes_keeps, kitti_keeps",
-    [(0.0, False, False), (0.01, True, True), (1.0, True, True), (98.99, True, True), (99.0, False, False), (99.99, False, False), (100.0, False, False), (-0.01, False, False)],
+    [
+        (0.0, False, False),
+        (0.01, True, True),
+        (1.0, True, True),
+        (98.99, True, True),
+        (99.0, False, False),
+        (99.99, False, False),
+        (100.0, False, False),
+        (-0.01, False, False),
+    ],
 )
 def test_border_rules(u, nuscenes_keeps, kitti_keeps):
     """The released ScaLR code keeps 0 < u < W-1 on nuScenes and SemanticKITTI."""
@@ -86,12 +96,13 @@ def test_resize_pixels_floor_twice():
     # u = 7.9: floor once gives floor(7.9 x 0.28) = 2; floor twice floor(7 x 0.28) = 1.
     # v = 11.99: floor(11.99 x 0.2489) = 2; floor(11 x 0.2489) = 2.
     assert out.tolist() == [[0, 0], [447, 223], [224, 112], [0, 0], [1, 2]]
-    assert resize_pixels(np.array([[99.5, 49.5]]), (50, 100), (224, 448)).tolist() == [[443, 219]]  # floor(99 x 4.48), floor(49 x 4.48)
+    assert resize_pixels(np.array([[99.5, 49.5]]), (50, 100), (224, 448)).tolist() == [
+        [443, 219]
+    ]  # floor(99 x 4.48), floor(49 x 4.48)
 
 
 def test_pandaset_border_rule():
     """PandaSet (its devkit, as the released code): z_cam > 0 and 0 < u < W, 0 < v < H."""
-    from pipeline.datasets import READERS
 
     rule = READERS["pandar64"].meta.visibility
     pts = points_at_pixels([[0.0, 20.0], [0.01, 20.0], [99.99, 20.0], [100.0, 20.0]], depth=5.0)

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from stages.extract.teachers import load_teacher
 from stages.extract.weights import WeightsError
+from stages.runtime import seeded
 
 REPO = "timm/vit_small_patch14_dinov2.lvd142m"  # the hub repository timm names for dinov2-vits14
 COMMIT = hashlib.sha1(b"scalr test snapshot").hexdigest()
@@ -30,8 +31,8 @@ def hub_cache(root, state: dict):
 
 @pytest.fixture(scope="module")
 def weights():
-    torch.manual_seed(1)
-    model = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0)
+    with seeded(1):
+        model = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 

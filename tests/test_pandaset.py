@@ -4,6 +4,7 @@ bad input; and the four-lidar pretraining mix."""
 import gzip
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,12 @@ from pipeline.datasets.pandaset import EGO_Z_SHIFT
 from pipeline.errors import DatasetError
 from pipeline.geometry import pose_matrix
 from pipeline.scan import IGNORE_INDEX
+from pipeline.transforms import Grid
+from stages.extract.extract import ExtractConfig, extract
+from stages.student.pretrain import PretrainConfig, pretrain
+from stages.student.samples import DistillationData, SampleConfig
+from stages.student.train import OptimConfig, TrainConfig
+from stages.student.waffleiron import WaffleIronConfig
 
 
 def test_two_sensors_two_datasets(pandaset_root):
@@ -24,7 +31,14 @@ def test_two_sensors_two_datasets(pandaset_root):
     a, b = p64[0], gt[0]
     table = pd.read_pickle(pandaset_root / "001/lidar/00.pkl.gz")
     assert len(a.points) == (table["d"] == 0).sum() and len(b.points) == (table["d"] == 1).sum()
-    assert [c.name for c in a.cameras] == ["back_camera", "front_camera", "front_left_camera", "front_right_camera", "left_camera", "right_camera"]
+    assert [c.name for c in a.cameras] == [
+        "back_camera",
+        "front_camera",
+        "front_left_camera",
+        "front_right_camera",
+        "left_camera",
+        "right_camera",
+    ]
     assert [c.name for c in b.cameras] == ["front_camera"]
     assert np.abs(np.degrees(np.arctan2(b.points[:, 1], b.points[:, 0]))).max() < 40  # the forward lidar
     assert set(np.unique(a.labels)) <= set(range(17)) | {IGNORE_INDEX}
@@ -51,7 +65,6 @@ def _rewrite(path, edit):
 
 
 def test_bad_pandaset_input(pandaset_root, tmp_path):
-    import shutil
 
     root = shutil.copytree(pandaset_root, tmp_path / "p")
     _rewrite(root / "001/annotations/semseg/00.pkl.gz", lambda f: f.iloc[:-3])
@@ -68,33 +81,51 @@ def test_bad_pandaset_input(pandaset_root, tmp_path):
     with pytest.raises(DatasetError, match="poses.json: no pose for frame 01"):
         open_dataset("pandar64", root, "val")[1]
     (root / "002/meta/gps.json").write_text("[]")
-    with pytest.raises(DatasetError, match="gps.json: no GPS fix: the sequence's split \\(by latitude\\) cannot be decided"):
+    with pytest.raises(
+        DatasetError, match="gps.json: no GPS fix: the sequence's split \\(by latitude\\) cannot be decided"
+    ):
         open_dataset("pandar64", root, "val")
 
 
 def test_four_lidars_pretrain_together(pandaset_root, nuscenes_root, kitti_root, tmp_path):
-    from pipeline.transforms import Grid
-    from stages.extract.extract import ExtractConfig, extract
-    from stages.student.pretrain import PretrainConfig, pretrain
-    from stages.student.samples import DistillationData, SampleConfig
-    from stages.student.train import OptimConfig, TrainConfig
-    from stages.student.waffleiron import WaffleIronConfig
 
-    sources = [("nuscenes", nuscenes_root, "mini_train"), ("semantickitti", kitti_root, "train"), ("pandar64", pandaset_root, "train"), ("pandargt", pandaset_root, "train")]
-    stores = [extract(ExtractConfig(n, r, s, "test-vit", tmp_path / f"{n}.zarr", random_init=True, image_size=(32, 64), num_workers=0)).path for n, r, s in sources]
+    sources = [
+        ("nuscenes", nuscenes_root, "mini_train"),
+        ("semantickitti", kitti_root, "train"),
+        ("pandar64", pandaset_root, "train"),
+        ("pandargt", pandaset_root, "train"),
+    ]
+    stores = [
+        extract(
+            ExtractConfig(
+                n, r, s, "test-vit", tmp_path / f"{n}.zarr", random_init=True, image_size=(32, 64), num_workers=0
+            )
+        ).path
+        for n, r, s in sources
+    ]
     grid = Grid(cell=4.0)
     data = DistillationData(stores, SampleConfig(max_points=3000, grid=grid))
-    assert sorted(g.name for g in data.groups) == ["nuscenes/mini_train", "pandar64/train", "pandargt/train", "semantickitti/train"]
+    assert sorted(g.name for g in data.groups) == [
+        "nuscenes/mini_train",
+        "pandar64/train",
+        "pandargt/train",
+        "semantickitti/train",
+    ]
     assert data.sizes == [2, 2, 2, 2]
-    cfg = PretrainConfig(tuple(stores), tmp_path / "run", model=WaffleIronConfig(depth=2, width=16, grid_shape=grid.shape), sample=SampleConfig(max_points=3000, grid=grid),
-                         optim=OptimConfig(warmup_iters=1), train=TrainConfig(batch_size=4, epochs=1, num_workers=0))  # fmt: skip
+    cfg = PretrainConfig(
+        tuple(stores),
+        tmp_path / "run",
+        model=WaffleIronConfig(depth=2, width=16, grid_shape=grid.shape),
+        sample=SampleConfig(max_points=3000, grid=grid),
+        optim=OptimConfig(warmup_iters=1),
+        train=TrainConfig(batch_size=4, epochs=1, num_workers=0),
+    )
     assert pretrain(cfg)["steps"] == 2
 
 
 def test_sequences_without_semseg_are_left_out(pandaset_root, tmp_path):
     """As the released code (it lists */annotations/semseg/): a sequence without semseg
     annotations is not part of any split, and the reader says which it left out."""
-    import shutil
 
     root = tmp_path / "p"
     shutil.copytree(pandaset_root, root)

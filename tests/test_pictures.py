@@ -1,27 +1,27 @@
 """Pictures are produced and are not blank, every camera of a scan, colours fitted once per store;
 the store statistics; the demo's table; an untrained checkpoint baseline."""
 
+import json
 import shutil
 
 import numpy as np
-import zarr
 import pytest
+import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from stages.cli import main
-
 from pipeline.transforms import Grid
-from stages.tools.demo import DemoConfig, table
+from stages.cli import main
 from stages.extract.extract import ExtractConfig, extract
-from stages.tools.inspect import feature_statistics, stats_lines
-from stages.tools.pictures import plot_entry, plot_student
-from stages.tools.colours import PcaBasis, cosine_to
-from stages.tools.scan_features import StoreScans, pick_query
 from stages.student.pretrain import PretrainConfig, pretrain
 from stages.student.samples import SampleConfig
 from stages.student.train import OptimConfig, TrainConfig
 from stages.student.waffleiron import WaffleIronConfig
+from stages.tools.colours import PcaBasis, cosine_to
+from stages.tools.demo import DemoConfig, table
+from stages.tools.inspect import feature_statistics, stats_lines
+from stages.tools.pictures import plot_entry, plot_student
+from stages.tools.scan_features import StoreScans, pick_query
 from storage.checkpoint import load_checkpoint
 from storage.feature_store import FeatureStore, StoreError
 from tests.helpers import reseal
@@ -37,7 +37,18 @@ def not_blank(path):
 
 @pytest.fixture(scope="module")
 def store(nuscenes_root, tmp_path_factory):
-    return extract(ExtractConfig("nuscenes", nuscenes_root, "mini_train", "test-vit", tmp_path_factory.mktemp("s") / "s.zarr", random_init=True, image_size=(64, 128), num_workers=0))
+    return extract(
+        ExtractConfig(
+            "nuscenes",
+            nuscenes_root,
+            "mini_train",
+            "test-vit",
+            tmp_path_factory.mktemp("s") / "s.zarr",
+            random_init=True,
+            image_size=(64, 128),
+            num_workers=0,
+        )
+    )
 
 
 def test_store_entry_pictures(store, tmp_path):
@@ -60,14 +71,15 @@ def test_whole_scan_pictures_every_camera(store, tmp_path):
         entry = store.entry(scan_id, r["camera"])[1]
         assert np.array_equal(scan.features[cam.rows], entry["features"]) and np.array_equal(cam.pixels, entry["pixel"])
     paths = plot_entry(store, scan_id, None, tmp_path, class_name="car")
-    assert all(p.name.startswith("test-vit-nuscenes-") and "all-cameras" in p.name for p in paths)  # the dataset in the name: PandaSet's two lidars share scan ids
+    assert all(
+        p.name.startswith("test-vit-nuscenes-") and "all-cameras" in p.name for p in paths
+    )  # the dataset in the name: PandaSet's two lidars share scan ids
     for p in paths:
         not_blank(p)
         assert Image.open(p).size[0] > 1500  # three panels a row
 
 
 def test_pca_from_another_store_of_the_same_size(store, tmp_path):
-    import json
 
     row = store.manifest().to_pylist()[0]
     assert len(plot_entry(store, row["scan_id"], row["camera"], tmp_path, pca_from=FeatureStore(store.path))) == 2
@@ -87,7 +99,9 @@ def test_query_named_by_point_and_class(store):
     row = pick_query(scan, class_name="car")
     assert scan.class_of(row) == "car" and f"({scan.class_names[scan.labels[row]]})" in scan.describe(row)
     raw = int(scan.point_index[cars[0]])
-    assert pick_query(scan, point=raw) == scan.row_of_point(raw) and scan.describe(scan.row_of_point(raw)).startswith(f"point {raw} (car) at (")
+    assert pick_query(scan, point=raw) == scan.row_of_point(raw) and scan.describe(scan.row_of_point(raw)).startswith(
+        f"point {raw} (car) at ("
+    )
     with pytest.raises(KeyError, match="not among"):
         pick_query(scan, point=10**9)
     with pytest.raises(KeyError, match="unknown class"):
@@ -135,13 +149,25 @@ def test_store_statistics_histogram_zero_rows_and_visible_fractions(store, tmp_p
 
 def test_untrained_run_and_student_pictures(store, nuscenes_root, tmp_path):
     cfg = PretrainConfig(
-        stores=(store.path,), out=tmp_path / "untrained", model=WaffleIronConfig(depth=2, width=16, grid_shape=GRID.shape),
-        sample=SampleConfig(max_points=3000, grid=GRID), optim=OptimConfig(warmup_iters=1), train=TrainConfig(batch_size=2, epochs=1, max_steps=0, num_workers=0),
-    )  # fmt: skip
+        stores=(store.path,),
+        out=tmp_path / "untrained",
+        model=WaffleIronConfig(depth=2, width=16, grid_shape=GRID.shape),
+        sample=SampleConfig(max_points=3000, grid=GRID),
+        optim=OptimConfig(warmup_iters=1),
+        train=TrainConfig(batch_size=2, epochs=1, max_steps=0, num_workers=0),
+    )
     summary = pretrain(cfg)
     assert summary["steps"] == 0 and load_checkpoint(tmp_path / "untrained/checkpoints/last.pt")["step"] == 0
     scan_id = store.manifest().to_pylist()[0]["scan_id"]
-    for p in plot_student(tmp_path / "untrained/checkpoints/last.pt", "nuscenes", nuscenes_root, "mini_train", scan_id, "CAM_BACK", tmp_path / "fig"):
+    for p in plot_student(
+        tmp_path / "untrained/checkpoints/last.pt",
+        "nuscenes",
+        nuscenes_root,
+        "mini_train",
+        scan_id,
+        "CAM_BACK",
+        tmp_path / "fig",
+    ):
         not_blank(p)
 
 

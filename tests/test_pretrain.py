@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
+from helpers import reseal
 
-from stages.cli import main
 from pipeline.synth import SynthConfig, generate
 from pipeline.transforms import Augment, Grid, crop_nearest, voxel_downsample
+from stages.cli import main
 from stages.extract.extract import ExtractConfig, extract
 from stages.student.pretrain import PretrainConfig, build_student, pretrain
 from stages.student.samples import DistillationData, EpochSampler, SampleConfig, collate
@@ -24,8 +26,6 @@ from stages.student.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig, pa
 from storage.checkpoint import load_checkpoint
 from storage.feature_store import StoreError
 
-from helpers import reseal
-
 SMALL_GRID = Grid(cell=4.0)  # 32 x 32 x 4 cells: fast on CPU
 TINY = WaffleIronConfig(depth=3, width=16, grid_shape=SMALL_GRID.shape)
 SAMPLE = SampleConfig(max_points=3000, grid=SMALL_GRID)
@@ -33,13 +33,29 @@ SAMPLE = SampleConfig(max_points=3000, grid=SMALL_GRID)
 
 def tiny_cfg(stores, out, **train) -> PretrainConfig:
     return PretrainConfig(
-        stores=tuple(stores), out=out, model=TINY, sample=SAMPLE,
-        optim=OptimConfig(warmup_iters=2), train=TrainConfig(**{"batch_size": 2, "epochs": 2, "num_workers": 0, "log_every": 1, **train}),
-    )  # fmt: skip
+        stores=tuple(stores),
+        out=out,
+        model=TINY,
+        sample=SAMPLE,
+        optim=OptimConfig(warmup_iters=2),
+        train=TrainConfig(**{"batch_size": 2, "epochs": 2, "num_workers": 0, "log_every": 1, **train}),
+    )
 
 
 def make_store(root, out, dataset="semantickitti", split="train", **kw):
-    return extract(ExtractConfig(dataset, root, split, kw.pop("teacher", "test-vit"), out, random_init=True, image_size=kw.pop("image_size", (32, 64)), num_workers=0, **kw))
+    return extract(
+        ExtractConfig(
+            dataset,
+            root,
+            split,
+            kw.pop("teacher", "test-vit"),
+            out,
+            random_init=True,
+            image_size=kw.pop("image_size", (32, 64)),
+            num_workers=0,
+            **kw,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +86,9 @@ def test_voxel_and_crop():
     xyz = rng.uniform(-5, 5, (20000, 3)).astype(np.float32)
     keep = voxel_downsample(xyz, 1.0, rng)
     cells = (xyz - xyz.min(0)).astype(int)  # the released rule: voxels from the cloud's minimum
-    assert len(np.unique(cells[keep], axis=0)) == len(keep) == len(np.unique(cells, axis=0))  # one point per occupied voxel
+    assert (
+        len(np.unique(cells[keep], axis=0)) == len(keep) == len(np.unique(cells, axis=0))
+    )  # one point per occupied voxel
     first = voxel_downsample(xyz, 1.0, None)  # evaluation: the first point of each voxel in scan order
     _, expected = np.unique(cells, axis=0, return_index=True)
     assert first.tolist() == sorted(expected.tolist())
@@ -83,7 +101,9 @@ def test_voxel_and_crop():
 def test_points_and_targets_stay_paired(nus_store):
     """Through the random camera, voxelisation, crop, augmentation and field-of-view crop, each
     point keeps its own target; augmentation is a similarity transform of the stored points."""
-    data = DistillationData([nus_store.path], SampleConfig(max_points=2000, augment=Augment(rotate=False, flip=False, scale=(1.0, 1.0))))
+    data = DistillationData(
+        [nus_store.path], SampleConfig(max_points=2000, augment=Augment(rotate=False, flip=False, scale=(1.0, 1.0)))
+    )
     aug = DistillationData([nus_store.path], SampleConfig(max_points=2000))
     for index in range(3):
         sample = data[(index, 123)]
@@ -92,7 +112,9 @@ def test_points_and_targets_stay_paired(nus_store):
         rows = [pos[int(p)] for p in sample["point_index"]]
         assert np.array_equal(sample["targets"], entry["features"][rows])
         assert np.allclose(sample["feats"][:, 1:4], entry["points"][rows, :3])
-        assert np.allclose(sample["feats"][:, 0], (entry["points"][rows, 3] - 18.742355) / 22.04632)  # nuScenes' released statistics
+        assert np.allclose(
+            sample["feats"][:, 0], (entry["points"][rows, 3] - 18.742355) / 22.04632
+        )  # nuScenes' released statistics
         assert np.allclose(sample["feats"][:, 4], np.linalg.norm(entry["points"][rows, :3], axis=1))
         assert len(sample["feats"]) <= 2000
         other = aug[(index, 123)]  # augmented: a similarity transform of the same stored points
@@ -109,7 +131,10 @@ def test_sampler_is_deterministic_sharded_and_resumable():
     full = list(s.start(1))
     assert len(full) == 3 and all(len(b) == 4 for b in full)
     assert list(s.start(1, 2)) == full[2:]
-    r0, r1 = list(EpochSampler([5, 7], 4, 3, rank=0, world=2).start(1)), list(EpochSampler([5, 7], 4, 3, rank=1, world=2).start(1))
+    r0, r1 = (
+        list(EpochSampler([5, 7], 4, 3, rank=0, world=2).start(1)),
+        list(EpochSampler([5, 7], 4, 3, rank=1, world=2).start(1)),
+    )
     assert [sorted(a + b) for a, b in zip(r0, r1)] == [sorted(b) for b in full]
     assert list(s.start(2)) != full
     balanced = EpochSampler([2, 98], batch_size=10, seed=0, balanced=True).order(0)
@@ -135,22 +160,64 @@ def test_resume_continues_exactly(nus_store, tmp_path, one_thread):
     pretrain(half)
     assert load_checkpoint(tmp_path / "b/checkpoints/last.pt")["step"] == 5
     pretrain(replace(half, train=replace(half.train, max_steps=None)))  # the same command, resumed
-    a, b = load_checkpoint(Path(straight["checkpoint"]))["model"], load_checkpoint(tmp_path / "b/checkpoints/last.pt")["model"]
+    a, b = (
+        load_checkpoint(Path(straight["checkpoint"]))["model"],
+        load_checkpoint(tmp_path / "b/checkpoints/last.pt")["model"],
+    )
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
 def test_two_ddp_processes_agree_with_one(nus_store, tmp_path):
     """torchrun with 2 CPU processes (gloo, SyncBatchNorm, global-count loss normalisation)."""
-    args = ["--store", str(nus_store.path), "--student", "WI-12-64", "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--fresh",
-            "--set", "model.depth=2", "--set", "model.width=16", "--set", f"model.grid_shape={list(SMALL_GRID.shape)}",
-            "--set", "sample.grid.cell=4.0", "--set", "sample.max_points=2000", "--set", "optim.warmup_iters=1", "--set", "train.log_every=1"]  # fmt: skip
+    args = [
+        "--store",
+        str(nus_store.path),
+        "--student",
+        "WI-12-64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--fresh",
+        "--set",
+        "model.depth=2",
+        "--set",
+        "model.width=16",
+        "--set",
+        f"model.grid_shape={list(SMALL_GRID.shape)}",
+        "--set",
+        "sample.grid.cell=4.0",
+        "--set",
+        "sample.max_points=2000",
+        "--set",
+        "optim.warmup_iters=1",
+        "--set",
+        "train.log_every=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for world, name in ((1, "one"), (2, "two")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m", "stages.cli", "pretrain", "--out", str(tmp_path / name), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={world}",
+            "-m",
+            "stages.cli",
+            "pretrain",
+            "--out",
+            str(tmp_path / name),
+            *args,
+        ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("one", "two")]
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    ]
     assert len(losses[1]) == 2 and np.allclose(losses[0], losses[1], rtol=1e-5)
     # Same function: parameters whose true gradient is zero (a BatchNorm bias right before
     # another BatchNorm) drift with float noise under Adam, so compare outputs, not raw weights.
@@ -185,10 +252,15 @@ def test_multi_teacher_joins_and_multi_dataset_mixes(kitti_root, nus_store, kitt
     assert sample["targets"].shape[1] == 448
     run = tmp_path / "mt"
     pretrain(tiny_cfg([kitti_store.path, dino.path], run, epochs=1))
-    head = {k: v.shape for k, v in load_checkpoint(run / "checkpoints/last.pt")["model"].items() if k.startswith("head")}
+    head = {
+        k: v.shape for k, v in load_checkpoint(run / "checkpoints/last.pt")["model"].items() if k.startswith("head")
+    }
     assert head["head.2.weight"] == (448, 2048)  # auto head: a 2-layer MLP for several teachers
     mixed = DistillationData([nus_store.path, kitti_store.path], SAMPLE)
-    assert sorted(mixed.sizes) == [2, 8] and {g.name for g in mixed.groups} == {"nuscenes/mini_train", "semantickitti/train"}
+    assert sorted(mixed.sizes) == [2, 8] and {g.name for g in mixed.groups} == {
+        "nuscenes/mini_train",
+        "semantickitti/train",
+    }
     with pytest.raises(StoreError, match="every dataset needs the same teachers"):
         DistillationData([nus_store.path, kitti_store.path, dino.path], SAMPLE)
 
@@ -203,7 +275,6 @@ def test_stores_that_cannot_be_joined(kitti_root, kitti_store, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(kitti_root, tmp_path):
-    import zarr
 
     store = make_store(kitti_root, tmp_path / "s.zarr")
     run = tmp_path / "run"
@@ -220,14 +291,38 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(kitti_root, tm
 
 def test_cli_overrides_and_config_file(nus_store, tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text("[optim]\nlr = 1e-3\n[model]\ndepth = 2\nwidth = 8\ngrid_shape = [32, 32, 4]\n[sample.grid]\ncell = 4.0\n")
+    toml.write_text(
+        "[optim]\nlr = 1e-3\n[model]\ndepth = 2\nwidth = 8\ngrid_shape = [32, 32, 4]\n[sample.grid]\ncell = 4.0\n"
+    )
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["pretrain", "--store", str(nus_store.path), "--out", str(out), "--student", "WI-12-64", "--config", str(toml),
-                                       "--set", "sample.max_points=1000", "--epochs", "1", "--batch-size", "4", "--num-workers", "0"])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "pretrain",
+            "--store",
+            str(nus_store.path),
+            "--out",
+            str(out),
+            "--student",
+            "WI-12-64",
+            "--config",
+            str(toml),
+            "--set",
+            "sample.max_points=1000",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     cfg = json.loads((out / "config.json").read_text())["config"]
     assert cfg["optim"]["lr"] == 1e-3 and cfg["model"]["width"] == 8 and cfg["sample"]["max_points"] == 1000
-    bad = CliRunner().invoke(main, ["pretrain", "--store", str(nus_store.path), "--out", str(out), "--set", "optim.lrr=1"])
+    bad = CliRunner().invoke(
+        main, ["pretrain", "--store", str(nus_store.path), "--out", str(out), "--set", "optim.lrr=1"]
+    )
     assert bad.exit_code == 1 and "unknown config key 'optim.lrr'" in bad.output
 
 

@@ -4,8 +4,8 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.datasets import open_dataset
 from pipeline.datasets import nuscenes as nus
+from pipeline.datasets import open_dataset
 from pipeline.datasets.semantickitti import read_calib
 from pipeline.errors import DatasetError
 from pipeline.geometry import invert_rigid, pose_matrix
@@ -56,10 +56,16 @@ def test_nuscenes_lidar_to_camera_includes_ego_motion(nuscenes_root):
         return pose_matrix(rec["rotation"], rec["translation"])
 
     lidar_to_global = matrix(poses[lidar["ego_pose_token"]]) @ matrix(cs[lidar["calibrated_sensor_token"]])
-    expected = invert_rigid(matrix(poses[cam["ego_pose_token"]]) @ matrix(cs[cam["calibrated_sensor_token"]])) @ lidar_to_global
+    expected = (
+        invert_rigid(matrix(poses[cam["ego_pose_token"]]) @ matrix(cs[cam["calibrated_sensor_token"]]))
+        @ lidar_to_global
+    )
     got = scan.camera("CAM_BACK").lidar_to_camera
     assert np.allclose(got, expected, atol=1e-9)
-    static = invert_rigid(matrix(poses[lidar["ego_pose_token"]]) @ matrix(cs[cam["calibrated_sensor_token"]])) @ lidar_to_global
+    static = (
+        invert_rigid(matrix(poses[lidar["ego_pose_token"]]) @ matrix(cs[cam["calibrated_sensor_token"]]))
+        @ lidar_to_global
+    )
     assert np.linalg.norm(got[:3, 3] - static[:3, 3]) > 0.1  # the car moved between the two timestamps
 
 
@@ -74,7 +80,10 @@ def test_semantickitti_scans_calib_labels(kitti_root):
     assert np.array_equal(scan.raw_labels, raw_file & 0xFFFF)  # ...which the reader masks off
     cam = scan.camera("image_2")
     # K @ lidar_to_camera equals P2 @ Tr, parsed independently here
-    entries = {line.split(":")[0]: np.array(line.split(":")[1].split(), dtype=float) for line in (kitti_root / "sequences/00/calib.txt").read_text().splitlines()}
+    entries = {
+        line.split(":")[0]: np.array(line.split(":")[1].split(), dtype=float)
+        for line in (kitti_root / "sequences/00/calib.txt").read_text().splitlines()
+    }
     tr = np.vstack([entries["Tr"].reshape(3, 4), [0, 0, 0, 1]])
     assert np.allclose(cam.intrinsics @ cam.lidar_to_camera[:3], entries["P2"].reshape(3, 4) @ tr)
     k, _ = read_calib(kitti_root / "sequences/00/calib.txt")

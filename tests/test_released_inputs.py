@@ -4,10 +4,15 @@ datasets/pc_dataset.py, datasets/*_for_scalr.py, waffleiron/*.py), on hand-compu
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from pipeline.datasets import READERS
-from pipeline.transforms import knn, student_features
+from pipeline.transforms import Augment, knn, student_features
+from stages.downstream.segment import SegmentConfig
+from stages.extract.images import load_resized
+from stages.extract.teachers import dinov2_cvpr_pos_embed, load_teacher
+from stages.runtime import seeded
 from stages.student.checkpoints import load_backbone
 from stages.student.waffleiron import STUDENT_INPUTS, WaffleIron, WaffleIronConfig, make_head
 from storage.checkpoint import CheckpointError, save_checkpoint
@@ -32,7 +37,12 @@ def test_radius_is_three_dimensional_and_intensity_standardised():
 
 @pytest.mark.parametrize(
     "name, mean, std",
-    [("nuscenes", 18.742355, 22.04632), ("semantickitti", 0.28613698, 0.14090556), ("pandar64", 18.23640649, 25.86983417), ("pandargt", 23.06113565, 16.76273235)],
+    [
+        ("nuscenes", 18.742355, 22.04632),
+        ("semantickitti", 0.28613698, 0.14090556),
+        ("pandar64", 18.23640649, 25.86983417),
+        ("pandargt", 23.06113565, 16.76273235),
+    ],
 )
 def test_intensity_statistics_are_the_released_ones(name, mean, std):
     assert READERS[name].meta.intensity_norm == (mean, std)
@@ -53,9 +63,9 @@ def test_embedding_pools_over_the_given_neighbours_only():
     """The released embedding: point branch on the normalised input; neighbour branch on
     (neighbour - centre) of the given neighbours (no zero difference of the point with itself),
     max-pooled; then one linear mix with bias."""
-    torch.manual_seed(0)
-    emb = WaffleIron(WaffleIronConfig(depth=1, width=8)).embedding.eval()
-    feats = torch.randn(3, 5)
+    with seeded(0):
+        emb = WaffleIron(WaffleIronConfig(depth=1, width=8)).embedding.eval()
+    feats = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
     far = torch.tensor([[1, 1], [0, 0], [0, 0]])
     out = emb(feats, far)
     x = emb.norm(feats)
@@ -74,7 +84,10 @@ def test_checkpoints_with_the_old_inputs_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="student inputs version 1 .* pretrain again"):
         load_backbone(old)
     new = tmp_path / "new.pt"
-    save_checkpoint(new, {"model": model, "config": {"stage": "pretrain", "config": {"model": {**fields, "inputs": STUDENT_INPUTS}}}})
+    save_checkpoint(
+        new,
+        {"model": model, "config": {"stage": "pretrain", "config": {"model": {**fields, "inputs": STUDENT_INPUTS}}}},
+    )
     backbone, _ = load_backbone(new)
     assert backbone.cfg.inputs == STUDENT_INPUTS
 
@@ -82,9 +95,6 @@ def test_checkpoints_with_the_old_inputs_are_refused(tmp_path):
 def test_image_resize_is_the_released_float_bilinear(tmp_path):
     """torchvision's resize of a float tensor in [0, 1], no antialias (the CVPR environment):
     halving a 4 x 8 image averages each 2 x 2 block exactly; with antialias (ScaLR+) it blurs more."""
-    from PIL import Image
-
-    from stages.extract.images import load_resized
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (4, 8, 3), dtype=np.uint8)
@@ -98,7 +108,6 @@ def test_image_resize_is_the_released_float_bilinear(tmp_path):
 def test_dinov2_position_embeddings_follow_the_cvpr_code():
     """CVPR recipe: the 37 x 37 table of 518 px, bicubic at scale factors (h + 0.1) / 37 and
     (w + 0.1) / 37 at every forward, no antialias; scalr-plus: timm's table resized at load."""
-    from stages.extract.teachers import dinov2_cvpr_pos_embed, load_teacher
 
     cvpr = load_teacher("dinov2-vits14", (224, 448), random_init=True, pos_embed="dinov2-cvpr").model
     table = cvpr.pos_embed.detach()
@@ -106,32 +115,47 @@ def test_dinov2_position_embeddings_follow_the_cvpr_code():
     tokens = torch.zeros(1, 16, 32, 384)
     got = dinov2_cvpr_pos_embed(cvpr, tokens)
     grid = table[:, 1:].reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
-    expected = torch.nn.functional.interpolate(grid, scale_factor=(16.1 / 37, 32.1 / 37), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 512, 384)
+    expected = (
+        torch.nn.functional.interpolate(grid, scale_factor=(16.1 / 37, 32.1 / 37), mode="bicubic")
+        .permute(0, 2, 3, 1)
+        .reshape(1, 512, 384)
+    )
     torch.testing.assert_close(got[:, 1:], expected, rtol=0, atol=0)
     torch.testing.assert_close(got[:, :1], cvpr.cls_token + table[:, :1], rtol=0, atol=0)
-    by_size = torch.nn.functional.interpolate(grid, size=(16, 32), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 512, 384)
+    by_size = (
+        torch.nn.functional.interpolate(grid, size=(16, 32), mode="bicubic", antialias=True)
+        .permute(0, 2, 3, 1)
+        .reshape(1, 512, 384)
+    )
     assert (expected - by_size).abs().max() > 1e-3  # the two rules do differ
     plus = load_teacher("dinov2-vits14", (224, 448), random_init=True, pos_embed="timm").model
     assert plus.pos_embed.shape == (1, 1 + 512, 384)
-    assert load_teacher("test-vit", (32, 64), random_init=True, pos_embed="dinov2-cvpr").provenance["pos_embed"].startswith("timm")
+    assert (
+        load_teacher("test-vit", (32, 64), random_init=True, pos_embed="dinov2-cvpr")
+        .provenance["pos_embed"]
+        .startswith("timm")
+    )
 
 
 def test_downstream_augmentation_treats_inputs_apart():
     """Released finetune.py: coordinates rotated and flipped, not scaled; inputs from the original
     points, x and y rotated by their own angle, x, y, z and radius scaled, never flipped."""
-    from pipeline.transforms import Augment
 
     rng = np.random.default_rng(0)
     xyz = rng.uniform(-20, 20, (200, 3)).astype(np.float32)
     feats = student_features(xyz, rng.uniform(0, 255, 200).astype(np.float32), (18.742355, 22.04632))
     for seed in range(6):
         coords, inputs = Augment(separate_features=True).apart(xyz, feats, np.random.default_rng(seed))
-        np.testing.assert_allclose(np.linalg.norm(coords[:, :2], axis=1), np.linalg.norm(xyz[:, :2], axis=1), rtol=1e-5)  # rotation, flip: no scale
+        np.testing.assert_allclose(
+            np.linalg.norm(coords[:, :2], axis=1), np.linalg.norm(xyz[:, :2], axis=1), rtol=1e-5
+        )  # rotation, flip: no scale
         assert np.array_equal(coords[:, 2], xyz[:, 2]) and np.array_equal(inputs[:, 0], feats[:, 0])
         s = inputs[:, 4] / feats[:, 4]
         assert np.allclose(s, s[0]) and 0.9 <= s[0] <= 1.1  # one scale on the radius ...
         np.testing.assert_allclose(inputs[:, 3], feats[:, 3] * s[0], rtol=1e-5)  # ... and on z
-        np.testing.assert_allclose(np.linalg.norm(inputs[:, 1:3], axis=1), s[0] * np.linalg.norm(feats[:, 1:3], axis=1), rtol=1e-5)
+        np.testing.assert_allclose(
+            np.linalg.norm(inputs[:, 1:3], axis=1), s[0] * np.linalg.norm(feats[:, 1:3], axis=1), rtol=1e-5
+        )
         rot_inputs = inputs[:, 1:3] / s[0]  # a pure rotation of the inputs' x, y (determinant +1: never flipped)
         m = np.linalg.lstsq(feats[:, 1:3], rot_inputs, rcond=None)[0]
         assert np.isclose(np.linalg.det(m), 1.0, atol=1e-4)
@@ -139,12 +163,17 @@ def test_downstream_augmentation_treats_inputs_apart():
 
 @pytest.mark.parametrize(
     "mode, dataset, fraction, epochs, warmup, min_lr",
-    [("probe", "nuscenes", 1.0, 20, 2, 1e-5), ("probe", "pandar64", 1.0, 50, 2, 1e-5), ("finetune", "nuscenes", 1.0, 25, 2, 0.0),
-     ("finetune", "semantickitti", 1.0, 10, 1, 0.0), ("finetune", "nuscenes", 0.01, 45, 4, 0.0), ("finetune", "semantickitti", 0.1, 45, 4, 0.0),
-     ("finetune", "pandargt", 1.0, 25, 2, 0.0)],
-)  # fmt: skip
+    [
+        ("probe", "nuscenes", 1.0, 20, 2, 1e-5),
+        ("probe", "pandar64", 1.0, 50, 2, 1e-5),
+        ("finetune", "nuscenes", 1.0, 25, 2, 0.0),
+        ("finetune", "semantickitti", 1.0, 10, 1, 0.0),
+        ("finetune", "nuscenes", 0.01, 45, 4, 0.0),
+        ("finetune", "semantickitti", 0.1, 45, 4, 0.0),
+        ("finetune", "pandargt", 1.0, 25, 2, 0.0),
+    ],
+)
 def test_downstream_schedules_are_the_released_configs(mode, dataset, fraction, epochs, warmup, min_lr, tmp_path):
-    from stages.downstream.segment import SegmentConfig
 
     cfg = SegmentConfig.for_mode(mode, dataset=dataset, root=tmp_path, out=tmp_path, labels_fraction=fraction)
     assert (cfg.train.epochs, cfg.warmup_epochs, cfg.optim.min_lr) == (epochs, warmup, min_lr)

@@ -1,26 +1,35 @@
 """Downstream: probing, finetuning, evaluation."""
 
+import json
+import logging
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stages.cli import main
+from pipeline.class_maps import NUSCENES_SEMANTICKITTI, ClassMap
+from pipeline.datasets import open_dataset
+from pipeline.datasets.nuscenes import CLASSES
 from pipeline.errors import DatasetError
-from pipeline.transforms import Grid
+from pipeline.transforms import Grid, knn, student_features
+from stages.cli import main
 from stages.downstream.evaluate import EvaluateConfig, confusion, evaluate, iou_from_confusion
-from stages.extract.extract import ExtractConfig, extract
-from stages.student.losses import lovasz_softmax, segmentation_loss
-from stages.student.pretrain import PretrainConfig, pretrain
 from stages.downstream.finetune import layer_decay_groups
-from stages.downstream.labelled import label_subset
+from stages.downstream.labelled import frames_from_file, label_subset
 from stages.downstream.segment import SegmentConfig, train_segmentation
 from stages.downstream.segmenter import SegmentationModel
+from stages.extract.extract import ExtractConfig, extract
 from stages.student.checkpoints import load_backbone
+from stages.student.losses import lovasz_softmax, segmentation_loss
+from stages.student.pretrain import PretrainConfig, pretrain
 from stages.student.samples import SampleConfig
-from stages.student.train import OptimConfig, TrainConfig
+from stages.student.train import OptimConfig, TrainConfig, tensorboard_writer
 from stages.student.waffleiron import WaffleIron, WaffleIronConfig
 from storage.checkpoint import CheckpointError, load_checkpoint
 from storage.feature_store import FeatureStore
@@ -33,17 +42,40 @@ SAMPLE = SampleConfig(max_points=10**9, grid=GRID)
 def pretrained(kitti_root, tmp_path_factory):
     """A tiny student distilled from a random test-vit on the KITTI-format rig."""
     tmp = tmp_path_factory.mktemp("pre")
-    store = extract(ExtractConfig("semantickitti", kitti_root, "train", "test-vit", tmp / "s.zarr", random_init=True, image_size=(32, 64), num_workers=0))
+    store = extract(
+        ExtractConfig(
+            "semantickitti",
+            kitti_root,
+            "train",
+            "test-vit",
+            tmp / "s.zarr",
+            random_init=True,
+            image_size=(32, 64),
+            num_workers=0,
+        )
+    )
     cfg = PretrainConfig(
-        stores=(store.path,), out=tmp / "run", model=WaffleIronConfig(depth=2, width=16, grid_shape=GRID.shape),
-        sample=SampleConfig(max_points=5000, grid=GRID), optim=OptimConfig(warmup_iters=1), train=TrainConfig(batch_size=2, epochs=2, num_workers=0),
-    )  # fmt: skip
+        stores=(store.path,),
+        out=tmp / "run",
+        model=WaffleIronConfig(depth=2, width=16, grid_shape=GRID.shape),
+        sample=SampleConfig(max_points=5000, grid=GRID),
+        optim=OptimConfig(warmup_iters=1),
+        train=TrainConfig(batch_size=2, epochs=2, num_workers=0),
+    )
     return pretrain(cfg)["checkpoint"]
 
 
 def probe_cfg(kitti_root, out, checkpoint, mode="probe", **train):
-    cfg = SegmentConfig.for_mode(mode, dataset="semantickitti", root=kitti_root, out=out, checkpoint=checkpoint, sample=SAMPLE)
-    return cfg.__class__(**{**cfg.__dict__, "train": TrainConfig(**{"epochs": 30, "batch_size": 2, "num_workers": 0, "log_every": 5, **train}), "warmup_epochs": 1})
+    cfg = SegmentConfig.for_mode(
+        mode, dataset="semantickitti", root=kitti_root, out=out, checkpoint=checkpoint, sample=SAMPLE
+    )
+    return cfg.__class__(
+        **{
+            **cfg.__dict__,
+            "train": TrainConfig(**{"epochs": 30, "batch_size": 2, "num_workers": 0, "log_every": 5, **train}),
+            "warmup_epochs": 1,
+        }
+    )
 
 
 def test_probing_learns_and_keeps_the_backbone_bit_identical(kitti_root, pretrained, tmp_path):
@@ -113,11 +145,14 @@ def test_bad_downstream_input(kitti_root, kitti_copy, pretrained, tmp_path):
     state = load_checkpoint(pretrained)
     state["config"]["config"]["model"]["width"] = 32
     torch.save(state, other)
-    with pytest.raises(CheckpointError, match=r"other.pt: weights do not fit the recorded student \(depth 2, width 32\) .*first: embedding.point.weight is \(16, 5\), the model's is \(32, 5\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"other.pt: weights do not fit the recorded student \(depth 2, width 32\) .*first: "
+        r"embedding.point.weight is \(16, 5\), the model's is \(32, 5\)",
+    ):
         load_backbone(other)
     with pytest.raises(ValueError, match="not a segmentation model"):
         evaluate(EvaluateConfig("semantickitti", kitti_root, pretrained))
-    import shutil
 
     shutil.rmtree(kitti_copy / "sequences/00/labels")
     with pytest.raises(DatasetError, match="has no labels"):
@@ -128,7 +163,9 @@ def test_bad_downstream_input(kitti_root, kitti_copy, pretrained, tmp_path):
 
 @pytest.fixture(scope="module")
 def segmenter(kitti_root, pretrained, tmp_path_factory):
-    return train_segmentation(probe_cfg(kitti_root, tmp_path_factory.mktemp("seg") / "probe", pretrained, epochs=1))["checkpoint"]
+    return train_segmentation(probe_cfg(kitti_root, tmp_path_factory.mktemp("seg") / "probe", pretrained, epochs=1))[
+        "checkpoint"
+    ]
 
 
 def bad_checkpoints(good: str, segmenter: str, folder) -> dict:
@@ -156,54 +193,123 @@ def bad_checkpoints(good: str, segmenter: str, folder) -> dict:
 @pytest.mark.parametrize("command", ["probe", "finetune", "evaluate", "plot-features"])
 def test_every_command_names_a_bad_checkpoint(command, kitti_root, pretrained, segmenter, tmp_path):
     data = ["--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val"]
-    extra = {"probe": ["--out", str(tmp_path / "run"), "--epochs", "1"], "finetune": ["--out", str(tmp_path / "run"), "--epochs", "1"],
-             "evaluate": [], "plot-features": ["--scan", "08/000000", "--out", str(tmp_path / "pics")]}[command]  # fmt: skip
+    extra = {
+        "probe": ["--out", str(tmp_path / "run"), "--epochs", "1"],
+        "finetune": ["--out", str(tmp_path / "run"), "--epochs", "1"],
+        "evaluate": [],
+        "plot-features": ["--scan", "08/000000", "--out", str(tmp_path / "pics")],
+    }[command]
     for name, said in bad_checkpoints(pretrained, segmenter, tmp_path).items():
         if command == "evaluate" and name == "no-student.pt":
             said = "a pretrain checkpoint, not a segmentation model"
         result = CliRunner().invoke(main, [command, *data, "--checkpoint", str(tmp_path / name), *extra])
         assert result.exit_code == 1, (name, result.output)
-        assert f"{tmp_path / name}: " in result.output and said in result.output and "Traceback" not in result.output, (name, result.output)
+        assert f"{tmp_path / name}: " in result.output and said in result.output and "Traceback" not in result.output, (
+            name,
+            result.output,
+        )
     result = CliRunner().invoke(main, [command, *data, "--checkpoint", str(tmp_path / "absent.pt"), *extra])
     assert result.exit_code == 1 and "absent.pt: checkpoint file is missing" in result.output
 
 
 def test_cli_probe_and_evaluate(kitti_root, pretrained, tmp_path):
     out = tmp_path / "probe"
-    args = ["probe", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", pretrained, "--out", str(out), "--epochs", "1", "--batch-size", "2",
-            "--num-workers", "0", "--set", "sample.grid.cell=4.0"]  # fmt: skip
+    args = [
+        "probe",
+        "--dataset",
+        "semantickitti",
+        "--root",
+        str(kitti_root),
+        "--checkpoint",
+        pretrained,
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--set",
+        "sample.grid.cell=4.0",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val", "--checkpoint", str(out / "checkpoints/last.pt")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--dataset",
+            "semantickitti",
+            "--root",
+            str(kitti_root),
+            "--split",
+            "val",
+            "--checkpoint",
+            str(out / "checkpoints/last.pt"),
+        ],
+    )
     assert "mIoU" in result.output and (out / "eval-semantickitti-val.json").is_file()
 
 
 def test_evaluate_with_corruptions(kitti_root, pretrained, tmp_path):
     cfg = probe_cfg(kitti_root, tmp_path / "p", pretrained, epochs=1)
     ckpt = train_segmentation(cfg)["checkpoint"]
-    result = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "train", "--checkpoint", ckpt,
-                                       "--corruptions", "fog,beam_missing", "--out", str(tmp_path / "r.json")])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--dataset",
+            "semantickitti",
+            "--root",
+            str(kitti_root),
+            "--split",
+            "train",
+            "--checkpoint",
+            ckpt,
+            "--corruptions",
+            "fog,beam_missing",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    import json
 
     r = json.loads((tmp_path / "r.json").read_text())["corruptions"]
     assert set(r["miou"]) == {"fog", "beam_missing"} and all(len(v) == 3 for v in r["miou"].values())
     assert r["mce"] is None and r["mrr"] > 0  # no published SemanticKITTI-C baseline in the recipe
     assert "mRR" in result.output and "n/a (no published baseline" in result.output
-    bad = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", ckpt, "--corruptions", "rain"])
+    bad = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--dataset",
+            "semantickitti",
+            "--root",
+            str(kitti_root),
+            "--checkpoint",
+            ckpt,
+            "--corruptions",
+            "rain",
+        ],
+    )
     assert bad.exit_code == 1 and "unknown corruptions ['rain']" in bad.output
 
 
 def test_domain_generalisation_through_the_shared_classes(kitti_root, nuscenes_root, pretrained, tmp_path):
     """A KITTI-trained model scored on nuScenes-format data through the 10 shared classes."""
-    from pipeline.class_maps import NUSCENES_SEMANTICKITTI, ClassMap
-    from pipeline.datasets.nuscenes import CLASSES
 
     ckpt = train_segmentation(probe_cfg(kitti_root, tmp_path / "p", pretrained, epochs=1))["checkpoint"]
     result = evaluate(EvaluateConfig("nuscenes", nuscenes_root, ckpt, split="mini_val"))
-    assert list(result["per_class_iou"]) == list(NUSCENES_SEMANTICKITTI.classes) and result["class_map"] == "nuscenes-semantickitti-10"
+    assert (
+        list(result["per_class_iou"]) == list(NUSCENES_SEMANTICKITTI.classes)
+        and result["class_map"] == "nuscenes-semantickitti-10"
+    )
     lut = NUSCENES_SEMANTICKITTI.lookup("nuscenes", CLASSES)
-    assert lut[CLASSES.index("bus")] == NUSCENES_SEMANTICKITTI.classes.index("other_vehicle") and lut[CLASSES.index("manmade")] == 255
+    assert (
+        lut[CLASSES.index("bus")] == NUSCENES_SEMANTICKITTI.classes.index("other_vehicle")
+        and lut[CLASSES.index("manmade")] == 255
+    )
     partial = ClassMap("partial", ("car",), {"nuscenes": {"car": "car"}})
     with pytest.raises(ValueError, match="leaves nuscenes classes unmapped"):
         partial.lookup("nuscenes", CLASSES)
@@ -217,20 +323,51 @@ def test_other_predictions_count_as_errors_across_datasets():
 def released_layout(depth: int, width: int, classes: int, cin: int = 5) -> dict[str, tuple]:
     """The state dict of the released Segmenter (valeoai/ScaLR waffleiron/*.py, BatchNorm
     backbone, a 1x1 conv head), written out by hand from its modules: key -> shape."""
-    bn = lambda prefix, c: {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,), f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()}  # noqa: E731
+
+    def bn(prefix: str, c: int) -> dict[str, tuple]:
+        return {
+            f"{prefix}.weight": (c,),
+            f"{prefix}.bias": (c,),
+            f"{prefix}.running_mean": (c,),
+            f"{prefix}.running_var": (c,),
+            f"{prefix}.num_batches_tracked": (),
+        }
+
     c = width
-    keys = {**bn("embed.norm", cin), "embed.conv1.weight": (c, cin, 1), "embed.conv1.bias": (c,), **bn("embed.conv2.0", cin),
-            "embed.conv2.1.weight": (c, cin, 1, 1), **bn("embed.conv2.2", c), "embed.conv2.4.weight": (c, c, 1, 1),
-            "embed.final.weight": (c, 2 * c, 1), "embed.final.bias": (c,), "classif.weight": (classes, c, 1), "classif.bias": (classes,)}  # fmt: skip
+    keys = {
+        **bn("embed.norm", cin),
+        "embed.conv1.weight": (c, cin, 1),
+        "embed.conv1.bias": (c,),
+        **bn("embed.conv2.0", cin),
+        "embed.conv2.1.weight": (c, cin, 1, 1),
+        **bn("embed.conv2.2", c),
+        "embed.conv2.4.weight": (c, c, 1, 1),
+        "embed.final.weight": (c, 2 * c, 1),
+        "embed.final.bias": (c,),
+        "classif.weight": (classes, c, 1),
+        "classif.bias": (classes,),
+    }
     for d in range(depth):
         keys.update(bn(f"waffleiron.channel_mix.{d}.norm", c))
-        keys.update({f"waffleiron.channel_mix.{d}.mlp.0.weight": (c, c, 1), f"waffleiron.channel_mix.{d}.mlp.0.bias": (c,),
-                     f"waffleiron.channel_mix.{d}.mlp.2.weight": (c, c, 1), f"waffleiron.channel_mix.{d}.mlp.2.bias": (c,),
-                     f"waffleiron.channel_mix.{d}.scale.weight": (c, 1, 1)})  # fmt: skip
+        keys.update(
+            {
+                f"waffleiron.channel_mix.{d}.mlp.0.weight": (c, c, 1),
+                f"waffleiron.channel_mix.{d}.mlp.0.bias": (c,),
+                f"waffleiron.channel_mix.{d}.mlp.2.weight": (c, c, 1),
+                f"waffleiron.channel_mix.{d}.mlp.2.bias": (c,),
+                f"waffleiron.channel_mix.{d}.scale.weight": (c, 1, 1),
+            }
+        )
         keys.update(bn(f"waffleiron.spatial_mix.{d}.norm", c))
-        keys.update({f"waffleiron.spatial_mix.{d}.ffn.0.weight": (c, 1, 3, 3), f"waffleiron.spatial_mix.{d}.ffn.0.bias": (c,),
-                     f"waffleiron.spatial_mix.{d}.ffn.2.weight": (c, 1, 3, 3), f"waffleiron.spatial_mix.{d}.ffn.2.bias": (c,),
-                     f"waffleiron.spatial_mix.{d}.scale.weight": (c, 1, 1)})  # fmt: skip
+        keys.update(
+            {
+                f"waffleiron.spatial_mix.{d}.ffn.0.weight": (c, 1, 3, 3),
+                f"waffleiron.spatial_mix.{d}.ffn.0.bias": (c,),
+                f"waffleiron.spatial_mix.{d}.ffn.2.weight": (c, 1, 3, 3),
+                f"waffleiron.spatial_mix.{d}.ffn.2.bias": (c,),
+                f"waffleiron.spatial_mix.{d}.scale.weight": (c, 1, 1),
+            }
+        )
     return keys
 
 
@@ -245,7 +382,14 @@ def test_released_checkpoints_convert_bitwise_and_load_everywhere(kitti_root, pr
     plain = torch.load(tmp_path / "plain.pth", weights_only=True)["model_points"]
     head_out = ours["model"]["head.weight"].shape[0]
     assert {k: tuple(v.shape) for k, v in plain.items()} == released_layout(2, 16, head_out)
-    torch.save({"epoch": 1, "model_point": {f"module.{k}": v for k, v in plain.items()}, "optim": {"state": {}, "param_groups": []}}, released)
+    torch.save(
+        {
+            "epoch": 1,
+            "model_point": {f"module.{k}": v for k, v in plain.items()},
+            "optim": {"state": {}, "param_groups": []},
+        },
+        released,
+    )
 
     back = tmp_path / "back.pt"
     assert CliRunner().invoke(main, ["convert", str(released), str(back)]).exit_code == 0
@@ -261,23 +405,73 @@ def test_released_checkpoints_convert_bitwise_and_load_everywhere(kitti_root, pr
     a, _ = load_backbone(pretrained)
     b, record = load_backbone(released, a.cfg.grid_shape)
     assert record["stage"] == "released-pretrain" and (b.cfg.depth, b.cfg.width, b.cfg.norm) == (2, 16, "batch")
-    batch = {"feats": torch.randn(50, 5), "cells": torch.randint(0, 4, (50, 3)), "neighbours": torch.randint(0, 50, (50, 16)),
-             "batch": torch.zeros(50, dtype=torch.long), "batch_size": 1}  # fmt: skip
+    batch = {
+        "feats": torch.randn(50, 5),
+        "cells": torch.randint(0, 4, (50, 3)),
+        "neighbours": torch.randint(0, 50, (50, 16)),
+        "batch": torch.zeros(50, dtype=torch.long),
+        "batch_size": 1,
+    }
     torch.testing.assert_close(a.eval()(batch), b.eval()(batch), rtol=0, atol=0)
 
-    args = ["probe", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", str(released), "--out", str(tmp_path / "p"), "--epochs", "1",
-            "--batch-size", "2", "--num-workers", "0", "--set", "sample.grid.cell=4.0"]  # fmt: skip
+    args = [
+        "probe",
+        "--dataset",
+        "semantickitti",
+        "--root",
+        str(kitti_root),
+        "--checkpoint",
+        str(released),
+        "--out",
+        str(tmp_path / "p"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--set",
+        "sample.grid.cell=4.0",
+    ]
     assert CliRunner().invoke(main, args).exit_code == 0
     seg = tmp_path / "p/checkpoints/last.pt"
     assert CliRunner().invoke(main, ["convert", str(seg), str(tmp_path / "net.pth")]).exit_code == 0
     net = torch.load(tmp_path / "net.pth", weights_only=True)["net"]  # finetune.py's format: BatchNorm1d + conv head
     assert tuple(net["classif.1.weight"].shape) == (19, 16, 1) and "classif.0.running_mean" in net
     for ckpt in (seg, tmp_path / "net.pth"):
-        result = CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val", "--checkpoint", str(ckpt),
-                                           "--out", str(tmp_path / f"{ckpt.stem}.json")])  # fmt: skip
+        result = CliRunner().invoke(
+            main,
+            [
+                "evaluate",
+                "--dataset",
+                "semantickitti",
+                "--root",
+                str(kitti_root),
+                "--split",
+                "val",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(tmp_path / f"{ckpt.stem}.json"),
+            ],
+        )
         assert result.exit_code == 0 and "mIoU" in result.output, result.output
-    result = CliRunner().invoke(main, ["plot-features", "--dataset", "semantickitti", "--root", str(kitti_root), "--scan", "00/000000", "--checkpoint", str(released),
-                                       "--out", str(tmp_path / "pics")])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "plot-features",
+            "--dataset",
+            "semantickitti",
+            "--root",
+            str(kitti_root),
+            "--scan",
+            "00/000000",
+            "--checkpoint",
+            str(released),
+            "--out",
+            str(tmp_path / "pics"),
+        ],
+    )
     assert result.exit_code == 0 and result.output.count("plot:") == 2, result.output
 
 
@@ -287,7 +481,9 @@ def test_released_checkpoint_with_a_foreign_tensor_is_named(pretrained, tmp_path
     state = torch.load(plain, weights_only=True)
     state["model_points"]["embed.extra.weight"] = torch.zeros(3)
     torch.save(state, plain)
-    with pytest.raises(CheckpointError, match="plain.pth: embed.extra.weight is not a tensor of the released WaffleIron segmenter"):
+    with pytest.raises(
+        CheckpointError, match="plain.pth: embed.extra.weight is not a tensor of the released WaffleIron segmenter"
+    ):
         load_backbone(plain)
 
 
@@ -295,19 +491,43 @@ def test_embed_writes_student_features_of_the_released_evaluation_points(kitti_r
     """`scalr embed`: one entry per scan; the kept points are the released evaluation code's
     (first point of each 0.1 m voxel cut from the cloud's minimum, then the strict field of view),
     written out here by hand; features are the backbone's on exactly those inputs."""
-    import zarr
-
-    from pipeline.datasets import open_dataset
-    from pipeline.transforms import knn, student_features
 
     out = tmp_path / "e.zarr"
-    args = ["embed", "--checkpoint", str(pretrained), "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val", "--out", str(out), "--dtype", "float32"]
+    args = [
+        "embed",
+        "--checkpoint",
+        str(pretrained),
+        "--dataset",
+        "semantickitti",
+        "--root",
+        str(kitti_root),
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--dtype",
+        "float32",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert CliRunner().invoke(main, ["verify", str(out)]).output.startswith(f"{out}: OK")
     summary = CliRunner().invoke(main, ["inspect", str(out)])
     assert summary.exit_code == 0 and "student" in summary.output and "lidar" in summary.output, summary.output
-    pictures = CliRunner().invoke(main, ["inspect", str(out), "--scan", "08/000000", "--camera", "lidar", "--plot", str(tmp_path / "pics"), "--class", "car"])
+    pictures = CliRunner().invoke(
+        main,
+        [
+            "inspect",
+            str(out),
+            "--scan",
+            "08/000000",
+            "--camera",
+            "lidar",
+            "--plot",
+            str(tmp_path / "pics"),
+            "--class",
+            "car",
+        ],
+    )
     assert pictures.exit_code == 0 and pictures.output.count("plot:") == 2, pictures.output
     store = FeatureStore(out)
     ds = open_dataset("semantickitti", kitti_root, "val")
@@ -317,14 +537,20 @@ def test_embed_writes_student_features_of_the_released_evaluation_points(kitti_r
         scan = ds[ds.index_of(row["scan_id"])]
         xyz = scan.points[:, :3]
         _, first = np.unique(((xyz - xyz.min(0)) / np.float32(0.1)).astype(int), axis=0, return_index=True)
-        inside = ((xyz[first] > np.float32(-64 + 1e-4)) & (xyz[first] < np.float32(64 - 1e-4)))[:, :2].all(1) & (np.abs(xyz[first, 2]) < np.float32(8 - 1e-4))
+        inside = ((xyz[first] > np.float32(-64 + 1e-4)) & (xyz[first] < np.float32(64 - 1e-4)))[:, :2].all(1) & (
+            np.abs(xyz[first, 2]) < np.float32(8 - 1e-4)
+        )
         kept = np.sort(first[inside])
         entry = store.read_points(row["part"], row["offset"], row["count"], names=("point_index", "points", "features"))
         assert row["camera"] == "lidar" and entry["point_index"].tolist() == kept.tolist()
         p = scan.points[kept]
-        batch = {"feats": torch.from_numpy(student_features(p[:, :3], p[:, 3], (0.28613698, 0.14090556))),
-                 "cells": torch.from_numpy(((p[:, :3].astype(np.float64) + [64, 64, 8]) / 0.5).astype(np.int32)),
-                 "neighbours": torch.from_numpy(knn(p[:, :3], 16)), "batch": torch.zeros(len(p), dtype=torch.long), "batch_size": 1}  # fmt: skip
+        batch = {
+            "feats": torch.from_numpy(student_features(p[:, :3], p[:, 3], (0.28613698, 0.14090556))),
+            "cells": torch.from_numpy(((p[:, :3].astype(np.float64) + [64, 64, 8]) / 0.5).astype(np.int32)),
+            "neighbours": torch.from_numpy(knn(p[:, :3], 16)),
+            "batch": torch.zeros(len(p), dtype=torch.long),
+            "batch_size": 1,
+        }
         with torch.no_grad():
             expected = backbone(batch).numpy()
         np.testing.assert_allclose(entry["features"], expected, rtol=1e-5, atol=1e-6)
@@ -336,14 +562,14 @@ def test_embed_writes_student_features_of_the_released_evaluation_points(kitti_r
     counts = {r["scan_id"]: r["count"] for r in FeatureStore(every).manifest().to_pylist()}
     for scan_id, count in counts.items():
         xyz = ds[ds.index_of(scan_id)].points[:, :3]
-        assert count == int(((np.abs(xyz[:, :2]) < np.float32(64 - 1e-4)).all(1) & (np.abs(xyz[:, 2]) < np.float32(8 - 1e-4))).sum())
+        assert count == int(
+            ((np.abs(xyz[:, :2]) < np.float32(64 - 1e-4)).all(1) & (np.abs(xyz[:, 2]) < np.float32(8 - 1e-4))).sum()
+        )
 
 
 def test_frame_lists_text_and_released_npy(nuscenes_root, tmp_path):
     """--frames-file: scan ids one a line, or the released .npy rows (lidar file, label file,
     token) matched by token or by lidar file name; an entry naming no scan is an error."""
-    from pipeline.datasets import open_dataset
-    from stages.downstream.labelled import frames_from_file
 
     ds = open_dataset("nuscenes", nuscenes_root, "mini_train")
     ids = ds.scan_ids
@@ -352,7 +578,9 @@ def test_frame_lists_text_and_released_npy(nuscenes_root, tmp_path):
     (tmp_path / "f.txt").write_text(f"# two frames\n{ids[last]}\n\n{ids[0]}\n")
     assert frames_from_file(ds, tmp_path / "f.txt") == [0, last]
     files = {token: name for name, token in ds.scan_aliases().items()}
-    rows = np.array([[f"samples/LIDAR_TOP/{files[ids[last]]}", "lidarseg/x.bin", "not-a-token"], ["a", "b", ids[0]]], dtype=object)
+    rows = np.array(
+        [[f"samples/LIDAR_TOP/{files[ids[last]]}", "lidarseg/x.bin", "not-a-token"], ["a", "b", ids[0]]], dtype=object
+    )
     np.save(tmp_path / "f.npy", rows, allow_pickle=True)
     assert frames_from_file(ds, tmp_path / "f.npy") == [0, last]
     (tmp_path / "bad.txt").write_text(f"{ids[0]}\nnope\n")
@@ -364,34 +592,86 @@ def test_runs_table_plot_and_tensorboard(kitti_root, pretrained, tmp_path, monke
     """`scalr runs` finds runs under a folder and shows each one's stage, student, teachers or
     pretraining run, steps, final loss and best evaluated mIoU; --plot draws all loss curves.
     Every run writes TensorBoard events (evaluation too); without tensorboard, a note, no failure."""
-    import json
-    import logging
-    import sys
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "runs/probe"
-    args = ["probe", "--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", pretrained, "--out", str(out), "--epochs", "1",
-            "--batch-size", "2", "--num-workers", "0", "--set", "sample.grid.cell=4.0"]  # fmt: skip
+    args = [
+        "probe",
+        "--dataset",
+        "semantickitti",
+        "--root",
+        str(kitti_root),
+        "--checkpoint",
+        pretrained,
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--set",
+        "sample.grid.cell=4.0",
+    ]
     assert CliRunner().invoke(main, args).exit_code == 0
-    assert CliRunner().invoke(main, ["evaluate", "--dataset", "semantickitti", "--root", str(kitti_root), "--split", "val", "--checkpoint", str(out / "checkpoints/last.pt")]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(
+            main,
+            [
+                "evaluate",
+                "--dataset",
+                "semantickitti",
+                "--root",
+                str(kitti_root),
+                "--split",
+                "val",
+                "--checkpoint",
+                str(out / "checkpoints/last.pt"),
+            ],
+        )
+        .exit_code
+        == 0
+    )
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     tags = events.Tags()["scalars"]
-    assert {"train/loss", "train/lr", "train/samples_per_s", "train/peak_memory_mib", "eval/semantickitti-val/miou"} <= set(tags)
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/samples_per_s",
+        "train/peak_memory_mib",
+        "eval/semantickitti-val/miou",
+    } <= set(tags)
     assert any(t.startswith("eval/semantickitti-val/iou/") for t in tags)
 
     pretrain_run = Path(pretrained).parent.parent
-    result = CliRunner().invoke(main, ["runs", str(tmp_path / "runs"), str(pretrain_run), "--plot", str(tmp_path / "loss.png"), "--json-out", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "runs",
+            str(tmp_path / "runs"),
+            str(pretrain_run),
+            "--plot",
+            str(tmp_path / "loss.png"),
+            "--json-out",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = {r["stage"]: r for r in json.loads((tmp_path / "r.json").read_text())}
-    assert rows["pretrain"]["teachers"] == ["test-vit"] and rows["pretrain"]["steps"] == 2 and rows["pretrain"]["parameters"] > 0
+    assert (
+        rows["pretrain"]["teachers"] == ["test-vit"]
+        and rows["pretrain"]["steps"] == 2
+        and rows["pretrain"]["parameters"] > 0
+    )
     assert rows["probe"]["best_miou"] == json.loads((out / "eval-semantickitti-val.json").read_text())["miou"]
     assert rows["probe"]["datasets"] == ["semantickitti/train"] and rows["probe"]["pretrained"] == str(pretrained)
     assert "probe" in result.output and "test-vit" in result.output and (tmp_path / "loss.png").stat().st_size > 10_000
-    assert CliRunner().invoke(main, ["runs", str(tmp_path / "nothing")]).output.strip().endswith("no such run or folder")
+    assert (
+        CliRunner().invoke(main, ["runs", str(tmp_path / "nothing")]).output.strip().endswith("no such run or folder")
+    )
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were absent
-    from stages.student.train import tensorboard_writer
 
     with caplog.at_level(logging.INFO, logger="stages.student.train"):
         assert tensorboard_writer(tmp_path / "x") is None

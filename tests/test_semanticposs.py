@@ -1,12 +1,22 @@
 """SemanticPOSS in its SemanticKITTI-like layout, and domain generalisation onto it."""
 
+import shutil
+
 import numpy as np
 import pytest
 
 from pipeline.class_maps import TO_SEMANTICPOSS, find_class_map
 from pipeline.datasets import open_dataset
+from pipeline.datasets.nuscenes import CLASSES as NUS
+from pipeline.datasets.semantickitti import CLASSES as KITTI
+from pipeline.datasets.semanticposs import CLASSES as POSS
 from pipeline.errors import DatasetError
 from pipeline.synth import SynthConfig, generate
+from pipeline.transforms import Grid
+from stages.downstream.evaluate import EvaluateConfig, evaluate
+from stages.downstream.segment import SegmentConfig, train_segmentation
+from stages.student.samples import SampleConfig
+from stages.student.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +28,10 @@ def poss_root(tmp_path_factory):
 
 def test_reader(poss_root):
     ds = open_dataset("semanticposs", poss_root, "val")
-    assert ds.scan_ids == ["02/000000", "02/000001"] and open_dataset("semanticposs", poss_root, "train").scan_ids == ["00/000000", "00/000001"]
+    assert ds.scan_ids == ["02/000000", "02/000001"] and open_dataset("semanticposs", poss_root, "train").scan_ids == [
+        "00/000000",
+        "00/000001",
+    ]
     scan = ds[0]
     assert scan.cameras == () and scan.points.shape[1] == 4
     names = ds.meta.class_names
@@ -26,7 +39,6 @@ def test_reader(poss_root):
 
 
 def test_unknown_label_id(poss_root, tmp_path):
-    import shutil
 
     root = shutil.copytree(poss_root, tmp_path / "poss")
     raw = np.fromfile(root / "sequences/02/labels/000000.label", dtype=np.uint32)
@@ -37,9 +49,6 @@ def test_unknown_label_id(poss_root, tmp_path):
 
 
 def test_six_class_map_covers_every_class():
-    from pipeline.datasets.nuscenes import CLASSES as NUS
-    from pipeline.datasets.semantickitti import CLASSES as KITTI
-    from pipeline.datasets.semanticposs import CLASSES as POSS
 
     for name, classes in (("nuscenes", NUS), ("semantickitti", KITTI), ("semanticposs", POSS)):
         lut = TO_SEMANTICPOSS.lookup(name, classes)
@@ -49,13 +58,15 @@ def test_six_class_map_covers_every_class():
 
 
 def test_a_kitti_model_scored_on_semanticposs(kitti_root, poss_root, tmp_path):
-    from pipeline.transforms import Grid
-    from stages.downstream.evaluate import EvaluateConfig, evaluate
-    from stages.downstream.segment import SegmentConfig, train_segmentation
-    from stages.student.samples import SampleConfig
-    from stages.student.train import TrainConfig
 
-    cfg = SegmentConfig.for_mode("scratch", dataset="semantickitti", root=kitti_root, out=tmp_path / "run", student="WI-12-64", sample=SampleConfig(max_points=10**9, grid=Grid(cell=4.0)))
+    cfg = SegmentConfig.for_mode(
+        "scratch",
+        dataset="semantickitti",
+        root=kitti_root,
+        out=tmp_path / "run",
+        student="WI-12-64",
+        sample=SampleConfig(max_points=10**9, grid=Grid(cell=4.0)),
+    )
     cfg = cfg.__class__(**{**cfg.__dict__, "train": TrainConfig(epochs=1, batch_size=2, num_workers=0)})
     ckpt = train_segmentation(cfg)["checkpoint"]
     result = evaluate(EvaluateConfig("semanticposs", poss_root, ckpt, split="val"))

@@ -13,17 +13,41 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 from click.testing import CliRunner
-
-from stages.cli import main
-from pipeline.synth import SynthConfig, generate
-from stages.extract.extract import ExtractConfig, extract
-from storage.feature_store import FORMAT_VERSION, PART_RECORD_KEY, FeatureStore, StoreError
-from storage.verify import verify_store
-
 from helpers import reseal
 
-TINY_STUDENT = ["--student", "WI-12-64", "--set", "model.depth=2", "--set", "model.width=8", "--set", "model.grid_shape=[32, 32, 4]",
-                "--set", "sample.grid.cell=4.0", "--set", "sample.max_points=1000", "--epochs", "1", "--batch-size", "2", "--fresh"]  # fmt: skip
+from pipeline.synth import SynthConfig, generate
+from stages.cli import main
+from stages.extract.extract import ExtractConfig, extract
+from storage.feature_store import (
+    FORMAT_VERSION,
+    PART_RECORD_KEY,
+    FeatureStore,
+    PartWriter,
+    StoreError,
+    read_rows,
+    stored_axis_order,
+)
+from storage.verify import verify_store
+
+TINY_STUDENT = [
+    "--student",
+    "WI-12-64",
+    "--set",
+    "model.depth=2",
+    "--set",
+    "model.width=8",
+    "--set",
+    "model.grid_shape=[32, 32, 4]",
+    "--set",
+    "sample.grid.cell=4.0",
+    "--set",
+    "sample.max_points=1000",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "2",
+    "--fresh",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +57,24 @@ def stores(tmp_path_factory) -> dict[str, FeatureStore]:
     generate("semantickitti", root, SynthConfig(seed=3, scenes=1, frames=4, azimuth_steps=256, image_scale=0.3))
     folder = tmp_path_factory.mktemp("stores")
     kinds = {"grid": ("grid", "none"), "points": ("points", "none"), "int8": ("grid", "int8")}
-    return {kind: extract(ExtractConfig("semantickitti", root, "train", "test-vit", folder / f"{kind}.zarr", random_init=True, image_size=(32, 64),
-                                        num_workers=0, scans_per_part=1, layout=layout, quantize=quantize)) for kind, (layout, quantize) in kinds.items()}  # fmt: skip
+    return {
+        kind: extract(
+            ExtractConfig(
+                "semantickitti",
+                root,
+                "train",
+                "test-vit",
+                folder / f"{kind}.zarr",
+                random_init=True,
+                image_size=(32, 64),
+                num_workers=0,
+                scans_per_part=1,
+                layout=layout,
+                quantize=quantize,
+            )
+        )
+        for kind, (layout, quantize) in kinds.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,30 +113,63 @@ def count_one_too_large(path: Path) -> None:
 # (damage, what the gate says when a reader opens the store, what verify says); F is the array of
 # the targets: `features` (points layout) or `grids` (grid layout)
 DAMAGES = {
-    "deleted chunk": (lambda p, F: first_chunk(p, 1, "points").unlink(),
-                      "part-000001/points: 1 of 1 chunk files are missing", "part-000001/points: 1 of 1 chunk files are missing"),
-    "truncated chunk": (lambda p, F: truncate(first_chunk(p, 2, F)),
-                        "part-000002/F/c/0/0", "were written (truncated or overwritten)"),
-    "flipped bytes": (lambda p, F: flip_a_byte(first_chunk(p, 1, F)),
-                      None, "part-000001/F: chunk 0 (rows 0-"),
-    "missing manifest": (lambda p, F: (p / "manifest/part-000003.parquet").unlink(),
-                         "1 of 4 planned parts are not committed (part-000003); rerun the same extract-features command to finish it", "1 of 4 planned parts are not committed"),
-    "missing part": (lambda p, F: shutil.rmtree(p / "parts/part-000002"),
-                     "part-000002/F/zarr.json: array metadata is missing", "part-000002/F/zarr.json: array metadata is missing"),
-    "count one too large": (lambda p, F: count_one_too_large(p / "manifest/part-000001.parquet"),
-                            "part-000001.parquet: the rows' counts add up to", "the part recorded"),
-    "corrupt manifest": (lambda p, F: truncate(p / "manifest/part-000000.parquet"),
-                         "part-000000.parquet: unreadable manifest", "part-000000.parquet: unreadable manifest"),
-    "manifest without record": (lambda p, F: pq.write_table(pq.read_table(p / "manifest/part-000000.parquet").replace_schema_metadata(None), p / "manifest/part-000000.parquet"),
-                                "part-000000.parquet: the manifest has no integrity record", "no integrity record"),
-    "corrupt zarr.json": (lambda p, F: (p / "zarr.json").write_text('{"attributes": {"format'),
-                          "zarr.json: corrupt store metadata", "zarr.json: corrupt store metadata"),
-    "corrupt array metadata": (lambda p, F: (p / "parts/part-000001/pixel/zarr.json").write_bytes(b"\x00\x01garbage"),
-                               "part-000001/pixel/zarr.json: corrupt array metadata", "part-000001/pixel/zarr.json: corrupt array metadata"),
-    "array of another shape": (lambda p, F: (p / f"parts/part-000001/{F}/zarr.json").write_text(
-        (p / f"parts/part-000001/{F}/zarr.json").read_text().replace('"shape": [', '"shape": [1, ', 1)),
-        "part-000001/F: array is", "the manifest and the part's record say"),
-}  # fmt: skip
+    "deleted chunk": (
+        lambda p, F: first_chunk(p, 1, "points").unlink(),
+        "part-000001/points: 1 of 1 chunk files are missing",
+        "part-000001/points: 1 of 1 chunk files are missing",
+    ),
+    "truncated chunk": (
+        lambda p, F: truncate(first_chunk(p, 2, F)),
+        "part-000002/F/c/0/0",
+        "were written (truncated or overwritten)",
+    ),
+    "flipped bytes": (lambda p, F: flip_a_byte(first_chunk(p, 1, F)), None, "part-000001/F: chunk 0 (rows 0-"),
+    "missing manifest": (
+        lambda p, F: (p / "manifest/part-000003.parquet").unlink(),
+        "1 of 4 planned parts are not committed (part-000003); rerun the same extract-features command to finish it",
+        "1 of 4 planned parts are not committed",
+    ),
+    "missing part": (
+        lambda p, F: shutil.rmtree(p / "parts/part-000002"),
+        "part-000002/F/zarr.json: array metadata is missing",
+        "part-000002/F/zarr.json: array metadata is missing",
+    ),
+    "count one too large": (
+        lambda p, F: count_one_too_large(p / "manifest/part-000001.parquet"),
+        "part-000001.parquet: the rows' counts add up to",
+        "the part recorded",
+    ),
+    "corrupt manifest": (
+        lambda p, F: truncate(p / "manifest/part-000000.parquet"),
+        "part-000000.parquet: unreadable manifest",
+        "part-000000.parquet: unreadable manifest",
+    ),
+    "manifest without record": (
+        lambda p, F: pq.write_table(
+            pq.read_table(p / "manifest/part-000000.parquet").replace_schema_metadata(None),
+            p / "manifest/part-000000.parquet",
+        ),
+        "part-000000.parquet: the manifest has no integrity record",
+        "no integrity record",
+    ),
+    "corrupt zarr.json": (
+        lambda p, F: (p / "zarr.json").write_text('{"attributes": {"format'),
+        "zarr.json: corrupt store metadata",
+        "zarr.json: corrupt store metadata",
+    ),
+    "corrupt array metadata": (
+        lambda p, F: (p / "parts/part-000001/pixel/zarr.json").write_bytes(b"\x00\x01garbage"),
+        "part-000001/pixel/zarr.json: corrupt array metadata",
+        "part-000001/pixel/zarr.json: corrupt array metadata",
+    ),
+    "array of another shape": (
+        lambda p, F: (p / f"parts/part-000001/{F}/zarr.json").write_text(
+            (p / f"parts/part-000001/{F}/zarr.json").read_text().replace('"shape": [', '"shape": [1, ', 1)
+        ),
+        "part-000001/F: array is",
+        "the manifest and the part's record say",
+    ),
+}
 
 
 def damage(store: FeatureStore, kind: str, tmp_path: Path) -> tuple[Path, str | None, str]:
@@ -122,7 +195,19 @@ def test_every_reader_refuses_a_damaged_store(store, kind, tmp_path):
     file named, no traceback, no training on what is left."""
     path, gate, found = damage(store, kind, tmp_path)
     for workers in ("0", "1"):
-        result = CliRunner().invoke(main, ["pretrain", "--store", str(path), "--out", str(tmp_path / f"run{workers}"), "--num-workers", workers, *TINY_STUDENT])
+        result = CliRunner().invoke(
+            main,
+            [
+                "pretrain",
+                "--store",
+                str(path),
+                "--out",
+                str(tmp_path / f"run{workers}"),
+                "--num-workers",
+                workers,
+                *TINY_STUDENT,
+            ],
+        )
         assert result.exit_code == 1, result.output
         said = gate or "part-000001/grids: rows 0-"  # right-sized bytes: the chunk's CRC fails when read
         assert said in result.output and "corrupt" in result.output or gate, result.output
@@ -132,7 +217,10 @@ def test_every_reader_refuses_a_damaged_store(store, kind, tmp_path):
         return  # bytes of the right size: found when read (above), by verify, never by opening
     for args in (["inspect", str(path)], ["bench", "pretrain", "--store", str(path), "--student", "WI-12-64"]):
         result = CliRunner().invoke(main, args)
-        assert result.exit_code == 1 and gate in result.output and "Traceback" not in result.output, (args, result.output)
+        assert result.exit_code == 1 and gate in result.output and "Traceback" not in result.output, (
+            args,
+            result.output,
+        )
 
 
 def test_a_truncated_chunk_never_crashes_the_process(store, tmp_path):
@@ -164,7 +252,10 @@ def test_rewritten_content_is_caught_by_its_checksum(store, tmp_path):
     arr[:5] = arr[:5][::-1]
     reseal(path, 2, keep_sha256=True)
     problems, _ = verify_store(path)
-    assert problems == [f"{path}/parts/part-000002/point_index: content differs from what was written (SHA-256 of the decoded bytes does not match the part's record)"]
+    assert problems == [
+        f"{path}/parts/part-000002/point_index: content differs from what was written (SHA-256 of the decoded "
+        "bytes does not match the part's record)"
+    ]
 
 
 def test_verify_finds_non_finite_features(stores, tmp_path):
@@ -175,7 +266,11 @@ def test_verify_finds_non_finite_features(stores, tmp_path):
     arr[:10] = block
     reseal(path, 0, keep_sha256=False)  # as if the writer had written the NaN
     problems, _ = verify_store(path)
-    assert len(problems) == 1 and "part-000000/features: chunk 0 (rows 0-" in problems[0] and "1 rows with NaN or infinite values" in problems[0]
+    assert (
+        len(problems) == 1
+        and "part-000000/features: chunk 0 (rows 0-" in problems[0]
+        and "1 rows with NaN or infinite values" in problems[0]
+    )
 
 
 def test_verify_checks_the_teacher_against_the_registry(store, tmp_path):
@@ -185,7 +280,10 @@ def test_verify_checks_the_teacher_against_the_registry(store, tmp_path):
     (path / "zarr.json").write_text(json.dumps(meta))
     result = CliRunner().invoke(main, ["verify", str(path)])
     assert result.exit_code == 1
-    assert "teacher dino-vits8 is recorded with dim 64, patch 16; the registry's dino-vits8 has dim 384, patch 8" in result.output
+    assert (
+        "teacher dino-vits8 is recorded with dim 64, patch 16; the registry's dino-vits8 has dim 384, patch 8"
+        in result.output
+    )
     meta["attributes"]["teacher"].update(name="dino-vits8", dim=384, patch=8)  # relabelled consistently
     (path / "zarr.json").write_text(json.dumps(meta))
     result = CliRunner().invoke(main, ["verify", str(path)])
@@ -201,20 +299,45 @@ def test_a_store_of_an_older_format_is_refused(store, tmp_path):
         FeatureStore(path)
     meta["attributes"]["format_version"] = 2  # the old pixel, border and resize rules
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match=r"version 2 \(its targets use scalr 0.1's pixel, border and resize rules, not the released code's\), this scalr reads version 3"):
+    with pytest.raises(
+        StoreError,
+        match=r"version 2 \(its targets use scalr 0.1's pixel, border and resize rules, not the released code's\), "
+        r"this scalr reads version 3",
+    ):
         FeatureStore(path)
 
 
 def test_every_chunk_is_a_file_even_when_all_zero(tmp_path):
     """A chunk of fill values is still written, so a missing file always means damage."""
-    from storage.feature_store import PartWriter
 
     dim, n = 2048, 3000  # points layout, chunks of 1024 rows: three chunks
-    attrs = {"format": "scalr-feature-store", "format_version": FORMAT_VERSION, "plan": {"scans": 1, "scans_per_part": 1}, "teacher": {"dim": dim}, "layout": "points"}
+    attrs = {
+        "format": "scalr-feature-store",
+        "format_version": FORMAT_VERSION,
+        "plan": {"scans": 1, "scans_per_part": 1},
+        "teacher": {"dim": dim},
+        "layout": "points",
+    }
     store = FeatureStore.create_or_open(tmp_path / "z.zarr", attrs)
     writer = PartWriter(store, 0)
-    writer.add({"scan_index": 0, "scan_id": "a", "camera": "c", "scan_points": n, "image_height": 1, "image_width": 1, "status": "ok", "reason": ""},
-               {"features": np.zeros((n, dim), np.float16), "points": np.zeros((n, 4), np.float32), "point_index": np.zeros(n, np.int32), "pixel": np.zeros((n, 2), np.float32)})  # fmt: skip
+    writer.add(
+        {
+            "scan_index": 0,
+            "scan_id": "a",
+            "camera": "c",
+            "scan_points": n,
+            "image_height": 1,
+            "image_width": 1,
+            "status": "ok",
+            "reason": "",
+        },
+        {
+            "features": np.zeros((n, dim), np.float16),
+            "points": np.zeros((n, 4), np.float32),
+            "point_index": np.zeros(n, np.int32),
+            "pixel": np.zeros((n, 2), np.float32),
+        },
+    )
     writer.commit()
     record = json.loads(pq.read_schema(store.manifest_path(0)).metadata[PART_RECORD_KEY])
     for name, rec in record["arrays"].items():
@@ -224,7 +347,9 @@ def test_every_chunk_is_a_file_even_when_all_zero(tmp_path):
 
 def test_bench_open_counts_what_the_gate_reads(store):
     result = CliRunner().invoke(main, ["bench", "open", str(store.path), "--repeats", "1"])
-    assert result.exit_code == 0 and "4 parts, 16 chunk files" in result.output, result.output  # 1 grid + 3 point arrays a part
+    assert result.exit_code == 0 and "4 parts, 16 chunk files" in result.output, (
+        result.output
+    )  # 1 grid + 3 point arrays a part
     assert "scalr view: manifests" in result.output and "first scan" in result.output
 
 
@@ -233,7 +358,6 @@ def test_direct_chunk_reads_equal_zarr_and_never_fill(stores, layout, tmp_path):
     """The store reads its own chunk files (CRC, blosc, columns transposed back) instead of going
     through zarr's generic path: bitwise the same rows, and a chunk file that vanished after
     opening is an error."""
-    from storage.feature_store import read_rows, stored_axis_order
 
     store = stores[layout]
     for part in store.committed_parts():

@@ -13,9 +13,16 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from stages.cli import main
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
+from pipeline.transforms import Grid
+from stages.cli import main
+from stages.extract.extract import ExtractConfig, extract
+from stages.student.pretrain import PretrainConfig, pretrain
+from stages.student.samples import DistillationData, SampleConfig
+from stages.student.train import OptimConfig, TrainConfig
+from stages.student.waffleiron import WaffleIronConfig
+from storage.verify import verify_store
 
 
 def edit_json(path, edit):
@@ -42,20 +49,43 @@ NUSCENES_TABLES = [
     ("sample_data", lambda rows: {"rows": rows}, "sample_data.json: sample_data is a dict, not a list of records"),
     ("sample", lambda rows: rows + ["a string"], r"sample.json: sample record \d+ is a str, not a record"),
     ("sample", drop_field(0, "scene_token"), "sample.json: sample record 0 has no field 'scene_token'"),
-    ("sample", set_field(0, "timestamp", "noon"), "sample.json: sample record 0: field 'timestamp' is 'noon', not an integer"),
+    (
+        "sample",
+        set_field(0, "timestamp", "noon"),
+        "sample.json: sample record 0: field 'timestamp' is 'noon', not an integer",
+    ),
     ("scene", set_field(0, "name", 61), "scene.json: scene record 0: field 'name' is 61, not a string"),
-    ("sample_data", set_field(1, "height", "225"), r"sample_data.json: sample_data record 1: field 'height' is '225', not an integer"),
+    (
+        "sample_data",
+        set_field(1, "height", "225"),
+        r"sample_data.json: sample_data record 1: field 'height' is '225', not an integer",
+    ),
     ("sample_data", drop_field(1, "filename"), "sample_data.json: sample_data record 1 has no field 'filename'"),
-    ("calibrated_sensor", set_field(1, "rotation", [1, 0, 0]), r"calibrated_sensor.json: calibrated_sensor record 1: field 'rotation' is \[1, 0, 0\], not finite numbers of shape \(4,\)"),
-    ("calibrated_sensor", set_field(1, "camera_intrinsic", "K"), r"field 'camera_intrinsic' is 'K', not numbers of shape \(3, 3\)"),
+    (
+        "calibrated_sensor",
+        set_field(1, "rotation", [1, 0, 0]),
+        r"calibrated_sensor.json: calibrated_sensor record 1: field 'rotation' is \[1, 0, 0\], not finite numbers "
+        r"of shape \(4,\)",
+    ),
+    (
+        "calibrated_sensor",
+        set_field(1, "camera_intrinsic", "K"),
+        r"field 'camera_intrinsic' is 'K', not numbers of shape \(3, 3\)",
+    ),
     ("ego_pose", drop_field(0, "translation"), "ego_pose.json: ego_pose record 0 has no field 'translation'"),
     ("sensor", set_field(0, "channel", None), "sensor.json: sensor record 0: field 'channel' is None, not a string"),
-    ("category", set_field(3, "index", "three"), "category.json: category record 3: field 'index' is 'three', not an integer"),
+    (
+        "category",
+        set_field(3, "index", "three"),
+        "category.json: category record 3: field 'index' is 'three', not an integer",
+    ),
     ("lidarseg", lambda rows: [{"token": "x"}], "lidarseg.json: lidarseg record 0 has no field 'sample_data_token'"),
 ]
 
 
-@pytest.mark.parametrize("table, edit, message", NUSCENES_TABLES, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(NUSCENES_TABLES)])
+@pytest.mark.parametrize(
+    "table, edit, message", NUSCENES_TABLES, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(NUSCENES_TABLES)]
+)
 def test_malformed_nuscenes_tables(nuscenes_copy, table, edit, message):
     edit_json(nuscenes_copy / f"v1.0-mini/{table}.json", edit)
     with pytest.raises(DatasetError, match=message) as err:
@@ -68,11 +98,17 @@ def test_check_dataset_lists_every_bad_file_and_goes_on(nuscenes_copy):
     ds = open_dataset("nuscenes", nuscenes_copy, "mini_train")
     first, second = ds.scan_ids
     poses = nuscenes_copy / "v1.0-mini/ego_pose.json"
-    lidar_pose = next(r["ego_pose_token"] for r in json.loads((nuscenes_copy / "v1.0-mini/sample_data.json").read_text()) if r["token"] == first)
+    lidar_pose = next(
+        r["ego_pose_token"]
+        for r in json.loads((nuscenes_copy / "v1.0-mini/sample_data.json").read_text())
+        if r["token"] == first
+    )
     edit_json(poses, lambda rows: [r if r["token"] != lidar_pose else {**r, "rotation": "up"} for r in rows])
     lidar = nuscenes_copy / ds._records[1].filename
     lidar.write_bytes(lidar.read_bytes()[:-3])
-    result = CliRunner().invoke(main, ["check-dataset", "--dataset", "nuscenes", "--root", str(nuscenes_copy), "--split", "mini_train"])
+    result = CliRunner().invoke(
+        main, ["check-dataset", "--dataset", "nuscenes", "--root", str(nuscenes_copy), "--split", "mini_train"]
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "problems: 2" in result.output
     assert "ego_pose.json: ego_pose record" in result.output and "field 'rotation' is 'up'" in result.output
@@ -82,12 +118,22 @@ def test_check_dataset_lists_every_bad_file_and_goes_on(nuscenes_copy):
 
 
 def test_extraction_records_scans_of_a_bad_record_as_skipped(nuscenes_copy, tmp_path, caplog):
-    from stages.extract.extract import ExtractConfig, extract
-    from storage.verify import verify_store
 
     first = open_dataset("nuscenes", nuscenes_copy, "mini_train").scan_ids[0]
-    edit_json(nuscenes_copy / "v1.0-mini/sample_data.json", lambda rows: [r if r["token"] != first else {**r, "filename": 7} for r in rows])
-    cfg = ExtractConfig("nuscenes", nuscenes_copy, "mini_train", "test-vit", tmp_path / "s.zarr", random_init=True, image_size=(32, 64), num_workers=0)
+    edit_json(
+        nuscenes_copy / "v1.0-mini/sample_data.json",
+        lambda rows: [r if r["token"] != first else {**r, "filename": 7} for r in rows],
+    )
+    cfg = ExtractConfig(
+        "nuscenes",
+        nuscenes_copy,
+        "mini_train",
+        "test-vit",
+        tmp_path / "s.zarr",
+        random_init=True,
+        image_size=(32, 64),
+        num_workers=0,
+    )
     with pytest.raises(DatasetError, match="field 'filename' is 7, not a string"):
         extract(cfg)
     with caplog.at_level(logging.WARNING):
@@ -106,8 +152,14 @@ def test_kitti_calibration_that_is_not_text(kitti_copy):
     with pytest.raises(DatasetError, match="calib.txt: calibration file is not text"):
         open_dataset("semantickitti", kitti_copy, "train")
     shutil.rmtree(kitti_copy / "sequences/08")  # check-dataset still reads and lists the sequence
-    result = CliRunner().invoke(main, ["check-dataset", "--dataset", "semantickitti", "--root", str(kitti_copy), "--split", "train"])
-    assert result.exit_code == 1 and "calib.txt: calibration file is not text" in result.output and "problems: 1" in result.output
+    result = CliRunner().invoke(
+        main, ["check-dataset", "--dataset", "semantickitti", "--root", str(kitti_copy), "--split", "train"]
+    )
+    assert (
+        result.exit_code == 1
+        and "calib.txt: calibration file is not text" in result.output
+        and "problems: 1" in result.output
+    )
 
 
 def test_kitti_images_of_a_sequence_share_one_size(kitti_copy):
@@ -116,19 +168,34 @@ def test_kitti_images_of_a_sequence_share_one_size(kitti_copy):
     image.resize((image.width + 2, image.height)).save(odd)
     ds = open_dataset("semantickitti", kitti_copy, "train")
     ds[0]  # the first image sets the sequence's size
-    with pytest.raises(DatasetError, match=f"000001.png: image is {image.width + 2}x{image.height} but sequence 00's images \\(and its calibration\\) are {image.width}x{image.height}"):
+    with pytest.raises(
+        DatasetError,
+        match=f"000001.png: image is {image.width + 2}x{image.height} but sequence 00's images \\(and its "
+        f"calibration\\) are {image.width}x{image.height}",
+    ):
         ds[1]
 
 
 def test_empty_scan_is_counted_listed_and_warned_about(kitti_copy, tmp_path, caplog):
     (kitti_copy / "sequences/00/velodyne/000001.bin").write_bytes(b"")
     (kitti_copy / "sequences/00/labels/000001.label").write_bytes(b"")
-    result = CliRunner().invoke(main, ["check-dataset", "--dataset", "semantickitti", "--root", str(kitti_copy), "--split", "train"])
+    result = CliRunner().invoke(
+        main, ["check-dataset", "--dataset", "semantickitti", "--root", str(kitti_copy), "--split", "train"]
+    )
     assert result.exit_code == 0 and "1 scans have zero points: 00/000001" in result.output
-    from stages.extract.extract import ExtractConfig, extract
-    from stages.student.samples import DistillationData, SampleConfig
 
-    store = extract(ExtractConfig("semantickitti", kitti_copy, "train", "test-vit", tmp_path / "s.zarr", random_init=True, image_size=(32, 64), num_workers=0))
+    store = extract(
+        ExtractConfig(
+            "semantickitti",
+            kitti_copy,
+            "train",
+            "test-vit",
+            tmp_path / "s.zarr",
+            random_init=True,
+            image_size=(32, 64),
+            num_workers=0,
+        )
+    )
     assert store.entry("00/000001", "image_2")[0]["scan_points"] == 0
     with caplog.at_level(logging.WARNING):
         DistillationData([store.path], SampleConfig())
@@ -177,28 +244,61 @@ def test_pandaset_sequence_without_gps_is_never_dropped_silently(pandaset_root, 
     (root / "002/meta/gps.json").unlink()
     with pytest.raises(DatasetError, match="002/meta/gps.json: missing: the sequence's split"):
         open_dataset("pandar64", root, "train")
-    result = CliRunner().invoke(main, ["check-dataset", "--dataset", "pandar64", "--root", str(root), "--split", "train"])
+    result = CliRunner().invoke(
+        main, ["check-dataset", "--dataset", "pandar64", "--root", str(root), "--split", "train"]
+    )
     assert result.exit_code == 1 and "002/meta/gps.json: missing" in result.output
     assert "pandar64 train: 2 scans" in result.output  # the other sequence is still checked
 
 
 def test_bad_file_met_in_a_loader_worker_is_one_line(kitti_copy, tmp_path):
     """A DatasetError raised in a DataLoader worker reaches the command line as its own message."""
-    from stages.extract.extract import ExtractConfig, extract
-    from stages.student.pretrain import PretrainConfig, pretrain
-    from stages.student.samples import SampleConfig
-    from stages.student.train import OptimConfig, TrainConfig
-    from pipeline.transforms import Grid
-    from stages.student.waffleiron import WaffleIronConfig
 
     grid = Grid(cell=4.0)
-    store = extract(ExtractConfig("semantickitti", kitti_copy, "train", "test-vit", tmp_path / "s.zarr", random_init=True, image_size=(32, 64), num_workers=0))
-    cfg = PretrainConfig((store.path,), tmp_path / "pre", model=WaffleIronConfig(depth=2, width=8, grid_shape=grid.shape), sample=SampleConfig(max_points=1000, grid=grid),
-                         optim=OptimConfig(warmup_iters=1), train=TrainConfig(batch_size=2, epochs=1, num_workers=0))  # fmt: skip
+    store = extract(
+        ExtractConfig(
+            "semantickitti",
+            kitti_copy,
+            "train",
+            "test-vit",
+            tmp_path / "s.zarr",
+            random_init=True,
+            image_size=(32, 64),
+            num_workers=0,
+        )
+    )
+    cfg = PretrainConfig(
+        (store.path,),
+        tmp_path / "pre",
+        model=WaffleIronConfig(depth=2, width=8, grid_shape=grid.shape),
+        sample=SampleConfig(max_points=1000, grid=grid),
+        optim=OptimConfig(warmup_iters=1),
+        train=TrainConfig(batch_size=2, epochs=1, num_workers=0),
+    )
     checkpoint = pretrain(cfg)["checkpoint"]
     bad = kitti_copy / "sequences/00/velodyne/000001.bin"
     bad.write_bytes(bad.read_bytes()[:-6])
-    result = CliRunner().invoke(main, ["probe", "--dataset", "semantickitti", "--root", str(kitti_copy), "--checkpoint", checkpoint, "--out", str(tmp_path / "probe"),
-                                       "--epochs", "1", "--batch-size", "2", "--num-workers", "1", "--set", "sample.grid.cell=4.0"])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--dataset",
+            "semantickitti",
+            "--root",
+            str(kitti_copy),
+            "--checkpoint",
+            checkpoint,
+            "--out",
+            str(tmp_path / "probe"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "1",
+            "--set",
+            "sample.grid.cell=4.0",
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert f"Error: {bad}: size" in result.output and "not a multiple of the 16-byte record" in result.output

@@ -14,7 +14,12 @@ RIGS = {
     "pandar64": ("train", pandaset_format.RAW_CLASS),
     "pandargt": ("train", pandaset_format.RAW_CLASS),
 }
-ROOTS = {"nuscenes": "nuscenes_root", "semantickitti": "kitti_root", "pandar64": "pandaset_root", "pandargt": "pandaset_root"}
+ROOTS = {
+    "nuscenes": "nuscenes_root",
+    "semantickitti": "kitti_root",
+    "pandar64": "pandaset_root",
+    "pandargt": "pandaset_root",
+}
 
 
 def chromaticity(rgb: np.ndarray) -> np.ndarray:
@@ -52,9 +57,13 @@ def test_ground_classes_share_one_height(nuscenes_root):
     ds = open_dataset("nuscenes", nuscenes_root, "mini_train")
     scan = ds[0]
     names = ds.meta.class_names
-    heights = [np.median(scan.points[scan.labels == names.index(c), 2]) for c in ("driveable_surface", "sidewalk", "terrain")]
+    heights = [
+        np.median(scan.points[scan.labels == names.index(c), 2]) for c in ("driveable_surface", "sidewalk", "terrain")
+    ]
     assert max(heights) - min(heights) < 0.05
-    assert {"car", "truck", "pedestrian", "vegetation", "manmade"} <= {names[c] for c in np.unique(scan.labels) if c < 16}
+    assert {"car", "truck", "pedestrian", "vegetation", "manmade"} <= {
+        names[c] for c in np.unique(scan.labels) if c < 16
+    }
 
 
 def test_kitti_rig_has_lane_markings_as_a_raw_class(kitti_root):

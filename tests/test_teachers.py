@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from stages.extract.registry import TEACHERS
 from stages.extract.teachers import load_teacher
 from stages.extract.weights import WeightsError
+from stages.runtime import seeded
 from storage.targets import sample_grid
 
 SMALL = ["test-vit", "dino-vits8", "dinov2-vits14", "dinov2-vits14-reg4", "mae-vitb16", "maskclip-vitb16"]
@@ -52,12 +53,12 @@ def test_last_block_before_norm_without_prefix_tokens():
 
 def test_sampling_equals_full_upsampling():
     """Per-point targets read from the token grid equal upsample-everything-then-read-the-pixel."""
-    torch.manual_seed(0)
-    grid = torch.randn(8, 16, 32)
+    rng = torch.Generator().manual_seed(0)
+    grid = torch.randn(8, 16, 32, generator=rng)
     h, w = 224, 448
     full = F.interpolate(grid[None], size=(h, w), mode="bilinear", align_corners=True)[0]
-    cols = torch.cat([torch.randint(0, w, (500,)), torch.tensor([0, w - 1, 0, w - 1])])
-    rows = torch.cat([torch.randint(0, h, (500,)), torch.tensor([0, 0, h - 1, h - 1])])
+    cols = torch.cat([torch.randint(0, w, (500,), generator=rng), torch.tensor([0, w - 1, 0, w - 1])])
+    rows = torch.cat([torch.randint(0, h, (500,), generator=rng), torch.tensor([0, 0, h - 1, h - 1])])
     got = sample_grid(grid, torch.stack([cols, rows], 1).float(), (h, w))
     assert torch.allclose(got, full[:, rows, cols].T, atol=1e-5)
     assert sample_grid(grid, torch.zeros(0, 2), (h, w)).shape == (0, 8)
@@ -66,14 +67,20 @@ def test_sampling_equals_full_upsampling():
 @pytest.fixture
 def file_teacher(monkeypatch):
     """A registry entry with a weights file, on the tiny test architecture."""
-    spec = dataclasses.replace(TEACHERS["test-vit"], name="test-vit-file", weights_file="test_vit.pth", weights_source="made by the test", random_init_only=False)
+    spec = dataclasses.replace(
+        TEACHERS["test-vit"],
+        name="test-vit-file",
+        weights_file="test_vit.pth",
+        weights_source="made by the test",
+        random_init_only=False,
+    )
     monkeypatch.setitem(TEACHERS, spec.name, spec)
     return spec
 
 
 def test_weights_from_a_local_file(tmp_path, file_teacher):
-    torch.manual_seed(3)
-    source = timm.create_model("test_vit", pretrained=False, img_size=(32, 64), num_classes=0)
+    with seeded(3):
+        source = timm.create_model("test_vit", pretrained=False, img_size=(32, 64), num_classes=0)
     torch.save(source.state_dict(), tmp_path / "test_vit.pth")
     teacher = load_teacher("test-vit-file", (32, 64), weights_dir=tmp_path)
     assert teacher.provenance["random_init"] is False and len(teacher.provenance["weights_sha256"]) == 64
@@ -82,10 +89,16 @@ def test_weights_from_a_local_file(tmp_path, file_teacher):
 
 
 def test_bad_weights_fail_at_once_naming_the_file(tmp_path, file_teacher, monkeypatch):
-    with pytest.raises(WeightsError, match="test_vit.pth: weights file for teacher test-vit-file is missing; such weights: made by the test"):
+    with pytest.raises(
+        WeightsError,
+        match="test_vit.pth: weights file for teacher test-vit-file is missing; such weights: made by the test",
+    ):
         load_teacher("test-vit-file", (32, 64), weights_dir=tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # by name, offline, not cached
-    with pytest.raises(WeightsError, match="teacher test-vit-file: weights not in the Hugging Face cache .* or as a local file \\(--weights FILE"):
+    with pytest.raises(
+        WeightsError,
+        match="teacher test-vit-file: weights not in the Hugging Face cache .* or as a local file \\(--weights FILE",
+    ):
         load_teacher("test-vit-file", (32, 64))
     wrong = tmp_path / "wrong.pth"
     torch.save(timm.create_model("test_vit2", pretrained=False, num_classes=0).state_dict(), wrong)
@@ -107,8 +120,10 @@ def test_image_size_must_fit_the_patch():
 def test_original_dinov2_checkpoint_layout_is_converted(tmp_path):
     """The release checkpoints are trained at 518 px (37 x 37 positions) and carry a mask token;
     timm's converter drops it and resizes the positions to the 224 x 448 grid (16 x 32)."""
-    torch.manual_seed(0)
-    original = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0).state_dict()
+    with seeded(0):
+        original = timm.create_model(
+            "vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0
+        ).state_dict()
     original["mask_token"] = torch.zeros(1, 384)
     assert original["pos_embed"].shape == (1, 1 + 37 * 37, 384)
     torch.save(original, tmp_path / "dinov2_vits14_pretrain.pth")

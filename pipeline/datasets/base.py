@@ -87,7 +87,9 @@ def read_point_records(path: Path, fields: int, keep: int = 4) -> np.ndarray:
     raw = _read_bytes(path)
     record = 4 * fields
     if len(raw) % record:
-        raise DatasetError(path, f"size {len(raw)} bytes is not a multiple of the {record}-byte record (float32 x {fields})")
+        raise DatasetError(
+            path, f"size {len(raw)} bytes is not a multiple of the {record}-byte record (float32 x {fields})"
+        )
     points = np.frombuffer(raw, dtype=np.float32).reshape(-1, fields)[:, :keep].copy()
     if not np.isfinite(points).all():
         bad = int((~np.isfinite(points)).any(axis=1).sum())

@@ -27,28 +27,60 @@ CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BA
 LIDAR = "LIDAR_TOP"
 
 CLASSES = (
-    "barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian",
-    "traffic_cone", "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain",
-    "manmade", "vegetation",
-)  # fmt: skip
+    "barrier",
+    "bicycle",
+    "bus",
+    "car",
+    "construction_vehicle",
+    "motorcycle",
+    "pedestrian",
+    "traffic_cone",
+    "trailer",
+    "truck",
+    "driveable_surface",
+    "other_flat",
+    "sidewalk",
+    "terrain",
+    "manmade",
+    "vegetation",
+)
 
 # The 32 lidarseg categories by their `index` in category.json, and the benchmark class of each
 # (None = ignored), as in the nuScenes lidarseg challenge.
 RAW_CATEGORIES: tuple[tuple[str, str | None], ...] = (
-    ("noise", None), ("animal", None), ("human.pedestrian.adult", "pedestrian"),
-    ("human.pedestrian.child", "pedestrian"), ("human.pedestrian.construction_worker", "pedestrian"),
-    ("human.pedestrian.personal_mobility", None), ("human.pedestrian.police_officer", "pedestrian"),
-    ("human.pedestrian.stroller", None), ("human.pedestrian.wheelchair", None),
-    ("movable_object.barrier", "barrier"), ("movable_object.debris", None),
-    ("movable_object.pushable_pullable", None), ("movable_object.trafficcone", "traffic_cone"),
-    ("static_object.bicycle_rack", None), ("vehicle.bicycle", "bicycle"), ("vehicle.bus.bendy", "bus"),
-    ("vehicle.bus.rigid", "bus"), ("vehicle.car", "car"), ("vehicle.construction", "construction_vehicle"),
-    ("vehicle.emergency.ambulance", None), ("vehicle.emergency.police", None),
-    ("vehicle.motorcycle", "motorcycle"), ("vehicle.trailer", "trailer"), ("vehicle.truck", "truck"),
-    ("flat.driveable_surface", "driveable_surface"), ("flat.other", "other_flat"),
-    ("flat.sidewalk", "sidewalk"), ("flat.terrain", "terrain"), ("static.manmade", "manmade"),
-    ("static.other", None), ("static.vegetation", "vegetation"), ("vehicle.ego", None),
-)  # fmt: skip
+    ("noise", None),
+    ("animal", None),
+    ("human.pedestrian.adult", "pedestrian"),
+    ("human.pedestrian.child", "pedestrian"),
+    ("human.pedestrian.construction_worker", "pedestrian"),
+    ("human.pedestrian.personal_mobility", None),
+    ("human.pedestrian.police_officer", "pedestrian"),
+    ("human.pedestrian.stroller", None),
+    ("human.pedestrian.wheelchair", None),
+    ("movable_object.barrier", "barrier"),
+    ("movable_object.debris", None),
+    ("movable_object.pushable_pullable", None),
+    ("movable_object.trafficcone", "traffic_cone"),
+    ("static_object.bicycle_rack", None),
+    ("vehicle.bicycle", "bicycle"),
+    ("vehicle.bus.bendy", "bus"),
+    ("vehicle.bus.rigid", "bus"),
+    ("vehicle.car", "car"),
+    ("vehicle.construction", "construction_vehicle"),
+    ("vehicle.emergency.ambulance", None),
+    ("vehicle.emergency.police", None),
+    ("vehicle.motorcycle", "motorcycle"),
+    ("vehicle.trailer", "trailer"),
+    ("vehicle.truck", "truck"),
+    ("flat.driveable_surface", "driveable_surface"),
+    ("flat.other", "other_flat"),
+    ("flat.sidewalk", "sidewalk"),
+    ("flat.terrain", "terrain"),
+    ("static.manmade", "manmade"),
+    ("static.other", None),
+    ("static.vegetation", "vegetation"),
+    ("vehicle.ego", None),
+)
 
 # Official scene split (nuScenes devkit): the 150 validation scenes of v1.0-trainval, as number
 # ranges; the 700 others of v1.0-trainval are the training scenes.
@@ -56,14 +88,27 @@ VAL_SCENE_RANGES = (
     "3 12-18 35-36 38-39 92-110 221 268-278 329-332 344-346 519-524 552-565 625-627 629-630 632-638 "
     "770-771 775 777-778 780-784 794-800 802 904-917 919-931 962-963 966-969 971-972 1059-1073"
 )
-MINI_TRAIN = ("scene-0061", "scene-0553", "scene-0655", "scene-0757", "scene-0796", "scene-1077", "scene-1094", "scene-1100")
+MINI_TRAIN = (
+    "scene-0061",
+    "scene-0553",
+    "scene-0655",
+    "scene-0757",
+    "scene-0796",
+    "scene-1077",
+    "scene-1094",
+    "scene-1100",
+)
 MINI_VAL = ("scene-0103", "scene-0916")
 
 SPLIT_VERSION = {
-    "train": "v1.0-trainval", "val": "v1.0-trainval",
-    "paper_mini_train": "v1.0-trainval", "paper_mini_val": "v1.0-trainval",
-    "mini_train": "v1.0-mini", "mini_val": "v1.0-mini", "test": "v1.0-test",
-}  # fmt: skip
+    "train": "v1.0-trainval",
+    "val": "v1.0-trainval",
+    "paper_mini_train": "v1.0-trainval",
+    "paper_mini_val": "v1.0-trainval",
+    "mini_train": "v1.0-mini",
+    "mini_val": "v1.0-mini",
+    "test": "v1.0-test",
+}
 
 META = DatasetMeta(
     name="nuscenes",
@@ -73,7 +118,9 @@ META = DatasetMeta(
     splits=tuple(SPLIT_VERSION),
     camera_names=CAMERAS,
     # The released ScaLR code (datasets/nuscenes_for_scalr.py): depth > 1 m, 0 < u < W-1.
-    visibility=VisibilityRule(name="released ScaLR: depth > 1.0 m, 0 < u < W-1, 0 < v < H-1", min_depth=1.0, far_margin=1.0),
+    visibility=VisibilityRule(
+        name="released ScaLR: depth > 1.0 m, 0 < u < W-1, 0 < v < H-1", min_depth=1.0, far_margin=1.0
+    ),
     intensity_max=255.0,
     intensity_mean=18.742355,
     intensity_std=22.04632,
@@ -191,8 +238,12 @@ class NuScenes(LidarDataset):
             try:
                 if not sd.bool("is_key_frame", False):
                     continue
-                cs = lookup(calibrated, sd.str("calibrated_sensor_token"), "calibrated_sensor", f"sample_data {sd.str('token')}")
-                channel = lookup(channels, cs.str("sensor_token"), "sensor", f"calibrated_sensor {cs.str('token')}").str("channel")
+                cs = lookup(
+                    calibrated, sd.str("calibrated_sensor_token"), "calibrated_sensor", f"sample_data {sd.str('token')}"
+                )
+                channel = lookup(
+                    channels, cs.str("sensor_token"), "sensor", f"calibrated_sensor {cs.str('token')}"
+                ).str("channel")
                 if channel == LIDAR or channel in CAMERAS:
                     keyframes.setdefault(sd.str("sample_token"), {})[channel] = sd
             except DatasetError as err:  # its scan then lacks this keyframe and says so below
@@ -209,7 +260,9 @@ class NuScenes(LidarDataset):
         for sample in chosen:
             frames = keyframes.get(sample.str("token"), {})
             try:
-                out.append(self._scan_record(tables_dir, sample, frames, calibrated, poses, lidarseg, lookup, transform))
+                out.append(
+                    self._scan_record(tables_dir, sample, frames, calibrated, poses, lidarseg, lookup, transform)
+                )
             except DatasetError as err:  # this scan cannot be read; the others still can
                 token = frames[LIDAR].str("token") if LIDAR in frames else f"sample {sample.str('token')}"
                 self.index_problem(err, [token])
@@ -219,23 +272,35 @@ class NuScenes(LidarDataset):
     def _scan_record(self, tables_dir, sample, frames, calibrated, poses, lidarseg, lookup, transform) -> _ScanRecord:
         missing = [c for c in (LIDAR, *CAMERAS) if c not in frames]
         if missing:
-            raise DatasetError(tables_dir / "sample_data.json", f"sample {sample.str('token')} has no keyframe for {missing}")
+            raise DatasetError(
+                tables_dir / "sample_data.json", f"sample {sample.str('token')} has no keyframe for {missing}"
+            )
         lidar = frames[LIDAR]
-        lidar_cs = lookup(calibrated, lidar.str("calibrated_sensor_token"), "calibrated_sensor", f"sample_data {lidar.str('token')}")
+        lidar_cs = lookup(
+            calibrated, lidar.str("calibrated_sensor_token"), "calibrated_sensor", f"sample_data {lidar.str('token')}"
+        )
         lidar_pose = lookup(poses, lidar.str("ego_pose_token"), "ego_pose", f"sample_data {lidar.str('token')}")
         lidar_to_global = transform(lidar_pose) @ transform(lidar_cs)
         cameras = []
         for name in CAMERAS:
             sd = frames[name]
-            cs = lookup(calibrated, sd.str("calibrated_sensor_token"), "calibrated_sensor", f"sample_data {sd.str('token')}")
+            cs = lookup(
+                calibrated, sd.str("calibrated_sensor_token"), "calibrated_sensor", f"sample_data {sd.str('token')}"
+            )
             pose = lookup(poses, sd.str("ego_pose_token"), "ego_pose", f"sample_data {sd.str('token')}")
-            k = check_intrinsics(cs.array("camera_intrinsic", (3, 3)), cs.path, f"camera_intrinsic of {cs.str('token')}")
+            k = check_intrinsics(
+                cs.array("camera_intrinsic", (3, 3)), cs.path, f"camera_intrinsic of {cs.str('token')}"
+            )
             global_to_camera = invert_rigid(transform(pose) @ transform(cs))
             size = (sd.int("height"), sd.int("width"))
             if min(size) <= 0:
-                raise DatasetError(sd.path, f"sample_data {sd.str('token')}: image size {size[1]}x{size[0]} is not positive")
+                raise DatasetError(
+                    sd.path, f"sample_data {sd.str('token')}: image size {size[1]}x{size[0]} is not positive"
+                )
             cameras.append(_CameraRecord(name, sd.str("filename"), size, k, global_to_camera))
-        return _ScanRecord(lidar.str("token"), lidar.str("filename"), lidarseg.get(lidar.str("token")), lidar_to_global, tuple(cameras))
+        return _ScanRecord(
+            lidar.str("token"), lidar.str("filename"), lidarseg.get(lidar.str("token")), lidar_to_global, tuple(cameras)
+        )
 
     def _check_categories(self, categories: list[Record] | None) -> None:
         for cat in categories or []:
@@ -243,7 +308,9 @@ class NuScenes(LidarDataset):
                 continue  # pre-lidarseg table: labels cannot be read anyway
             index, name = cat.int("index"), cat.str("name")
             if self.meta.raw_names.get(index) != name:
-                raise DatasetError(cat.path, f"category index {index} is {name!r}, expected {self.meta.raw_names.get(index)!r}")
+                raise DatasetError(
+                    cat.path, f"category index {index} is {name!r}, expected {self.meta.raw_names.get(index)!r}"
+                )
 
     def load(self, index: int) -> Scan:
         rec = self._records[index]

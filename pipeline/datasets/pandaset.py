@@ -32,31 +32,73 @@ from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRul
 log = logging.getLogger(__name__)
 
 CLASSES = (
-    "road", "traffic_sign", "barrier", "pedestrian", "vegetation", "road_marking", "sidewalk",
-    "manmade", "traffic_cone", "car", "motorcycle", "truck", "bus", "bicycle", "other_vehicle",
-    "ground", "driveway",
-)  # fmt: skip
+    "road",
+    "traffic_sign",
+    "barrier",
+    "pedestrian",
+    "vegetation",
+    "road_marking",
+    "sidewalk",
+    "manmade",
+    "traffic_cone",
+    "car",
+    "motorcycle",
+    "truck",
+    "bus",
+    "bicycle",
+    "other_vehicle",
+    "ground",
+    "driveway",
+)
 
 # PandaSet semseg ids -> (name, benchmark class or None), the 17-class grouping of the released
 # ScaLR code (noise, smoke, exhaust, spray, reflection, emergency vehicles, personal mobility,
 # scooters, animals and rolling containers are ignored).
 RAW_CLASSES: dict[int, tuple[str, str | None]] = {
-    0: ("Noise", None), 1: ("Smoke", None), 2: ("Exhaust", None), 3: ("Spray or rain", None),
-    4: ("Reflection", None), 5: ("Vegetation", "vegetation"), 6: ("Ground", "ground"), 7: ("Road", "road"),
-    8: ("Lane Line Marking", "road_marking"), 9: ("Stop Line Marking", "road_marking"),
-    10: ("Other Road Marking", "road_marking"), 11: ("Sidewalk", "sidewalk"), 12: ("Driveway", "driveway"),
-    13: ("Car", "car"), 14: ("Pickup Truck", "truck"), 15: ("Medium-sized Truck", "truck"), 16: ("Semi-truck", "truck"),
-    17: ("Towed Object", "other_vehicle"), 18: ("Motorcycle", "motorcycle"),
-    19: ("Other Vehicle - Construction Vehicle", "other_vehicle"), 20: ("Other Vehicle - Uncommon", "other_vehicle"),
-    21: ("Other Vehicle - Pedicab", "other_vehicle"), 22: ("Emergency Vehicle", None), 23: ("Bus", "bus"),
-    24: ("Personal Mobility Device", None), 25: ("Motorized Scooter", None), 26: ("Bicycle", "bicycle"),
-    27: ("Train", "other_vehicle"), 28: ("Trolley", "other_vehicle"), 29: ("Tram / Subway", "other_vehicle"),
-    30: ("Pedestrian", "pedestrian"), 31: ("Pedestrian with Object", "pedestrian"), 32: ("Animals - Bird", None),
-    33: ("Animals - Other", None), 34: ("Pylons", "traffic_cone"), 35: ("Road Barriers", "barrier"),
-    36: ("Signs", "traffic_sign"), 37: ("Cones", "traffic_cone"), 38: ("Construction Signs", "traffic_sign"),
-    39: ("Temporary Construction Barriers", "barrier"), 40: ("Rolling Containers", None),
-    41: ("Building", "manmade"), 42: ("Other Static Object", "manmade"),
-}  # fmt: skip
+    0: ("Noise", None),
+    1: ("Smoke", None),
+    2: ("Exhaust", None),
+    3: ("Spray or rain", None),
+    4: ("Reflection", None),
+    5: ("Vegetation", "vegetation"),
+    6: ("Ground", "ground"),
+    7: ("Road", "road"),
+    8: ("Lane Line Marking", "road_marking"),
+    9: ("Stop Line Marking", "road_marking"),
+    10: ("Other Road Marking", "road_marking"),
+    11: ("Sidewalk", "sidewalk"),
+    12: ("Driveway", "driveway"),
+    13: ("Car", "car"),
+    14: ("Pickup Truck", "truck"),
+    15: ("Medium-sized Truck", "truck"),
+    16: ("Semi-truck", "truck"),
+    17: ("Towed Object", "other_vehicle"),
+    18: ("Motorcycle", "motorcycle"),
+    19: ("Other Vehicle - Construction Vehicle", "other_vehicle"),
+    20: ("Other Vehicle - Uncommon", "other_vehicle"),
+    21: ("Other Vehicle - Pedicab", "other_vehicle"),
+    22: ("Emergency Vehicle", None),
+    23: ("Bus", "bus"),
+    24: ("Personal Mobility Device", None),
+    25: ("Motorized Scooter", None),
+    26: ("Bicycle", "bicycle"),
+    27: ("Train", "other_vehicle"),
+    28: ("Trolley", "other_vehicle"),
+    29: ("Tram / Subway", "other_vehicle"),
+    30: ("Pedestrian", "pedestrian"),
+    31: ("Pedestrian with Object", "pedestrian"),
+    32: ("Animals - Bird", None),
+    33: ("Animals - Other", None),
+    34: ("Pylons", "traffic_cone"),
+    35: ("Road Barriers", "barrier"),
+    36: ("Signs", "traffic_sign"),
+    37: ("Cones", "traffic_cone"),
+    38: ("Construction Signs", "traffic_sign"),
+    39: ("Temporary Construction Barriers", "barrier"),
+    40: ("Rolling Containers", None),
+    41: ("Building", "manmade"),
+    42: ("Other Static Object", "manmade"),
+}
 
 ALL_CAMERAS = ("back_camera", "front_camera", "front_left_camera", "front_right_camera", "left_camera", "right_camera")
 EGO_Z_SHIFT = -1.6  # metres, applied after moving points to the lidar-pose frame
@@ -71,7 +113,9 @@ def _meta(name: str, cameras: tuple[str, ...], intensity_mean: float, intensity_
         learning_map={k: (CLASSES.index(c) if c else IGNORE_INDEX) for k, (_, c) in RAW_CLASSES.items()},
         splits=("train", "val"),
         camera_names=cameras,
-        visibility=VisibilityRule(name="released ScaLR (pandaset devkit): z_cam > 0, 0 < u < W, 0 < v < H", min_depth=0.0),
+        visibility=VisibilityRule(
+            name="released ScaLR (pandaset devkit): z_cam > 0, 0 < u < W, 0 < v < H", min_depth=0.0
+        ),
         intensity_max=255.0,
         intensity_mean=intensity_mean,
         intensity_std=intensity_std,
@@ -82,7 +126,7 @@ def _meta(name: str, cameras: tuple[str, ...], intensity_mean: float, intensity_
 def read_table(path: Path, numeric: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A pickled (gzip) pandas DataFrame as {column: array}; pandas does the unpickling. The
     `numeric` columns must be there and hold finite numbers."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - 0.7 s to import, and only PandaSet needs it
 
     try:
         frame = pd.read_pickle(path)
@@ -149,13 +193,24 @@ class _PandaSet(LidarDataset):
                 continue
             if (latitude > TRAIN_LATITUDE) != (split == "train"):
                 continue
-            frames = tuple(sorted(e.name[: -len(".pkl.gz")] for e in os.scandir(folder / "lidar") if e.name.endswith(".pkl.gz")))
+            frames = tuple(
+                sorted(e.name[: -len(".pkl.gz")] for e in os.scandir(folder / "lidar") if e.name.endswith(".pkl.gz"))
+            )
             self._sequences[entry.name] = _Sequence(entry.name, frames)
             self._ids.extend(f"{entry.name}/{f}" for f in frames)
         if self.unlabelled:
-            log.info("%s: %d PandaSet sequence(s) without annotations/semseg left out, as the released code (%s)", self.root, len(self.unlabelled), ", ".join(self.unlabelled[:8]))
+            log.info(
+                "%s: %d PandaSet sequence(s) without annotations/semseg left out, as the released code (%s)",
+                self.root,
+                len(self.unlabelled),
+                ", ".join(self.unlabelled[:8]),
+            )
         if not self._ids and not self.problems:
-            raise DatasetError(self.root, f"no PandaSet sequence of the {split} split (sequence folders with lidar/, annotations/semseg/ and meta/gps.json)")
+            raise DatasetError(
+                self.root,
+                f"no PandaSet sequence of the {split} split (sequence folders with lidar/, annotations/semseg/ "
+                "and meta/gps.json)",
+            )
 
     @property
     def scan_ids(self) -> list[str]:
@@ -186,12 +241,18 @@ class _PandaSet(LidarDataset):
         cameras = []
         for name in self.meta.camera_names:
             cam_dir = folder / "camera" / name
-            camera_to_world = _frame_pose(cam_dir / "poses.json", _poses(cam_dir / "poses.json"), number, f"{name} pose {frame}")
+            camera_to_world = _frame_pose(
+                cam_dir / "poses.json", _poses(cam_dir / "poses.json"), number, f"{name} pose {frame}"
+            )
             intr = Record(cam_dir / "intrinsics.json", "intrinsics", read_json(cam_dir / "intrinsics.json"))
             fx, fy, cx, cy = (intr.number(k) for k in ("fx", "fy", "cx", "cy"))
-            k = check_intrinsics(np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]), cam_dir / "intrinsics.json", "intrinsics")
+            k = check_intrinsics(
+                np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]), cam_dir / "intrinsics.json", "intrinsics"
+            )
             image_path = cam_dir / f"{frame}.jpg"
-            cameras.append(Camera(name, image_path, image_size(image_path), k, invert_rigid(camera_to_world) @ scan_to_world))
+            cameras.append(
+                Camera(name, image_path, image_size(image_path), k, invert_rigid(camera_to_world) @ scan_to_world)
+            )
         return Scan(self._ids[index], points, tuple(cameras), raw_labels, labels)
 
 

@@ -94,7 +94,7 @@ class Record:
             raise self._bad(key, value, f"finite numbers of shape {shape}")
         return out
 
-    def record(self, key: str) -> "Record":
+    def record(self, key: str) -> Record:
         return Record(self.path, f"{self.what}, field {key!r},", self._get(key, _MISSING))
 
 

@@ -29,27 +29,65 @@ from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRul
 log = logging.getLogger(__name__)
 
 CLASSES = (
-    "car", "bicycle", "motorcycle", "truck", "other-vehicle", "person", "bicyclist", "motorcyclist",
-    "road", "parking", "sidewalk", "other-ground", "building", "fence", "vegetation", "trunk",
-    "terrain", "pole", "traffic-sign",
-)  # fmt: skip
+    "car",
+    "bicycle",
+    "motorcycle",
+    "truck",
+    "other-vehicle",
+    "person",
+    "bicyclist",
+    "motorcyclist",
+    "road",
+    "parking",
+    "sidewalk",
+    "other-ground",
+    "building",
+    "fence",
+    "vegetation",
+    "trunk",
+    "terrain",
+    "pole",
+    "traffic-sign",
+)
 
 # Raw id -> (name, benchmark class or None): the standard semantic-kitti.yaml learning map
 # (moving objects fold into their static class; unlabeled/outlier/other-* are ignored).
 RAW_LABELS: dict[int, tuple[str, str | None]] = {
-    0: ("unlabeled", None), 1: ("outlier", None), 10: ("car", "car"), 11: ("bicycle", "bicycle"),
-    13: ("bus", "other-vehicle"), 15: ("motorcycle", "motorcycle"), 16: ("on-rails", "other-vehicle"),
-    18: ("truck", "truck"), 20: ("other-vehicle", "other-vehicle"), 30: ("person", "person"),
-    31: ("bicyclist", "bicyclist"), 32: ("motorcyclist", "motorcyclist"), 40: ("road", "road"),
-    44: ("parking", "parking"), 48: ("sidewalk", "sidewalk"), 49: ("other-ground", "other-ground"),
-    50: ("building", "building"), 51: ("fence", "fence"), 52: ("other-structure", None),
-    60: ("lane-marking", "road"), 70: ("vegetation", "vegetation"), 71: ("trunk", "trunk"),
-    72: ("terrain", "terrain"), 80: ("pole", "pole"), 81: ("traffic-sign", "traffic-sign"),
-    99: ("other-object", None), 252: ("moving-car", "car"), 253: ("moving-bicyclist", "bicyclist"),
-    254: ("moving-person", "person"), 255: ("moving-motorcyclist", "motorcyclist"),
-    256: ("moving-on-rails", "other-vehicle"), 257: ("moving-bus", "other-vehicle"),
-    258: ("moving-truck", "truck"), 259: ("moving-other-vehicle", "other-vehicle"),
-}  # fmt: skip
+    0: ("unlabeled", None),
+    1: ("outlier", None),
+    10: ("car", "car"),
+    11: ("bicycle", "bicycle"),
+    13: ("bus", "other-vehicle"),
+    15: ("motorcycle", "motorcycle"),
+    16: ("on-rails", "other-vehicle"),
+    18: ("truck", "truck"),
+    20: ("other-vehicle", "other-vehicle"),
+    30: ("person", "person"),
+    31: ("bicyclist", "bicyclist"),
+    32: ("motorcyclist", "motorcyclist"),
+    40: ("road", "road"),
+    44: ("parking", "parking"),
+    48: ("sidewalk", "sidewalk"),
+    49: ("other-ground", "other-ground"),
+    50: ("building", "building"),
+    51: ("fence", "fence"),
+    52: ("other-structure", None),
+    60: ("lane-marking", "road"),
+    70: ("vegetation", "vegetation"),
+    71: ("trunk", "trunk"),
+    72: ("terrain", "terrain"),
+    80: ("pole", "pole"),
+    81: ("traffic-sign", "traffic-sign"),
+    99: ("other-object", None),
+    252: ("moving-car", "car"),
+    253: ("moving-bicyclist", "bicyclist"),
+    254: ("moving-person", "person"),
+    255: ("moving-motorcyclist", "motorcyclist"),
+    256: ("moving-on-rails", "other-vehicle"),
+    257: ("moving-bus", "other-vehicle"),
+    258: ("moving-truck", "truck"),
+    259: ("moving-other-vehicle", "other-vehicle"),
+}
 
 SPLITS = {
     "train": ("00", "01", "02", "03", "04", "05", "06", "07", "09", "10"),
@@ -66,7 +104,12 @@ META = DatasetMeta(
     splits=tuple(SPLITS),
     camera_names=(CAMERA,),
     # The released ScaLR code (datasets/semantic_kitti_for_scalr.py): no depth test.
-    visibility=VisibilityRule(name="released ScaLR: lidar x > 1.0 m, P2 @ Tr, 0 < u < W-1, 0 < v < H-1", min_depth=None, min_lidar_x=1.0, far_margin=1.0),
+    visibility=VisibilityRule(
+        name="released ScaLR: lidar x > 1.0 m, P2 @ Tr, 0 < u < W-1, 0 < v < H-1",
+        min_depth=None,
+        min_lidar_x=1.0,
+        far_margin=1.0,
+    ),
     intensity_max=1.0,
     intensity_mean=0.28613698,
     intensity_std=0.14090556,
@@ -149,7 +192,9 @@ class SemanticKITTI(LidarDataset):
                 size = _first_image_size(folder / self.camera, frames)
             self._sequences[seq] = _Sequence(seq, k, lidar_to_camera, (folder / "labels").is_dir(), size)
         if not self._sequences:
-            raise DatasetError(self.root / "sequences", f"none of the {split} sequences {self.sequences[split]} has a velodyne/ folder")
+            raise DatasetError(
+                self.root / "sequences", f"none of the {split} sequences {self.sequences[split]} has a velodyne/ folder"
+            )
         if missing:
             log.debug("%s: %s split: sequences %s are absent and skipped", self.root, split, ", ".join(missing))
         self.missing_sequences = tuple(missing)
@@ -174,6 +219,10 @@ class SemanticKITTI(LidarDataset):
         image_path = folder / self.camera / f"{frame}.png"
         size = image_size(image_path)
         if seq.image_size is not None and size != seq.image_size:  # one calibration per sequence
-            raise DatasetError(image_path, f"image is {size[1]}x{size[0]} but sequence {seq_name}'s images (and its calibration) are {seq.image_size[1]}x{seq.image_size[0]}")
+            raise DatasetError(
+                image_path,
+                f"image is {size[1]}x{size[0]} but sequence {seq_name}'s images (and its calibration) are "
+                f"{seq.image_size[1]}x{seq.image_size[0]}",
+            )
         camera = Camera(self.camera, image_path, size, seq.intrinsics, seq.lidar_to_camera)
         return Scan(scan_id, points, (camera,), raw_labels, labels)

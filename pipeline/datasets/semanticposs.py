@@ -9,16 +9,42 @@ from __future__ import annotations
 from pipeline.datasets.semantickitti import SemanticKITTI
 from pipeline.scan import IGNORE_INDEX, DatasetMeta, VisibilityRule
 
-CLASSES = ("person", "rider", "car", "trunk", "plants", "traffic-sign", "pole", "trashcan", "building", "cone/stone", "fence", "bike", "ground")
+CLASSES = (
+    "person",
+    "rider",
+    "car",
+    "trunk",
+    "plants",
+    "traffic-sign",
+    "pole",
+    "trashcan",
+    "building",
+    "cone/stone",
+    "fence",
+    "bike",
+    "ground",
+)
 
 # semantic-poss.yaml: raw id -> (name, class)
 RAW_LABELS: dict[int, tuple[str, str | None]] = {
-    0: ("unlabeled", None), 4: ("1 person", "person"), 5: ("2+ person", "person"), 6: ("rider", "rider"),
-    7: ("car", "car"), 8: ("trunk", "trunk"), 9: ("plants", "plants"), 10: ("traffic sign 1", "traffic-sign"),
-    11: ("traffic sign 2", "traffic-sign"), 12: ("traffic sign 3", "traffic-sign"), 13: ("pole", "pole"),
-    14: ("trashcan", "trashcan"), 15: ("building", "building"), 16: ("cone/stone", "cone/stone"),
-    17: ("fence", "fence"), 21: ("bike", "bike"), 22: ("ground", "ground"),
-}  # fmt: skip
+    0: ("unlabeled", None),
+    4: ("1 person", "person"),
+    5: ("2+ person", "person"),
+    6: ("rider", "rider"),
+    7: ("car", "car"),
+    8: ("trunk", "trunk"),
+    9: ("plants", "plants"),
+    10: ("traffic sign 1", "traffic-sign"),
+    11: ("traffic sign 2", "traffic-sign"),
+    12: ("traffic sign 3", "traffic-sign"),
+    13: ("pole", "pole"),
+    14: ("trashcan", "trashcan"),
+    15: ("building", "building"),
+    16: ("cone/stone", "cone/stone"),
+    17: ("fence", "fence"),
+    21: ("bike", "bike"),
+    22: ("ground", "ground"),
+}
 
 
 class SemanticPOSS(SemanticKITTI):

@@ -35,10 +35,21 @@ LIDAR_TO_EGO = rigid(yaw_matrix(-np.pi / 2), (0.94, 0.0, 1.84))  # lidar x right
 CAMERA_AXES = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 
 RAW_INDEX = {
-    Cls.ROAD: 24, Cls.LANE_MARKING: 24, Cls.SIDEWALK: 26, Cls.TERRAIN: 27, Cls.BUILDING: 28,
-    Cls.VEGETATION: 30, Cls.TRUNK: 30, Cls.CAR: 17, Cls.TRUCK: 23, Cls.PEDESTRIAN: 2,
-    Cls.POLE: 28, Cls.TRAFFIC_SIGN: 28, Cls.BARRIER: 9, Cls.TRAFFIC_CONE: 12,
-}  # fmt: skip
+    Cls.ROAD: 24,
+    Cls.LANE_MARKING: 24,
+    Cls.SIDEWALK: 26,
+    Cls.TERRAIN: 27,
+    Cls.BUILDING: 28,
+    Cls.VEGETATION: 30,
+    Cls.TRUNK: 30,
+    Cls.CAR: 17,
+    Cls.TRUCK: 23,
+    Cls.PEDESTRIAN: 2,
+    Cls.POLE: 28,
+    Cls.TRAFFIC_SIGN: 28,
+    Cls.BARRIER: 9,
+    Cls.TRAFFIC_CONE: 12,
+}
 
 
 def scene_names(count: int) -> tuple[str, list[str]]:
@@ -63,19 +74,37 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
     seed = cfg.seed
     # The global frame: a random rotation and a large offset, as real map coordinates.
     g_rng = np.random.default_rng([seed, 999])
-    world_to_global = rigid(yaw_matrix(g_rng.uniform(-np.pi, np.pi)), (g_rng.uniform(300, 2000), g_rng.uniform(300, 2000), 0.0))
+    world_to_global = rigid(
+        yaw_matrix(g_rng.uniform(-np.pi, np.pi)), (g_rng.uniform(300, 2000), g_rng.uniform(300, 2000), 0.0)
+    )
 
-    tables: dict[str, list] = {k: [] for k in (
-        "sensor", "calibrated_sensor", "log", "scene", "sample", "sample_data", "ego_pose", "lidarseg",
-        "instance", "sample_annotation", "attribute", "visibility", "map",
-    )}  # fmt: skip
+    tables: dict[str, list] = {
+        k: []
+        for k in (
+            "sensor",
+            "calibrated_sensor",
+            "log",
+            "scene",
+            "sample",
+            "sample_data",
+            "ego_pose",
+            "lidarseg",
+            "instance",
+            "sample_annotation",
+            "attribute",
+            "visibility",
+            "map",
+        )
+    }
     tables["category"] = [
         {"token": token("category", name), "name": name, "description": name, "index": i}
         for i, (name, _) in enumerate(nus.RAW_CATEGORIES)
     ]
     channels = ("LIDAR_TOP",) + tuple(c[0] for c in CAMERA_RIG)
     for ch in channels:
-        tables["sensor"].append({"token": token("sensor", ch), "channel": ch, "modality": "lidar" if ch == "LIDAR_TOP" else "camera"})
+        tables["sensor"].append(
+            {"token": token("sensor", ch), "channel": ch, "modality": "lidar" if ch == "LIDAR_TOP" else "camera"}
+        )
 
     lidarseg_dir = out / "lidarseg" / version
     lidarseg_dir.mkdir(parents=True, exist_ok=True)
@@ -86,25 +115,43 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
         rng, world, ego = scene_setup(seed, s, cfg.frames * KEYFRAME_US / 1e6, cfg.speed)
         log_name = f"n015-2018-07-{11 + s % 18:02d}-11-54-40+0800"
         log_token, scene_token = token(seed, "log", name), token(seed, "scene", name)
-        tables["log"].append({"token": log_token, "logfile": log_name, "vehicle": "n015", "date_captured": "2018-07-11", "location": "synthetic"})
+        tables["log"].append(
+            {
+                "token": log_token,
+                "logfile": log_name,
+                "vehicle": "n015",
+                "date_captured": "2018-07-11",
+                "location": "synthetic",
+            }
+        )
         cs_tokens = {}
         for ch, yaw, pos, f in (("LIDAR_TOP", None, None, None),) + CAMERA_RIG:
             t = LIDAR_TO_EGO if ch == "LIDAR_TOP" else camera_to_ego(yaw, pos)
             k = [] if ch == "LIDAR_TOP" else _intrinsics(f * w / REAL_IMAGE[1], w, h).tolist()
             cs_tokens[ch] = token(seed, "cs", name, ch)
-            tables["calibrated_sensor"].append({
-                "token": cs_tokens[ch], "sensor_token": token("sensor", ch), "translation": t[:3, 3].tolist(),
-                "rotation": matrix_to_quaternion(t[:3, :3]).tolist(), "camera_intrinsic": k,
-            })  # fmt: skip
+            tables["calibrated_sensor"].append(
+                {
+                    "token": cs_tokens[ch],
+                    "sensor_token": token("sensor", ch),
+                    "translation": t[:3, 3].tolist(),
+                    "rotation": matrix_to_quaternion(t[:3, :3]).tolist(),
+                    "camera_intrinsic": k,
+                }
+            )
         t0 = 1_531_281_439_000_000 + s * 100_000_000
         sample_tokens = [token(seed, "sample", name, i) for i in range(cfg.frames)]
         previous: dict[str, dict] = {}  # last sample_data row per channel, to link prev/next
         for i, sample_token in enumerate(sample_tokens):
             ts = t0 + i * KEYFRAME_US
-            tables["sample"].append({
-                "token": sample_token, "timestamp": ts, "scene_token": scene_token,
-                "prev": sample_tokens[i - 1] if i else "", "next": sample_tokens[i + 1] if i + 1 < cfg.frames else "",
-            })  # fmt: skip
+            tables["sample"].append(
+                {
+                    "token": sample_token,
+                    "timestamp": ts,
+                    "scene_token": scene_token,
+                    "prev": sample_tokens[i - 1] if i else "",
+                    "next": sample_tokens[i + 1] if i + 1 < cfg.frames else "",
+                }
+            )
             rel = (ts - t0) / 1e6
             lidar = sweep(world, spec, ego.pose(rel) @ LIDAR_TO_EGO, rng)
             points_total += len(lidar.points)
@@ -121,35 +168,68 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
                     raw = np.array([RAW_INDEX[Cls(c)] for c in range(len(Cls))], dtype=np.uint8)[lidar.cls]
                     seg_name = f"lidarseg/{version}/{sd_token}_lidarseg.bin"
                     raw.tofile(out / seg_name)
-                    tables["lidarseg"].append({"token": token(seed, "lidarseg", sd_token), "sample_data_token": sd_token, "filename": seg_name})
+                    tables["lidarseg"].append(
+                        {
+                            "token": token(seed, "lidarseg", sd_token),
+                            "sample_data_token": sd_token,
+                            "filename": seg_name,
+                        }
+                    )
                 else:
                     k = _intrinsics(f * w / REAL_IMAGE[1], w, h)
                     image = render(world, k, (h, w), ego_pose @ camera_to_ego(yaw, pos))
                     Image.fromarray(image).save(out / filename, quality=95, subsampling=0)
                 pose_token = token(seed, "ego_pose", sd_token)
                 g = world_to_global @ ego_pose
-                tables["ego_pose"].append({"token": pose_token, "timestamp": ts_ch, "rotation": matrix_to_quaternion(g[:3, :3]).tolist(), "translation": g[:3, 3].tolist()})
+                tables["ego_pose"].append(
+                    {
+                        "token": pose_token,
+                        "timestamp": ts_ch,
+                        "rotation": matrix_to_quaternion(g[:3, :3]).tolist(),
+                        "translation": g[:3, 3].tolist(),
+                    }
+                )
                 row = {
-                    "token": sd_token, "sample_token": sample_token, "ego_pose_token": pose_token,
-                    "calibrated_sensor_token": cs_tokens[ch], "timestamp": ts_ch, "fileformat": "pcd" if ch == "LIDAR_TOP" else "jpg",
-                    "is_key_frame": True, "height": 0 if ch == "LIDAR_TOP" else h, "width": 0 if ch == "LIDAR_TOP" else w,
-                    "filename": filename, "prev": previous[ch]["token"] if ch in previous else "", "next": "",
-                }  # fmt: skip
+                    "token": sd_token,
+                    "sample_token": sample_token,
+                    "ego_pose_token": pose_token,
+                    "calibrated_sensor_token": cs_tokens[ch],
+                    "timestamp": ts_ch,
+                    "fileformat": "pcd" if ch == "LIDAR_TOP" else "jpg",
+                    "is_key_frame": True,
+                    "height": 0 if ch == "LIDAR_TOP" else h,
+                    "width": 0 if ch == "LIDAR_TOP" else w,
+                    "filename": filename,
+                    "prev": previous[ch]["token"] if ch in previous else "",
+                    "next": "",
+                }
                 if ch in previous:
                     previous[ch]["next"] = sd_token
                 previous[ch] = row
                 tables["sample_data"].append(row)
             if progress:
                 progress(1)
-        tables["scene"].append({
-            "token": scene_token, "log_token": log_token, "nbr_samples": cfg.frames, "name": name,
-            "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1],
-            "description": f"synthetic street, seed {seed}",
-        })  # fmt: skip
+        tables["scene"].append(
+            {
+                "token": scene_token,
+                "log_token": log_token,
+                "nbr_samples": cfg.frames,
+                "name": name,
+                "first_sample_token": sample_tokens[0],
+                "last_sample_token": sample_tokens[-1],
+                "description": f"synthetic street, seed {seed}",
+            }
+        )
     (out / version).mkdir(parents=True, exist_ok=True)
     for name, rows in tables.items():
         (out / version / f"{name}.json").write_text(json.dumps(rows, indent=0))
-    return {"format": "nuscenes", "version": version, "scenes": len(names), "scans": len(names) * cfg.frames, "points": points_total}
+    return {
+        "format": "nuscenes",
+        "version": version,
+        "scenes": len(names),
+        "scans": len(names) * cfg.frames,
+        "points": points_total,
+    }
 
 
 def _intrinsics(f: float, w: int, h: int) -> np.ndarray:

@@ -29,14 +29,27 @@ GT_HALF_FOV = np.deg2rad(30.0)
 # the road near -1.7 m as it does on real PandaSet with the released ScaLR code.
 POSE_FRAME_TO_EGO = rigid(np.eye(3), (0.0, 0.0, 0.1))
 # (camera, yaw in degrees, focal length at 1920 px)
-CAMERA_RIG = dict(zip(ALL_CAMERAS, ((180.0, 933.0), (0.0, 1970.0), (60.0, 930.0), (-60.0, 930.0), (90.0, 930.0), (-90.0, 930.0))))
+CAMERA_RIG = dict(
+    zip(ALL_CAMERAS, ((180.0, 933.0), (0.0, 1970.0), (60.0, 930.0), (-60.0, 930.0), (90.0, 930.0), (-90.0, 930.0)))
+)
 CAMERA_AXES = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # x right, y down, z forward
 
 RAW_CLASS = {
-    Cls.ROAD: 7, Cls.LANE_MARKING: 8, Cls.SIDEWALK: 11, Cls.TERRAIN: 6, Cls.BUILDING: 41, Cls.VEGETATION: 5,
-    Cls.TRUNK: 5, Cls.CAR: 13, Cls.TRUCK: 15, Cls.PEDESTRIAN: 30, Cls.POLE: 42, Cls.TRAFFIC_SIGN: 36,
-    Cls.BARRIER: 35, Cls.TRAFFIC_CONE: 37,
-}  # fmt: skip
+    Cls.ROAD: 7,
+    Cls.LANE_MARKING: 8,
+    Cls.SIDEWALK: 11,
+    Cls.TERRAIN: 6,
+    Cls.BUILDING: 41,
+    Cls.VEGETATION: 5,
+    Cls.TRUNK: 5,
+    Cls.CAR: 13,
+    Cls.TRUCK: 15,
+    Cls.PEDESTRIAN: 30,
+    Cls.POLE: 42,
+    Cls.TRAFFIC_SIGN: 36,
+    Cls.BARRIER: 35,
+    Cls.TRAFFIC_CONE: 37,
+}
 
 
 def _pose_record(t: np.ndarray) -> dict:
@@ -45,7 +58,7 @@ def _pose_record(t: np.ndarray) -> dict:
 
 
 def _write_table(path: Path, columns: dict[str, np.ndarray]) -> None:
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - 0.7 s to import, and only PandaSet needs it
 
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as f:
         pickle.dump(pd.DataFrame(columns), f, protocol=4)  # mtime=0: same seed, same bytes
@@ -64,7 +77,16 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
         for sub in ("lidar", "annotations/semseg", "meta", *(f"camera/{c}" for c in ALL_CAMERAS)):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         val = s == len(names) - 1 and len(names) > 1
-        gps = [{"lat": (37.55 if val else 37.75) + 1e-5 * i, "long": -122.42, "height": 10.0, "xvel": cfg.speed, "yvel": 0.0} for i in range(cfg.frames)]
+        gps = [
+            {
+                "lat": (37.55 if val else 37.75) + 1e-5 * i,
+                "long": -122.42,
+                "height": 10.0,
+                "xvel": cfg.speed,
+                "yvel": 0.0,
+            }
+            for i in range(cfg.frames)
+        ]
         (folder / "meta" / "gps.json").write_text(json.dumps(gps))
         lidar_poses, camera_poses = [], {c: [] for c in ALL_CAMERAS}
         for i in range(cfg.frames):
@@ -73,24 +95,39 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
             for d, (spec, mount) in enumerate(((p64, PANDAR64_TO_EGO), (pgt, PANDARGT_TO_EGO))):
                 lidar_to_world = ego_pose @ mount
                 scan = sweep(world, spec, lidar_to_world, rng)
-                keep = np.ones(len(scan.points), bool) if d == 0 else np.abs(np.arctan2(scan.points[:, 1], scan.points[:, 0])) < GT_HALF_FOV
+                keep = (
+                    np.ones(len(scan.points), bool)
+                    if d == 0
+                    else np.abs(np.arctan2(scan.points[:, 1], scan.points[:, 0])) < GT_HALF_FOV
+                )
                 local = scan.points[keep]
                 xyz = local[:, :3].astype(np.float64) @ lidar_to_world[:3, :3].T + lidar_to_world[:3, 3]
-                parts.append(np.concatenate([xyz, local[:, 3:4], np.full((len(xyz), 1), i * FRAME_S), np.full((len(xyz), 1), d)], axis=1))
+                parts.append(
+                    np.concatenate(
+                        [xyz, local[:, 3:4], np.full((len(xyz), 1), i * FRAME_S), np.full((len(xyz), 1), d)], axis=1
+                    )
+                )
                 classes.append(raw_of[scan.cls[keep]])
             table = np.concatenate(parts)
             points_total += len(table)
-            _write_table(folder / "lidar" / f"{i:02d}.pkl.gz", {c: table[:, k] for k, c in enumerate(("x", "y", "z", "i", "t"))} | {"d": table[:, 5].astype(np.int64)})
+            _write_table(
+                folder / "lidar" / f"{i:02d}.pkl.gz",
+                {c: table[:, k] for k, c in enumerate(("x", "y", "z", "i", "t"))} | {"d": table[:, 5].astype(np.int64)},
+            )
             _write_table(folder / "annotations" / "semseg" / f"{i:02d}.pkl.gz", {"class": np.concatenate(classes)})
             lidar_poses.append(_pose_record(ego_pose @ POSE_FRAME_TO_EGO))
             for cam, (yaw, focal) in CAMERA_RIG.items():
                 f = focal * w / REAL_IMAGE[1]
                 k = np.array([[f, 0.0, w / 2], [0.0, f, h / 2], [0.0, 0.0, 1.0]])
                 camera_to_world = ego_pose @ rigid(yaw_matrix(np.deg2rad(yaw)) @ CAMERA_AXES, (1.2, 0.0, 1.6))
-                Image.fromarray(render(world, k, (h, w), camera_to_world)).save(folder / "camera" / cam / f"{i:02d}.jpg", quality=95, subsampling=0)
+                Image.fromarray(render(world, k, (h, w), camera_to_world)).save(
+                    folder / "camera" / cam / f"{i:02d}.jpg", quality=95, subsampling=0
+                )
                 camera_poses[cam].append(_pose_record(camera_to_world))
                 if i == 0:
-                    (folder / "camera" / cam / "intrinsics.json").write_text(json.dumps({"fx": f, "fy": f, "cx": w / 2, "cy": h / 2}))
+                    (folder / "camera" / cam / "intrinsics.json").write_text(
+                        json.dumps({"fx": f, "fy": f, "cx": w / 2, "cy": h / 2})
+                    )
             if progress:
                 progress(1)
         (folder / "lidar" / "poses.json").write_text(json.dumps(lidar_poses))

@@ -27,10 +27,21 @@ CAM0_IN_VELO = np.array([0.27, 0.0, -0.08])
 CAMERA_BAR = {"P0": 0.0, "P1": -0.54, "P2": 0.06, "P3": -0.48}  # x offset of camera 0 in each camera's frame
 
 RAW_LABEL = {
-    Cls.ROAD: 40, Cls.LANE_MARKING: 60, Cls.SIDEWALK: 48, Cls.TERRAIN: 72, Cls.BUILDING: 50,
-    Cls.VEGETATION: 70, Cls.TRUNK: 71, Cls.CAR: 10, Cls.TRUCK: 18, Cls.PEDESTRIAN: 30,
-    Cls.POLE: 80, Cls.TRAFFIC_SIGN: 81, Cls.BARRIER: 51, Cls.TRAFFIC_CONE: 99,
-}  # fmt: skip
+    Cls.ROAD: 40,
+    Cls.LANE_MARKING: 60,
+    Cls.SIDEWALK: 48,
+    Cls.TERRAIN: 72,
+    Cls.BUILDING: 50,
+    Cls.VEGETATION: 70,
+    Cls.TRUNK: 71,
+    Cls.CAR: 10,
+    Cls.TRUCK: 18,
+    Cls.PEDESTRIAN: 30,
+    Cls.POLE: 80,
+    Cls.TRAFFIC_SIGN: 81,
+    Cls.BARRIER: 51,
+    Cls.TRAFFIC_CONE: 99,
+}
 THINGS = (Cls.CAR, Cls.TRUCK, Cls.PEDESTRIAN)
 
 
@@ -57,8 +68,15 @@ KITTI = Layout("semantickitti", 2.0, -24.8, 1.0, RAW_LABEL, kitti.SPLITS, True)
 
 
 def write(out: Path, cfg: SynthConfig, progress=None, layout: Layout = KITTI) -> dict:
-    spec = LidarSpec.uniform(cfg.beams, layout.top_deg, layout.bottom_deg, azimuth_steps=cfg.azimuth_steps, max_range=80.0,
-                             intensity_max=layout.intensity_max, integer_intensity=layout.intensity_max > 1)  # fmt: skip
+    spec = LidarSpec.uniform(
+        cfg.beams,
+        layout.top_deg,
+        layout.bottom_deg,
+        azimuth_steps=cfg.azimuth_steps,
+        max_range=80.0,
+        intensity_max=layout.intensity_max,
+        integer_intensity=layout.intensity_max > 1,
+    )
     h, w = round(REAL_IMAGE[0] * cfg.image_scale), round(REAL_IMAGE[1] * cfg.image_scale)
     k = REAL_K.copy()
     k[:2] *= np.array([[w / REAL_IMAGE[1]], [h / REAL_IMAGE[0]]])
@@ -75,7 +93,10 @@ def write(out: Path, cfg: SynthConfig, progress=None, layout: Layout = KITTI) ->
         for sub in ("velodyne", "labels", "image_2") if layout.with_camera else ("velodyne", "labels"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         # P_i = K @ [I | t_i]: cameras 0-3 on a horizontal bar (grey, grey, colour left, colour right).
-        lines = [f"{key}: " + " ".join(f"{v:.12e}" for v in (k @ rigid(np.eye(3), (dx, 0, 0))[:3]).ravel()) for key, dx in CAMERA_BAR.items()]
+        lines = [
+            f"{key}: " + " ".join(f"{v:.12e}" for v in (k @ rigid(np.eye(3), (dx, 0, 0))[:3]).ravel())
+            for key, dx in CAMERA_BAR.items()
+        ]
         lines.append("Tr: " + " ".join(f"{v:.12e}" for v in velo_to_cam0[:3].ravel()))
         if layout.with_camera:
             (folder / "calib.txt").write_text("\n".join(lines) + "\n")

@@ -22,7 +22,7 @@ class LidarSpec:
     integer_intensity: bool = True
 
     @classmethod
-    def uniform(cls, beams: int, top_deg: float, bottom_deg: float, **kw) -> "LidarSpec":
+    def uniform(cls, beams: int, top_deg: float, bottom_deg: float, **kw) -> LidarSpec:
         return cls(tuple(np.linspace(top_deg, bottom_deg, beams).tolist()), **kw)
 
 
@@ -110,7 +110,9 @@ def _pixel_blocks(k: np.ndarray, size: tuple[int, int], world_to_camera: np.ndar
     return blocks
 
 
-def render(world: World, k: np.ndarray, size: tuple[int, int], camera_to_world: np.ndarray, max_range: float = 250.0) -> np.ndarray:
+def render(
+    world: World, k: np.ndarray, size: tuple[int, int], camera_to_world: np.ndarray, max_range: float = 250.0
+) -> np.ndarray:
     """(H, W, 3) uint8 image; the ray of pixel (row j, column i) passes through (i + 0.5, j + 0.5)."""
     h, w = size
     u, v = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)

@@ -57,11 +57,21 @@ PALETTE: dict[Cls, tuple[tuple[int, int, int], ...]] = {
 
 # Lidar reflectivity in [0, 1] by material (retro-reflective signs and markings are bright).
 REFLECTIVITY: dict[Cls, float] = {
-    Cls.ROAD: 0.08, Cls.LANE_MARKING: 0.55, Cls.SIDEWALK: 0.18, Cls.TERRAIN: 0.14,
-    Cls.BUILDING: 0.3, Cls.VEGETATION: 0.22, Cls.TRUNK: 0.2, Cls.CAR: 0.3, Cls.TRUCK: 0.35,
-    Cls.PEDESTRIAN: 0.15, Cls.POLE: 0.35, Cls.TRAFFIC_SIGN: 0.95, Cls.BARRIER: 0.45,
+    Cls.ROAD: 0.08,
+    Cls.LANE_MARKING: 0.55,
+    Cls.SIDEWALK: 0.18,
+    Cls.TERRAIN: 0.14,
+    Cls.BUILDING: 0.3,
+    Cls.VEGETATION: 0.22,
+    Cls.TRUNK: 0.2,
+    Cls.CAR: 0.3,
+    Cls.TRUCK: 0.35,
+    Cls.PEDESTRIAN: 0.15,
+    Cls.POLE: 0.35,
+    Cls.TRAFFIC_SIGN: 0.95,
+    Cls.BARRIER: 0.45,
     Cls.TRAFFIC_CONE: 0.7,
-}  # fmt: skip
+}
 
 SKY_HORIZON = np.array([160.0, 195.0, 235.0])
 SKY_ZENITH = np.array([70.0, 115.0, 200.0])
@@ -253,7 +263,9 @@ def shade_colours(world: World, hits: Hits, points: np.ndarray, cls: np.ndarray,
 def generate_world(rng: np.random.Generator, ego_lane_y: float, ego_x_range: tuple[float, float]) -> World:
     """A random street: a main road along x, a cross road, buildings, trees, street furniture,
     parked and driving vehicles, pedestrians. The ego lane is kept clear along the ego's path."""
-    world = World(road_half_width=7.0, sidewalk_width=3.0, cross_road_x=float(rng.uniform(25, 55)), cross_half_width=6.0)
+    world = World(
+        road_half_width=7.0, sidewalk_width=3.0, cross_road_x=float(rng.uniform(25, 55)), cross_half_width=6.0
+    )
     prims = world.primitives
     half_w, walk = world.road_half_width, world.sidewalk_width
     x_lo, x_hi = -90.0, 130.0
@@ -266,7 +278,16 @@ def generate_world(rng: np.random.Generator, ego_lane_y: float, ego_x_range: tup
         return options[int(rng.integers(len(options)))]
 
     def box(cx, cy, z0, length, width, height, yaw, c, colour=None, shade=1.0):
-        prims.append(Box(np.array([cx, cy, z0 + height / 2]), np.array([length / 2, width / 2, height / 2]), yaw, c, colour or pick(c), shade))
+        prims.append(
+            Box(
+                np.array([cx, cy, z0 + height / 2]),
+                np.array([length / 2, width / 2, height / 2]),
+                yaw,
+                c,
+                colour or pick(c),
+                shade,
+            )
+        )
 
     # Buildings on both sides of the main road, and along the cross road.
     for side in (-1, 1):
@@ -276,7 +297,16 @@ def generate_world(rng: np.random.Generator, ego_lane_y: float, ego_x_range: tup
             if not near_cross(x + length / 2, length / 2 + 1):
                 depth = rng.uniform(8, 16)
                 setback = half_w + walk + rng.uniform(4.5, 8)
-                box(x + length / 2, side * (setback + depth / 2), 0, length, depth, rng.uniform(6, 24), 0.0, Cls.BUILDING)
+                box(
+                    x + length / 2,
+                    side * (setback + depth / 2),
+                    0,
+                    length,
+                    depth,
+                    rng.uniform(6, 24),
+                    0.0,
+                    Cls.BUILDING,
+                )
             x += length + rng.uniform(1, 6)
         for k in range(3):
             y0 = side * (half_w + walk + 16 + k * 14)
@@ -313,9 +343,19 @@ def generate_world(rng: np.random.Generator, ego_lane_y: float, ego_x_range: tup
     def vehicle(x: float, y: float, yaw: float, c: Cls) -> None:
         colour = pick(c)
         if c == Cls.CAR:
-            length, width, body_h, cab_h = rng.uniform(3.9, 4.8), rng.uniform(1.7, 1.9), rng.uniform(0.9, 1.1), rng.uniform(0.5, 0.65)
+            length, width, body_h, cab_h = (
+                rng.uniform(3.9, 4.8),
+                rng.uniform(1.7, 1.9),
+                rng.uniform(0.9, 1.1),
+                rng.uniform(0.5, 0.65),
+            )
         else:  # vans and box trucks: the same box-on-box shape, bigger, and their own colours
-            length, width, body_h, cab_h = rng.uniform(5.0, 7.5), rng.uniform(2.0, 2.4), rng.uniform(1.5, 2.4), rng.uniform(0.5, 0.7)
+            length, width, body_h, cab_h = (
+                rng.uniform(5.0, 7.5),
+                rng.uniform(2.0, 2.4),
+                rng.uniform(1.5, 2.4),
+                rng.uniform(0.5, 0.7),
+            )
         box(x, y, 0.25, length, width, body_h, yaw, c, colour)
         offset = np.array([-0.15 * length, 0.0]) @ yaw_matrix(yaw)[:2, :2].T
         box(x + offset[0], y + offset[1], 0.25 + body_h, 0.5 * length, 0.92 * width, cab_h, yaw, c, colour, shade=0.55)

@@ -65,7 +65,10 @@ class Commands(click.Group):
             raise click.ClickException(str(err)) from None
 
 
-@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 120})
+@click.group(
+    cls=Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 120},
+)
 @click.version_option(__version__, prog_name="scalr")
 @click.option("-v", "--verbose", count=True, help="Debug log output.")
 def main(verbose: int) -> None:
@@ -74,6 +77,8 @@ def main(verbose: int) -> None:
     Stage 1 extracts teacher features once into a Zarr feature store; stage 2 trains lidar
     students from the store. Start with `scalr synth` to make a dataset with no download.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for package in ("pipeline", "stages", "storage"):  # scalr's own progress notes at INFO
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)

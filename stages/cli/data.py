@@ -18,16 +18,26 @@ from stages.tools.pictures import projection_figure
 
 @click.command("synth")
 @click.option(
-    "--format", "fmt", type=click.Choice(["nuscenes", "semantickitti", "pandaset", "semanticposs"]), required=True,
+    "--format",
+    "fmt",
+    type=click.Choice(["nuscenes", "semantickitti", "pandaset", "semanticposs"]),
+    required=True,
     help="On-disk format to write (pandaset: both Pandar64 and PandarGT).",
-)  # fmt: skip
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Dataset root to create.")
 @click.option("--seed", default=0, help="Random seed: the same seed writes the same dataset.")
-@click.option("--scenes", type=int, default=None, help="nuScenes scenes / SemanticKITTI sequences [format default: 4 / 2].")
+@click.option(
+    "--scenes", type=int, default=None, help="nuScenes scenes / SemanticKITTI sequences [format default: 4 / 2]."
+)
 @click.option("--frames", type=int, default=None, help="Keyframes per scene / frames per sequence [default: 4 / 8].")
 @click.option("--beams", type=int, default=None, help="Lidar beams [default: 32 / 64].")
 @click.option("--azimuth-steps", type=int, default=None, help="Lidar rays per beam per revolution [default: 1024].")
-@click.option("--image-scale", type=float, default=None, help="Camera resolution relative to the real sensor [default: 0.3 / 0.5].")
+@click.option(
+    "--image-scale",
+    type=float,
+    default=None,
+    help="Camera resolution relative to the real sensor [default: 0.3 / 0.5].",
+)
 @click.option("--speed", type=float, default=10.0, help="Ego speed in m/s.")
 def synth_command(fmt, out, seed, scenes, frames, beams, azimuth_steps, image_scale, speed):
     """Write a synthetic driving dataset (street scenes, ray-cast lidar, rendered cameras) in a
@@ -43,9 +53,18 @@ def synth_command(fmt, out, seed, scenes, frames, beams, azimuth_steps, image_sc
 @ROOT
 @SPLIT
 @click.option("--max-scans", type=int, default=None, help="Check only the first N scans.")
-@click.option("--plot-dir", type=click.Path(path_type=Path), default=None, help="Draw points projected on the images of the first scan(s) here.")  # fmt: skip
+@click.option(
+    "--plot-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Draw points projected on the images of the first scan(s) here.",
+)
 @click.option("--plot-scans", default=1, help="How many scans to draw with --plot-dir.")
-@click.option("--decode-images", is_flag=True, help="Decode every image fully (finds truncated files; slow) instead of reading headers.")  # fmt: skip
+@click.option(
+    "--decode-images",
+    is_flag=True,
+    help="Decode every image fully (finds truncated files; slow) instead of reading headers.",
+)
 def check_dataset_command(**fields):
     """Validate a dataset root: read every scan, its labels and calibration, and print counts
     (scans, points, visible points per camera, label histogram). Exits 1 if any file is bad."""

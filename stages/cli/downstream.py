@@ -22,12 +22,14 @@ PROBE_HELP = (
     "20 epochs (PandaSet 50), warm-up 2 epochs, cosine to 1e-5, as the released configs)."
 )
 FINETUNE_HELP = (
-    "Finetune a pretrained backbone with a new head: drop-path 0.2, layer-wise lr decay (0.99 at 100% labels, 0.95 below), "
+    "Finetune a pretrained backbone with a new head: drop-path 0.2, layer-wise lr decay (0.99 at 100% labels, "
+    "0.95 below), "
     "AdamW lr 2e-3, wd 0, CE + Lovasz; 25 epochs, 2 warm-up (SemanticKITTI 10, 1; 1%/10% labels 45, 4), cosine to 0, "
     "as the released configs."
 )
 FRAMES_HELP = (
-    "The labelled scans: a text file of scan ids (one a line) or a released ScaLR .npy list (e.g. nuscenes-ratio_100-v_0.npy "
+    "The labelled scans: a text file of scan ids (one a line) or a released ScaLR .npy list (e.g. "
+    "nuscenes-ratio_100-v_0.npy "
     "for 1%; read with pickle: use lists you trust). Give --labels too, for the schedule."
 )
 
@@ -41,9 +43,12 @@ def segment_command(mode: str, name: str, help_text: str, *extra_options):
     @SPLIT
     @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder.")
     @click.option(
-        "--labels", "labels_fraction", type=click.Choice(["1", "10", "100"]), default="100",
+        "--labels",
+        "labels_fraction",
+        type=click.Choice(["1", "10", "100"]),
+        default="100",
         help="Percent of the training scans with labels (every 100th / 10th scan of the sorted list).",
-    )  # fmt: skip
+    )
     @click.option("--frames-file", type=click.Path(path_type=Path), default=None, help=FRAMES_HELP)
     @CONFIG_FILE
     @click.option("--set", "sets", multiple=True, help="Override any config key, e.g. --set optim.lr=5e-4.")
@@ -53,15 +58,23 @@ def segment_command(mode: str, name: str, help_text: str, *extra_options):
     @device_option(default=None)
     @click.option("--num-workers", type=int, default=None)
     @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out.")
-    def command(labels_fraction, config_file, sets, epochs, batch_size, precision, device, num_workers, fresh, **fields):
+    def command(
+        labels_fraction, config_file, sets, epochs, batch_size, precision, device, num_workers, fresh, **fields
+    ):
         flags = {
-            "train.epochs": epochs, "train.batch_size": batch_size, "train.precision": precision, "train.device": device,
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+            "train.precision": precision,
+            "train.device": device,
             "train.num_workers": num_workers,
-        }  # fmt: skip
+        }
         cfg = SegmentConfig.for_mode(mode, labels_fraction=int(labels_fraction) / 100, **fields)
         summary = train_segmentation(layered(cfg, config_file, sets, flags), resume=not fresh)
         ckpt = summary["checkpoint"]
-        click.echo(f"{mode}: {summary['steps']} steps; checkpoint {ckpt}; evaluate with: scalr evaluate --checkpoint {ckpt} ...")
+        click.echo(
+            f"{mode}: {summary['steps']} steps; checkpoint {ckpt}; evaluate with: scalr evaluate --checkpoint "
+            f"{ckpt} ..."
+        )
 
     for option in extra_options:
         command = option(command)
@@ -70,13 +83,18 @@ def segment_command(mode: str, name: str, help_text: str, *extra_options):
 
 probe_command = segment_command("probe", "probe", PROBE_HELP, CHECKPOINT)
 finetune_command = segment_command(
-    "finetune", "finetune", FINETUNE_HELP, CHECKPOINT,
+    "finetune",
+    "finetune",
+    FINETUNE_HELP,
+    CHECKPOINT,
     click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay (default by label fraction)."),
-)  # fmt: skip
+)
 train_scratch_command = segment_command(
-    "scratch", "train-scratch", "Supervised baseline: the same training from a random initialisation.",
+    "scratch",
+    "train-scratch",
+    "Supervised baseline: the same training from a random initialisation.",
     click.option("--student", default="WI-48-256", help=f"WaffleIron preset: {', '.join(STUDENTS)}."),
-)  # fmt: skip
+)
 
 
 @click.command("evaluate")
@@ -84,34 +102,57 @@ train_scratch_command = segment_command(
 @ROOT
 @click.option("--split", default="val", show_default=True)
 @CHECKPOINT
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON result (default: RUN/eval-DATASET-SPLIT.json).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="JSON result (default: RUN/eval-DATASET-SPLIT.json)."
+)
 @device_option()
 @click.option("--max-scans", type=int, default=None)
 @click.option(
-    "--corruptions", default="",
-    help=f"Robo3D-style corruptions to evaluate at 3 severities each: 'all' or a comma list of {', '.join(CORRUPTIONS)}.",
-)  # fmt: skip
+    "--corruptions",
+    default="",
+    help="Robo3D-style corruptions to evaluate at 3 severities each: 'all' or a comma list of "
+    f"{', '.join(CORRUPTIONS)}.",
+)
 @click.option("--seed", default=0, help="Seed of the corruptions.")
-@click.option("--class-map", default=None, help="Across datasets: the shared-class map (default: the one registered for the two datasets).")  # fmt: skip
+@click.option(
+    "--class-map",
+    default=None,
+    help="Across datasets: the shared-class map (default: the one registered for the two datasets).",
+)
 def evaluate_command(corruptions, **fields):
     """mIoU (NaN-mean over classes) and accuracy of a segmentation model: predictions on the
     voxelised cloud, every point labelled by its nearest kept point, one confusion matrix. With
     --corruptions: mIoU per corruption and severity, CE, mCE (nuScenes: vs MinkUNet-18) and mRR."""
-    names = tuple(CORRUPTIONS) if corruptions == "all" else tuple(c.strip() for c in corruptions.split(",") if c.strip())
+    names = (
+        tuple(CORRUPTIONS) if corruptions == "all" else tuple(c.strip() for c in corruptions.split(",") if c.strip())
+    )
     result = evaluate(EvaluateConfig(corruptions=names, **fields))
     click.echo("\n".join(table_lines(result)))
 
 
 @click.command("embed")
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A student checkpoint: scalr's (pretraining or downstream) or the released ScaLR code's.")  # fmt: skip
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="A student checkpoint: scalr's (pretraining or downstream) or the released ScaLR code's.",
+)
 @DATASET
 @ROOT
 @click.option("--split", default="val", help="Split to embed (every scan of it).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Store to create or finish (e.g. stores/nuscenes-val-wi768.zarr).")  # fmt: skip
 @click.option(
-    "--voxel-size", type=float, default=None,
-    help="Voxel size in metres; 0 keeps every point in the field of view. Default: the released evaluation's 0.1 m (first point of each voxel).",
-)  # fmt: skip
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Store to create or finish (e.g. stores/nuscenes-val-wi768.zarr).",
+)
+@click.option(
+    "--voxel-size",
+    type=float,
+    default=None,
+    help="Voxel size in metres; 0 keeps every point in the field of view. Default: the released evaluation's 0.1 m "
+    "(first point of each voxel).",
+)
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored feature type.")
 @device_option()
 @click.option("--max-scans", type=int, default=None, help="Only the first N scans of the split.")

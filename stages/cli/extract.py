@@ -15,19 +15,27 @@ from storage.layout import LAYOUTS, QUANTIZE
 from storage.verify import verify_store
 
 LAYOUT = click.option(
-    "--layout", type=click.Choice(LAYOUTS), default="grid",
+    "--layout",
+    type=click.Choice(LAYOUTS),
+    default="grid",
     help="grid: each image's token grid, targets sampled when read (~8x smaller at 224x448 with a /14 teacher); "
     "points: per-point features.",
-)  # fmt: skip
+)
 QUANTIZE_OPTION = click.option(
-    "--quantize", type=click.Choice(QUANTIZE), default="none",
-    help="int8 grids with a float32 scale per token (grid layout; 0.54x the float16 grid store, targets within cosine 0.999).",
-)  # fmt: skip
+    "--quantize",
+    type=click.Choice(QUANTIZE),
+    default="none",
+    help="int8 grids with a float32 scale per token (grid layout; 0.54x the float16 grid store, targets within cosine "
+    "0.999).",
+)
 RECIPE = click.option(
-    "--recipe", type=click.Choice(list(RECIPES)), default="cvpr",
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default="cvpr",
     help="Where the released CVPR code and ScaLR+ differ: cvpr resizes images without antialias and interpolates "
-    "DINOv2's 518-px position embeddings at every forward; scalr-plus antialiases and resizes the embeddings once (timm).",
-)  # fmt: skip
+    "DINOv2's 518-px position embeddings at every forward; scalr-plus antialiases and resizes the embeddings once "
+    "(timm).",
+)
 
 
 @click.command("teachers")
@@ -43,24 +51,49 @@ def teachers_command():
 @ROOT
 @SPLIT
 @click.option("--teacher", required=True, help="Teacher name (see `scalr teachers`).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Feature store to create or finish (e.g. stores/nuscenes-train-dinov2-vitl14.zarr).")  # fmt: skip
 @click.option(
-    "--weights", type=click.Path(path_type=Path), default=None,
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Feature store to create or finish (e.g. stores/nuscenes-train-dinov2-vitl14.zarr).",
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    default=None,
     help="Teacher weights file (original release checkpoint or timm state dict). Without --weights and --weights-dir: "
     "the teacher's weights by name from the Hugging Face cache (timm's repository; fetched once when online).",
-)  # fmt: skip
-@click.option("--weights-dir", type=click.Path(path_type=Path), default=None, help="Folder holding weights under their documented file names.")  # fmt: skip
-@click.option("--random-init", is_flag=True, help="Random teacher weights, for tests and demos only; recorded in the store.")
+)
+@click.option(
+    "--weights-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder holding weights under their documented file names.",
+)
+@click.option(
+    "--random-init", is_flag=True, help="Random teacher weights, for tests and demos only; recorded in the store."
+)
 @click.option("--seed", default=0, help="Seed of --random-init.")
 @image_size_option("HEIGHTxWIDTH the images are resized to (ScaLR+: 448x896).")
 @device_option()
 @precision_option(help_text="Autocast precision of the teacher.")
 @click.option("--batch-size", default=12, help="Images per teacher forward pass.")
 @click.option("--num-workers", default=2, help="DataLoader workers decoding images and projecting points.")
-@click.option("--scans-per-part", default=16, help="Scans per part: the unit of work, of crash recovery and of parallelism.")
-@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", help="On bad input: stop with the file named, or record a skip in the store.")  # fmt: skip
-@click.option("--workers", "dask_workers", default=0, help="> 1: run parts on a local dask cluster of this many processes.")
-@click.option("--scheduler", default=None, help="Address of a running dask scheduler: run parts as tasks on its workers.")
+@click.option(
+    "--scans-per-part", default=16, help="Scans per part: the unit of work, of crash recovery and of parallelism."
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["raise", "skip"]),
+    default="raise",
+    help="On bad input: stop with the file named, or record a skip in the store.",
+)
+@click.option(
+    "--workers", "dask_workers", default=0, help="> 1: run parts on a local dask cluster of this many processes."
+)
+@click.option(
+    "--scheduler", default=None, help="Address of a running dask scheduler: run parts as tasks on its workers."
+)
 @click.option("--max-scans", type=int, default=None, help="Only the first N scans of the split.")
 @LAYOUT
 @QUANTIZE_OPTION
@@ -86,5 +119,6 @@ def verify_command(store):
     if problems:
         click.echo(f"{store}: {len(problems)} problem(s)")
         sys.exit(1)
-    what = f"{counts['parts']} parts, {counts['entries']} entries, {counts['skipped']} skipped, {counts['points']:,} points"
+    parts, entries, skipped, points = (counts[k] for k in ("parts", "entries", "skipped", "points"))
+    what = f"{parts} parts, {entries} entries, {skipped} skipped, {points:,} points"
     click.echo(f"{store}: OK ({what})")

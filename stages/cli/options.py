@@ -26,13 +26,20 @@ def precision_option(default: str | None = "fp32", help_text: str = "Autocast pr
 
 
 def device_option(default: str | None = "auto"):
-    return click.option("--device", default=default, help="auto (this process's GPU, else the CPU), cpu, cuda or cuda:N.")
+    return click.option(
+        "--device", default=default, help="auto (this process's GPU, else the CPU), cpu, cuda or cuda:N."
+    )
 
 
 CHECKPOINT = click.option(
-    "--checkpoint", type=click.Path(path_type=Path), required=True, help="Pretraining checkpoint (RUN/checkpoints/last.pt)."
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Pretraining checkpoint (RUN/checkpoints/last.pt).",
 )
-JSON_OUT = click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON here.")
+JSON_OUT = click.option(
+    "--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON here."
+)
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -14,44 +14,78 @@ from stages.student.waffleiron import STUDENTS
 from storage.runs import RunFolder
 
 CONFIG_FILE = click.option(
-    "--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML file of overrides ([optim] lr = 1e-3 ...)."
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file of overrides ([optim] lr = 1e-3 ...).",
 )
 
 
 @click.command("pretrain")
 @click.option(
-    "--store", "stores", multiple=True, required=True, type=click.Path(path_type=Path),
-    help="Feature store; repeat it. Stores of one dataset split (one per teacher) are joined, stores of different datasets mixed.",
-)  # fmt: skip
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (config, metrics, checkpoints, loss curve).")
-@click.option("--student", default="WI-48-256", help=f"WaffleIron preset: {', '.join(STUDENTS)} (the last for CPU demos).")
+    "--store",
+    "stores",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Feature store; repeat it. Stores of one dataset split (one per teacher) are joined, stores of different "
+    "datasets mixed.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder (config, metrics, checkpoints, loss curve).",
+)
+@click.option(
+    "--student", default="WI-48-256", help=f"WaffleIron preset: {', '.join(STUDENTS)} (the last for CPU demos)."
+)
 @CONFIG_FILE
-@click.option("--set", "sets", multiple=True, help="Override any config key, e.g. --set optim.lr=1e-3 --set model.drop_path=0.2.")
+@click.option(
+    "--set", "sets", multiple=True, help="Override any config key, e.g. --set optim.lr=1e-3 --set model.drop_path=0.2."
+)
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None, help="Global batch size (all ranks).")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (the schedule still spans all epochs).")
+@click.option(
+    "--max-steps", type=int, default=None, help="Stop after this many steps (the schedule still spans all epochs)."
+)
 @precision_option(default=None)
 @device_option(default=None)
 @click.option("--num-workers", type=int, default=None)
-@click.option("--loss", type=click.Choice(["cosine", "ppkt"]), default=None, help="cosine: ScaLR; ppkt: contrastive baseline.")
+@click.option(
+    "--loss", type=click.Choice(["cosine", "ppkt"]), default=None, help="cosine: ScaLR; ppkt: contrastive baseline."
+)
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out instead of resuming from it.")
-def pretrain_command(stores, out, student, config_file, sets, epochs, batch_size, max_steps, precision, device, num_workers, loss, fresh):  # fmt: skip
+def pretrain_command(
+    stores, out, student, config_file, sets, epochs, batch_size, max_steps, precision, device, num_workers, loss, fresh
+):
     """Stage 2: train a WaffleIron student against cached teacher targets (no teacher, images or
     raw dataset needed). Resumes from --out's last checkpoint. Multi-GPU:
     torchrun --nproc-per-node N --no-python scalr pretrain ..."""
     flags = {
-        "train.epochs": epochs, "train.batch_size": batch_size, "train.max_steps": max_steps, "train.precision": precision,
-        "train.device": device, "train.num_workers": num_workers, "loss.kind": loss,
-    }  # fmt: skip
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "train.max_steps": max_steps,
+        "train.precision": precision,
+        "train.device": device,
+        "train.num_workers": num_workers,
+        "loss.kind": loss,
+    }
     cfg = layered(PretrainConfig(tuple(stores), out, student).resolved(), config_file, sets, flags)
     summary = pretrain(cfg, resume=not fresh)
-    click.echo(f"pretrained {summary['steps']} steps; checkpoint {summary['checkpoint']}; loss curve {RunFolder(out).loss_plot}")
+    click.echo(
+        f"pretrained {summary['steps']} steps; checkpoint {summary['checkpoint']}; loss curve "
+        f"{RunFolder(out).loss_plot}"
+    )
 
 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--to", type=click.Choice(["auto", "scalr", "released"]), default="auto", help="auto: the other format than SRC's.")
+@click.option(
+    "--to", type=click.Choice(["auto", "scalr", "released"]), default="auto", help="auto: the other format than SRC's."
+)
 def convert_command(src, dst, to):
     """Convert a student checkpoint between the released ScaLR code's format (`model_points` /
     `net` state dicts of its WaffleIron segmenter; the published checkpoints) and scalr's. The
@@ -59,4 +93,3 @@ def convert_command(src, dst, to):
     evaluate and plot-features also read released checkpoints directly."""
     written = convert_checkpoint(src, dst, to)
     click.echo(f"{dst}: {written} checkpoint written from {src}")
-

@@ -22,20 +22,44 @@ from stages.tools.view import ViewConfig, serve
 
 @click.command("inspect")
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--scan", default=None, help="Show one scan's entries (with --plot: its pictures, every camera and a whole-scan bird's-eye view).")  # fmt: skip
+@click.option(
+    "--scan",
+    default=None,
+    help="Show one scan's entries (with --plot: its pictures, every camera and a whole-scan bird's-eye view).",
+)
 @click.option("--camera", default=None, help="With --scan: only this camera.")
 @click.option(
-    "--stats", is_flag=True,
-    help="Feature statistics over the whole store (dask, out of core): norms and their histogram, zero-norm rows, channels, "
+    "--stats",
+    is_flag=True,
+    help="Feature statistics over the whole store (dask, out of core): norms and their histogram, zero-norm rows, "
+    "channels, "
     "per-camera visible fractions.",
-)  # fmt: skip
+)
 @click.option(
-    "--plot", "plot_dir", type=click.Path(path_type=Path), default=None,
+    "--plot",
+    "plot_dir",
+    type=click.Path(path_type=Path),
+    default=None,
     help="Write PNGs here: with --scan the feature correlation map and PCA colours; with --stats the norm histogram.",
-)  # fmt: skip
-@click.option("--point", type=int, default=None, help="Query point of the correlation map: its index in the raw scan (the lidar file's order).")  # fmt: skip
-@click.option("--class", "class_name", default=None, help="Query a point of this class (default: a car, when the dataset's labels are still there).")  # fmt: skip
-@click.option("--pca-from", type=click.Path(path_type=Path), default=None, help="Fit the PCA colours on this store (same feature size) so two stores share one palette.")  # fmt: skip
+)
+@click.option(
+    "--point",
+    type=int,
+    default=None,
+    help="Query point of the correlation map: its index in the raw scan (the lidar file's order).",
+)
+@click.option(
+    "--class",
+    "class_name",
+    default=None,
+    help="Query a point of this class (default: a car, when the dataset's labels are still there).",
+)
+@click.option(
+    "--pca-from",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Fit the PCA colours on this store (same feature size) so two stores share one palette.",
+)
 def inspect_command(**fields):
     """Summarise a feature store: teacher, image size, entries, points, bytes on disk, per-camera
     counts, skipped entries; one scan's entries with --scan (--camera for one); statistics with
@@ -51,10 +75,12 @@ def inspect_command(**fields):
 @click.command("view")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
-    "--checkpoint", type=click.Path(path_type=Path), default=None,
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
     help="A student checkpoint: also show its features on the store's raw scans (the dataset must still be where the "
     "store was extracted from).",
-)  # fmt: skip
+)
 @click.option("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
 @click.option("--port", type=int, default=8080)
 @click.option("--scan", default=None, help="Scan shown first (default: the store's first).")
@@ -70,14 +96,25 @@ def view_command(**fields):
 
 
 @click.command("plot-features")
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="A student checkpoint (pretraining or downstream).")  # fmt: skip
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="A student checkpoint (pretraining or downstream).",
+)
 @DATASET
 @ROOT
 @SPLIT
 @click.option("--scan", "scan_id", required=True)
-@click.option("--camera", default=None, help="Only this camera (default: every camera of the scan, and a whole-scan bird's-eye view).")  # fmt: skip
+@click.option(
+    "--camera",
+    default=None,
+    help="Only this camera (default: every camera of the scan, and a whole-scan bird's-eye view).",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the PNGs.")
-@click.option("--point", type=int, default=None, help="Query point: its index in the raw scan (it must survive the voxelisation).")
+@click.option(
+    "--point", type=int, default=None, help="Query point: its index in the raw scan (it must survive the voxelisation)."
+)
 @click.option("--class", "class_name", default=None, help="Query a point of this class (default: a car).")
 def plot_features_command(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):
     """A student's feature correlation map (cosine similarity to a query point, as the paper's
@@ -89,7 +126,12 @@ def plot_features_command(checkpoint, dataset, root, split, scan_id, camera, out
 
 @click.command("runs")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Also draw every run's loss curve on one figure (PNG).")
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also draw every run's loss curve on one figure (PNG).",
+)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
 def runs_command(paths, plot, json_out):
     """One table of runs: RUN folders, or folders searched for runs (any folder with config.json).
@@ -105,7 +147,12 @@ def runs_command(paths, plot, json_out):
 
 @click.command("demo")
 @click.option("--data", type=click.Path(path_type=Path), default=Path("data"), help="Where the synthetic datasets go.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out/demo"), help="Folder for every figure and the results table.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("out/demo"),
+    help="Folder for every figure and the results table.",
+)
 @click.option("--teacher", default="test-vit", help="Teacher (random init).")
 @click.option("--student", default="WI-12-64")
 @click.option("--pretrain-epochs", default=8)
@@ -128,7 +175,12 @@ def bench_command():
 @ROOT
 @SPLIT
 @click.option("--teacher", default="dinov2-vits14", help="Teacher name.")
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Weights file (default: random init; speed does not depend on weights).")  # fmt: skip
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Weights file (default: random init; speed does not depend on weights).",
+)
 @image_size_option("HEIGHTxWIDTH.")
 @device_option()
 @precision_option()
@@ -160,7 +212,12 @@ def bench_open_command(store, repeats):
 
 
 @bench_command.command("pretrain")
-@click.option("--store", type=click.Path(path_type=Path), required=True, help="Feature store (its raw dataset must still be there for the online-teacher comparison).")  # fmt: skip
+@click.option(
+    "--store",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Feature store (its raw dataset must still be there for the online-teacher comparison).",
+)
 @click.option("--student", default="WI-48-256")
 @click.option("--batch-size", default=2)
 @click.option("--max-points", default=20000)
@@ -168,7 +225,13 @@ def bench_open_command(store, repeats):
 @click.option("--num-workers", default=2)
 @device_option()
 @precision_option()
-@click.option("--teacher", "teachers", multiple=True, default=("dinov2-vits14", "dinov2-vitb14"), help="Teachers to run online for comparison (repeat).")  # fmt: skip
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    default=("dinov2-vits14", "dinov2-vitb14"),
+    help="Teachers to run online for comparison (repeat).",
+)
 @JSON_OUT
 def bench_pretrain_command(json_out, teachers, **fields):
     """Pretraining: step time with the real store loader / with batches in memory (goal <= 1.05),

@@ -71,7 +71,9 @@ def embed(cfg: EmbedConfig) -> FeatureStore:
     backbone = build_backbone(cfg.checkpoint, state, sample.grid.shape).eval()
     device = pick_device(cfg.device)
     backbone.to(device)
-    store = FeatureStore.create_or_open(cfg.out, student_store_attributes(cfg, ds, scans, backbone, state["config"], sample))
+    store = FeatureStore.create_or_open(
+        cfg.out, student_store_attributes(cfg, ds, scans, backbone, state["config"], sample)
+    )
     plan = StorePlan(len(scans), cfg.scans_per_part)
     todo = [p for p in range(plan.parts) if p not in set(store.committed_parts())]
     with tqdm(total=sum(len(plan.scans_of(p)) for p in todo), desc="embed", unit="scan", dynamic_ncols=True) as bar:
@@ -84,16 +86,30 @@ def embed(cfg: EmbedConfig) -> FeatureStore:
     return FeatureStore(cfg.out)
 
 
-def student_store_attributes(cfg: EmbedConfig, ds: LidarDataset, scans: list[str], backbone: WaffleIron, record: dict, sample: SampleConfig) -> dict:  # fmt: skip
+def student_store_attributes(
+    cfg: EmbedConfig, ds: LidarDataset, scans: list[str], backbone: WaffleIron, record: dict, sample: SampleConfig
+) -> dict:
     """A student store's attributes: a teacher store's, with the checkpoint as its `teacher`."""
     student = backbone.cfg
     grid = sample.grid
     kept = f"voxels of {sample.voxel} m, first point of each in scan order" if sample.voxel > 0 else "every point"
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "scalr_version": __version__,
-        "teacher": {"name": f"student:{Path(cfg.checkpoint).name}", "kind": "student", "timm_name": "-", "dim": student.width, "patch": 0,
-                    "weights": sha256_file(cfg.checkpoint), "random_init": False, "checkpoint": str(Path(cfg.checkpoint).resolve()),
-                    "stage": record.get("stage"), "depth": student.depth, "norm": student.norm},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "scalr_version": __version__,
+        "teacher": {
+            "name": f"student:{Path(cfg.checkpoint).name}",
+            "kind": "student",
+            "timm_name": "-",
+            "dim": student.width,
+            "patch": 0,
+            "weights": sha256_file(cfg.checkpoint),
+            "random_init": False,
+            "checkpoint": str(Path(cfg.checkpoint).resolve()),
+            "stage": record.get("stage"),
+            "depth": student.depth,
+            "norm": student.norm,
+        },
         "image_size": None,
         "dataset": dataset_attributes(ds, cfg.split, scans),
         "dataset_root": str(Path(cfg.root).resolve()),
@@ -102,24 +118,43 @@ def student_store_attributes(cfg: EmbedConfig, ds: LidarDataset, scans: list[str
         "intensity_max": ds.meta.intensity_max,
         "intensity": intensity_attributes(ds),
         "plan": {"scans": len(scans), "scans_per_part": cfg.scans_per_part},
-        "projection": f"student features: {kept}, inside {grid.lo} - {grid.hi} m (1e-4 m margin), {grid.shape} cells; no pixel (-1)",
-        "sample": {"voxel": sample.voxel, "grid": {"lo": list(grid.lo), "hi": list(grid.hi), "cell": grid.cell}, "neighbours": sample.neighbours},
-        "dtype": cfg.dtype, "layout": "points", "quantize": "none", "grid_size": None, "recipe": None,
-    }  # fmt: skip
+        "projection": f"student features: {kept}, inside {grid.lo} - {grid.hi} m (1e-4 m margin), {grid.shape} cells; "
+        "no pixel (-1)",
+        "sample": {
+            "voxel": sample.voxel,
+            "grid": {"lo": list(grid.lo), "hi": list(grid.hi), "cell": grid.cell},
+            "neighbours": sample.neighbours,
+        },
+        "dtype": cfg.dtype,
+        "layout": "points",
+        "quantize": "none",
+        "grid_size": None,
+        "recipe": None,
+    }
 
 
-def _entry(ds: LidarDataset, index: int, backbone: WaffleIron, sample: SampleConfig, dtype: str, device: torch.device) -> tuple[dict, dict | None]:  # fmt: skip
+def _entry(
+    ds: LidarDataset, index: int, backbone: WaffleIron, sample: SampleConfig, dtype: str, device: torch.device
+) -> tuple[dict, dict | None]:
     scan = ds[index]
     row = {
-        "scan_index": index, "scan_id": scan.scan_id, "camera": CAMERA, "scan_points": scan.num_points,
-        "image_height": 0, "image_width": 0, "status": "ok", "reason": "",
-    }  # fmt: skip
+        "scan_index": index,
+        "scan_id": scan.scan_id,
+        "camera": CAMERA,
+        "scan_points": scan.num_points,
+        "image_height": 0,
+        "image_width": 0,
+        "status": "ok",
+        "reason": "",
+    }
     keep, features = run_on_scan(backbone, scan.points, ds.meta.intensity_norm, sample, device)
     if features is None:
         return row, None
     features = features.float().cpu().numpy()
     if dtype == "float16" and not np.isfinite(features.astype(np.float16)).all():
-        raise FloatingPointError(f"student features of {scan.scan_id} overflow float16 (|x| > 65504); use --dtype float32")
+        raise FloatingPointError(
+            f"student features of {scan.scan_id} overflow float16 (|x| > 65504); use --dtype float32"
+        )
     return row, {
         "points": scan.points[keep].astype(np.float32),
         "point_index": keep.astype(np.int32),

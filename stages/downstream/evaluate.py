@@ -53,7 +53,9 @@ class EvaluateConfig:
 
 def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     valid = labels != IGNORE_INDEX
-    return np.bincount(labels[valid].astype(np.int64) * num_classes + pred[valid], minlength=num_classes**2).reshape(num_classes, num_classes)
+    return np.bincount(labels[valid].astype(np.int64) * num_classes + pred[valid], minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
 
 
 def iou_from_confusion(cm: np.ndarray, num_classes: int | None = None) -> dict:
@@ -65,7 +67,11 @@ def iou_from_confusion(cm: np.ndarray, num_classes: int | None = None) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(denom > 0, tp / denom, np.nan)
     total = cm.sum()
-    return {"iou": iou, "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), "accuracy": float(tp.sum() / total) if total else float("nan")}
+    return {
+        "iou": iou,
+        "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+    }
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,13 @@ class Scoring:
         return cls(cmap.classes, pred_lut, label_lut, len(cmap.classes) + 1, cmap.name)
 
 
-def predict(model: nn.Module, points: np.ndarray, sample: SampleConfig, intensity_norm: tuple[float, float], device: torch.device) -> np.ndarray:  # fmt: skip
+def predict(
+    model: nn.Module,
+    points: np.ndarray,
+    sample: SampleConfig,
+    intensity_norm: tuple[float, float],
+    device: torch.device,
+) -> np.ndarray:
     """Class of every point: predict on the voxelised cloud, then copy each kept point's
     prediction to the original points nearest to it."""
     keep, logits = run_on_scan(model, points, intensity_norm, sample, device)
@@ -131,12 +143,20 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     scores = {v: iou_from_confusion(cm, len(scoring.class_names)) for v, cm in cms.items()}
     clean = scores[("clean", 0)]
     result = {
-        "checkpoint": str(cfg.checkpoint), "dataset": ds.meta.name, "split": cfg.split, "scans": count,
-        "miou": clean["miou"], "accuracy": clean["accuracy"],
-        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(scoring.class_names, clean["iou"])},
-        "trained_on": trained_on, "class_map": scoring.class_map, "confusion": cms[("clean", 0)].tolist(),
+        "checkpoint": str(cfg.checkpoint),
+        "dataset": ds.meta.name,
+        "split": cfg.split,
+        "scans": count,
+        "miou": clean["miou"],
+        "accuracy": clean["accuracy"],
+        "per_class_iou": {
+            name: (None if np.isnan(v) else float(v)) for name, v in zip(scoring.class_names, clean["iou"])
+        },
+        "trained_on": trained_on,
+        "class_map": scoring.class_map,
+        "confusion": cms[("clean", 0)].tolist(),
         "trained_as": record["stage"],
-    }  # fmt: skip
+    }
     if cfg.corruptions:
         per = {c: [scores[(c, sev)]["miou"] for sev in (1, 2, 3)] for c in cfg.corruptions}
         baseline = MINKUNET18_NUSCENES_C if ds.meta.name == "nuscenes" else None
@@ -145,7 +165,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return write_result(cfg, ds, result)
 
 
-def confusions(cfg: EvaluateConfig, ds: LidarDataset, count: int, model: nn.Module, sample: SampleConfig, scoring: Scoring, device: torch.device) -> dict:  # fmt: skip
+def confusions(
+    cfg: EvaluateConfig,
+    ds: LidarDataset,
+    count: int,
+    model: nn.Module,
+    sample: SampleConfig,
+    scoring: Scoring,
+    device: torch.device,
+) -> dict:
     """One confusion matrix per variant (clean, and each corruption at severities 1-3) over the
     first `count` scans."""
     meta = ds.meta
@@ -190,7 +218,10 @@ def write_result(cfg: EvaluateConfig, ds: LidarDataset, result: dict) -> dict:
 
 
 def table_lines(result: dict) -> list[str]:
-    lines = [f"{result['dataset']} {result['split']} ({result['scans']} scans), {result['trained_as']} model {result['checkpoint']}"]
+    lines = [
+        f"{result['dataset']} {result['split']} ({result['scans']} scans), {result['trained_as']} model "
+        f"{result['checkpoint']}"
+    ]
     for name, v in result["per_class_iou"].items():
         lines.append(f"  {name:<22}{'  n/a' if v is None else f'{100 * v:5.1f}'}")
     lines.append(f"  {'mIoU':<22}{100 * result['miou']:5.1f}")
@@ -200,8 +231,17 @@ def table_lines(result: dict) -> list[str]:
         lines.append(f"  {'corruption':<18}{'sev 1':>7}{'sev 2':>7}{'sev 3':>7}{'CE':>8}{'RR':>8}")
         for name, per in c["miou"].items():
             ce = c["ce"].get(name)
-            lines.append(f"  {name:<18}" + "".join(f"{100 * m:7.1f}" for m in per) + (f"{100 * ce:8.1f}" if ce is not None else f"{'n/a':>8}") + f"{100 * c['rr'][name]:8.1f}")
-        mce = "n/a (no published baseline for this dataset)" if c["mce"] is None else f"{100 * c['mce']:.1f}% vs {c['baseline']}"
+            lines.append(
+                f"  {name:<18}"
+                + "".join(f"{100 * m:7.1f}" for m in per)
+                + (f"{100 * ce:8.1f}" if ce is not None else f"{'n/a':>8}")
+                + f"{100 * c['rr'][name]:8.1f}"
+            )
+        mce = (
+            "n/a (no published baseline for this dataset)"
+            if c["mce"] is None
+            else f"{100 * c['mce']:.1f}% vs {c['baseline']}"
+        )
         lines.append(f"  mCE {mce}; mRR {100 * c['mrr']:.1f}%")
     lines.append(f"  written to {result['json']}")
     return lines

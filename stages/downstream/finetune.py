@@ -40,4 +40,7 @@ def layer_decay_groups(model: nn.Module, base_lr: float, decay: float) -> list[d
         else:
             layer = depth + 1
         groups.setdefault(layer, []).append(p)
-    return [{"params": ps, "lr": base_lr * decay ** (depth + 1 - layer), "layer": layer} for layer, ps in sorted(groups.items())]
+    return [
+        {"params": ps, "lr": base_lr * decay ** (depth + 1 - layer), "layer": layer}
+        for layer, ps in sorted(groups.items())
+    ]

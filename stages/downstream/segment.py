@@ -53,7 +53,9 @@ class SegmentConfig:
     layer_decay: float | None = None  # finetune: None = 0.99 at 100% labels, 0.95 below
     drop_path: float | None = None  # None = the mode's (0.2 for finetune/scratch)
     warmup_epochs: float = 2.0
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_points=CROP_POINTS))  # `for_mode`: the dataset's
+    sample: SampleConfig = field(
+        default_factory=lambda: SampleConfig(max_points=CROP_POINTS)
+    )  # `for_mode`: the dataset's
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -69,7 +71,9 @@ class SegmentConfig:
             sample = kw.pop("sample", SampleConfig(max_points=CROP_POINTS))
         optim = OptimConfig(lr=r["lr"], weight_decay=r["weight_decay"], min_lr=r["min_lr"])
         warmup = kw.pop("warmup_epochs", r["warmup_epochs"])
-        return cls(mode=mode, optim=optim, train=TrainConfig(epochs=r["epochs"]), warmup_epochs=warmup, sample=sample, **kw)
+        return cls(
+            mode=mode, optim=optim, train=TrainConfig(epochs=r["epochs"]), warmup_epochs=warmup, sample=sample, **kw
+        )
 
 
 def downstream_sample(dataset: str, mode: str = "probe") -> SampleConfig:
@@ -134,14 +138,29 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
     (Path(cfg.out) / "frames.txt").write_text("\n".join(ds.scan_ids[i] for i in indices) + "\n")
     backbone = model.backbone.cfg
     record = {
-        "stage": cfg.mode, "scalr_version": __version__, "config": {**to_dict(cfg), "model": to_dict(backbone)},
-        "dataset": {"name": ds.meta.name, "split": cfg.split, "classes": list(ds.meta.class_names), "scans": len(indices)},
-        "num_classes": ds.meta.num_classes, "pretrained": str(cfg.checkpoint) if cfg.checkpoint else None,
-    }  # fmt: skip
+        "stage": cfg.mode,
+        "scalr_version": __version__,
+        "config": {**to_dict(cfg), "model": to_dict(backbone)},
+        "dataset": {
+            "name": ds.meta.name,
+            "split": cfg.split,
+            "classes": list(ds.meta.class_names),
+            "scans": len(indices),
+        },
+        "num_classes": ds.meta.num_classes,
+        "pretrained": str(cfg.checkpoint) if cfg.checkpoint else None,
+    }
     log.info(
-        "%s on %s %s: %d labelled scans (%.0f%%), %s backbone %dx%d", cfg.mode, ds.meta.name, cfg.split, len(indices),
-        100 * cfg.labels_fraction, "frozen" if model.frozen else "trainable", backbone.depth, backbone.width,
-    )  # fmt: skip
+        "%s on %s %s: %d labelled scans (%.0f%%), %s backbone %dx%d",
+        cfg.mode,
+        ds.meta.name,
+        cfg.split,
+        len(indices),
+        100 * cfg.labels_fraction,
+        "frozen" if model.frozen else "trainable",
+        backbone.depth,
+        backbone.width,
+    )
 
     def sampler(rank: int, world: int) -> EpochSampler:
         return EpochSampler([len(indices)], cfg.train.batch_size, cfg.train.seed, rank, world)

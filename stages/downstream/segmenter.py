@@ -49,7 +49,9 @@ def segmenter_classes(path: Path, record: dict) -> int:
     anything else. A released finetuned checkpoint's record has no dataset: the caller knows it."""
     stage = record.get("stage", "unknown")
     if stage not in SEGMENTER_STAGES:
-        raise CheckpointError(path, f"a {stage} checkpoint, not a segmentation model (run probe, finetune or scratch first)")
+        raise CheckpointError(
+            path, f"a {stage} checkpoint, not a segmentation model (run probe, finetune or scratch first)"
+        )
     classes = record.get("num_classes")
     released = stage == "released-segmenter"
     if not isinstance(classes, int) or classes <= 0 or not (released or isinstance(record.get("dataset"), dict)):

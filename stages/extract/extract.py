@@ -96,7 +96,8 @@ class ExtractConfig:
             raise ConfigError(f"recipe {self.recipe!r}: one of {', '.join(RECIPES)}")
         if self.layout not in LAYOUTS or self.quantize not in QUANTIZE:
             raise ConfigError(
-                f"layout {self.layout!r} / quantize {self.quantize!r}: layout is one of {LAYOUTS}, quantize one of {QUANTIZE}"
+                f"layout {self.layout!r} / quantize {self.quantize!r}: layout is one of {LAYOUTS}, quantize one "
+                f"of {QUANTIZE}"
             )
         if self.quantize != "none" and self.layout != "grid":
             raise ConfigError("--quantize int8 needs --layout grid (per-point features are stored as float16)")
@@ -123,7 +124,9 @@ def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str], wei
             "timm_name": spec.timm_name,
             "dim": spec.dim,
             "patch": spec.patch,
-            "layer": maskclip if spec.dense == "maskclip-value" else "last block, before the final norm, prefix tokens removed",
+            "layer": maskclip
+            if spec.dense == "maskclip-value"
+            else "last block, before the final norm, prefix tokens removed",
             "dense": spec.dense,
             "pos_embed": POS_EMBED[pos_embed_rule(spec, RECIPES[cfg.recipe].pos_embed)],
             "weights": weights.label,
@@ -148,7 +151,9 @@ def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str], wei
         "dtype": "float16",
         "layout": cfg.layout,
         "quantize": cfg.quantize,
-        "grid_size": [cfg.image_size[0] // spec.patch, cfg.image_size[1] // spec.patch] if cfg.layout == "grid" else None,
+        "grid_size": [cfg.image_size[0] // spec.patch, cfg.image_size[1] // spec.patch]
+        if cfg.layout == "grid"
+        else None,
     }
 
 
@@ -170,16 +175,29 @@ def run_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device, pr
         return teacher(images.to(device, non_blocking=True))
 
 
-def extract_parts(cfg: ExtractConfig, store: FeatureStore, teacher: Teacher, ds: LidarDataset, parts: list[int], device: torch.device, num_workers: int, progress=None) -> None:  # fmt: skip
+def extract_parts(
+    cfg: ExtractConfig,
+    store: FeatureStore,
+    teacher: Teacher,
+    ds: LidarDataset,
+    parts: list[int],
+    device: torch.device,
+    num_workers: int,
+    progress=None,
+) -> None:
     """Compute and commit `parts` of the plan, in order."""
     plan = store.plan
     indices = [i for p in parts for i in plan.scans_of(p)]
     images = ScanImages(ds, indices, cfg.image_size, RECIPES[cfg.recipe].antialias)
     loader = Loader(
-        images, list, batch_sampler=part_batches(plan, parts, cfg.batch_size, len(ds.meta.camera_names)),
-        num_workers=num_workers, pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+        images,
+        list,
+        batch_sampler=part_batches(plan, parts, cfg.batch_size, len(ds.meta.camera_names)),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
         worker_init_fn=lower_priority,
-    )  # fmt: skip
+    )
     writer: PartWriter | None = None
     with BackgroundWriter() as background:  # compression and writes overlap the teacher
         for batch in loader:
@@ -215,7 +233,15 @@ def part_batches(plan: StorePlan, parts: list[int], images_per_batch: int, camer
     return batches
 
 
-def write_scan(cfg: ExtractConfig, item: dict, grids: torch.Tensor | None, k: int, writer: PartWriter, background: BackgroundWriter, camera_names) -> int:  # fmt: skip
+def write_scan(
+    cfg: ExtractConfig,
+    item: dict,
+    grids: torch.Tensor | None,
+    k: int,
+    writer: PartWriter,
+    background: BackgroundWriter,
+    camera_names,
+) -> int:
     """Queue the entries of one scan (an item of `ScanImages`) for `writer`; its cameras' token grids
     are `grids[k:]`. Returns the index of the next scan's first grid."""
     base = {"scan_index": item["scan_index"], "scan_id": item["scan_id"], "scan_points": item.get("scan_points", 0)}
@@ -223,13 +249,18 @@ def write_scan(cfg: ExtractConfig, item: dict, grids: torch.Tensor | None, k: in
         skip_or_raise(cfg, item["error"])
         for name in camera_names:  # the scan is unreadable: every camera of it is a recorded skip
             row = {**base, "camera": name, "image_height": 0, "image_width": 0}
-            background.submit(writer.add, {**row, "status": "skipped", "reason": "%s: %s" % item["error"]})
+            background.submit(writer.add, {**row, "status": "skipped", "reason": "{}: {}".format(*item["error"])})
         return k
     for cam in item["cameras"]:
-        row = {**base, "camera": cam["camera"], "image_height": cam["image_size"][0], "image_width": cam["image_size"][1]}
+        row = {
+            **base,
+            "camera": cam["camera"],
+            "image_height": cam["image_size"][0],
+            "image_width": cam["image_size"][1],
+        }
         if "error" in cam:
             skip_or_raise(cfg, cam["error"])
-            background.submit(writer.add, {**row, "status": "skipped", "reason": "%s: %s" % cam["error"]})
+            background.submit(writer.add, {**row, "status": "skipped", "reason": "{}: {}".format(*cam["error"])})
             continue
         grid, k = grids[k], k + 1
         data = {"points": item["points"][cam["point_index"]], "point_index": cam["point_index"], "pixel": cam["pixel"]}
@@ -241,7 +272,9 @@ def write_scan(cfg: ExtractConfig, item: dict, grids: torch.Tensor | None, k: in
             data["features"] = stored.cpu().numpy()
         if not torch.isfinite(stored).all():  # finite in float32, beyond float16's 65504
             where = f"{item['scan_id']}/{cam['camera']}"
-            raise FloatingPointError(f"teacher features of {where} overflow float16 (|x| > 65504); the store cannot hold them")
+            raise FloatingPointError(
+                f"teacher features of {where} overflow float16 (|x| > 65504); the store cannot hold them"
+            )
         background.submit(writer.add, {**row, "status": "ok", "reason": ""}, data)
     return k
 
@@ -259,8 +292,11 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
         problems = "\n  ".join(sorted({str(p) for p in ds.problems}))
         log.warning(
             "%s: %d bad index file(s); the scans they describe are recorded as skipped (see `scalr inspect`), "
-            "sequences whose split is unknown are left out:\n  %s", cfg.root, len(ds.problems), problems,
-        )  # fmt: skip
+            "sequences whose split is unknown are left out:\n  %s",
+            cfg.root,
+            len(ds.problems),
+            problems,
+        )
     scans = ds.scan_ids if cfg.max_scans is None else ds.scan_ids[: cfg.max_scans]
     if not scans:
         raise DatasetError(cfg.root, f"split {cfg.split} has no scans")
@@ -271,7 +307,9 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
     launch = Launch.from_env(cfg.rank, cfg.world_size)
     todo = [p for p in range(plan.parts) if p not in done and p % launch.world == launch.rank]
     if done:
-        log.info("%s: resuming: %d of %d parts already committed, computing %d", cfg.out, len(done), plan.parts, len(todo))
+        log.info(
+            "%s: resuming: %d of %d parts already committed, computing %d", cfg.out, len(done), plan.parts, len(todo)
+        )
     if not todo:
         return store
     if cfg.scheduler or cfg.dask_workers > 1:
@@ -295,7 +333,10 @@ def extract_on_dask(cfg: ExtractConfig, weights: TeacherWeights, store: FeatureS
         cluster = LocalCluster(n_workers=cfg.dask_workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
     try:
-        futures = [client.submit(_dask_part, cfg, weights, p, key=f"scalr-extract-{store.path.name}-{p}", pure=False) for p in parts]
+        futures = [
+            client.submit(_dask_part, cfg, weights, p, key=f"scalr-extract-{store.path.name}-{p}", pure=False)
+            for p in parts
+        ]
         with tqdm(total=len(parts), desc=f"extract {cfg.teacher} (dask)", unit="part") as bar:
             for future in as_completed(futures):
                 future.result()  # re-raises a worker's error here

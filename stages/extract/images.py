@@ -19,7 +19,9 @@ from pipeline.geometry import resize_pixels
 UNIT_FLOAT = (np.arange(256) / 255.0).astype(np.float32)  # uint8 -> float32(x / 255 in float64), as the released code
 
 
-def load_resized(path: Path, calibrated_hw: tuple[int, int], size_hw: tuple[int, int], antialias: bool = False) -> np.ndarray:
+def load_resized(
+    path: Path, calibrated_hw: tuple[int, int], size_hw: tuple[int, int], antialias: bool = False
+) -> np.ndarray:
     """Decode an image, check it has the calibrated size, and resize it as the released code:
     float in [0, 1] (uint8 / 255 in float64, then float32, by lookup), bilinear with
     align_corners=False, `antialias` as the torchvision of the recipe. Returns (H, W, 3) float32."""
@@ -27,7 +29,9 @@ def load_resized(path: Path, calibrated_hw: tuple[int, int], size_hw: tuple[int,
         with Image.open(path) as img:
             if img.size != (calibrated_hw[1], calibrated_hw[0]):
                 calibrated = f"{calibrated_hw[1]}x{calibrated_hw[0]}"
-                raise DatasetError(path, f"image is {img.size[0]}x{img.size[1]} but its calibration is for {calibrated}")
+                raise DatasetError(
+                    path, f"image is {img.size[0]}x{img.size[1]} but its calibration is for {calibrated}"
+                )
             pixels = np.asarray(img.convert("RGB"))
         image = torch.from_numpy(UNIT_FLOAT[pixels]).permute(2, 0, 1)[None]
         resized = F.interpolate(image, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=antialias)

@@ -26,34 +26,75 @@ TEACHERS: dict[str, TeacherSpec] = {
     spec.name: spec
     for spec in (
         TeacherSpec(
-            "dino-vits8", "vit_small_patch8_224.dino", 384, 8, "dino_deitsmall8_pretrain.pth",
+            "dino-vits8",
+            "vit_small_patch8_224.dino",
+            384,
+            8,
+            "dino_deitsmall8_pretrain.pth",
             "DINO ViT-S/8 from the facebookresearch/dino release",
         ),
-        TeacherSpec("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m", 384, 14, "dinov2_vits14_pretrain.pth", _DINOV2),
+        TeacherSpec(
+            "dinov2-vits14", "vit_small_patch14_dinov2.lvd142m", 384, 14, "dinov2_vits14_pretrain.pth", _DINOV2
+        ),
         TeacherSpec("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m", 768, 14, "dinov2_vitb14_pretrain.pth", _DINOV2),
-        TeacherSpec("dinov2-vitl14", "vit_large_patch14_dinov2.lvd142m", 1024, 14, "dinov2_vitl14_pretrain.pth", _DINOV2),
-        TeacherSpec("dinov2-vitg14", "vit_giant_patch14_dinov2.lvd142m", 1536, 14, "dinov2_vitg14_pretrain.pth", _DINOV2),
         TeacherSpec(
-            "dinov2-vits14-reg4", "vit_small_patch14_reg4_dinov2.lvd142m", 384, 14, "dinov2_vits14_reg4_pretrain.pth", _DINOV2
+            "dinov2-vitl14", "vit_large_patch14_dinov2.lvd142m", 1024, 14, "dinov2_vitl14_pretrain.pth", _DINOV2
         ),
         TeacherSpec(
-            "dinov2-vitb14-reg4", "vit_base_patch14_reg4_dinov2.lvd142m", 768, 14, "dinov2_vitb14_reg4_pretrain.pth", _DINOV2
+            "dinov2-vitg14", "vit_giant_patch14_dinov2.lvd142m", 1536, 14, "dinov2_vitg14_pretrain.pth", _DINOV2
         ),
         TeacherSpec(
-            "dinov2-vitl14-reg4", "vit_large_patch14_reg4_dinov2.lvd142m", 1024, 14, "dinov2_vitl14_reg4_pretrain.pth", _DINOV2
+            "dinov2-vits14-reg4",
+            "vit_small_patch14_reg4_dinov2.lvd142m",
+            384,
+            14,
+            "dinov2_vits14_reg4_pretrain.pth",
+            _DINOV2,
         ),
         TeacherSpec(
-            "dinov2-vitg14-reg4", "vit_giant_patch14_reg4_dinov2.lvd142m", 1536, 14, "dinov2_vitg14_reg4_pretrain.pth", _DINOV2
+            "dinov2-vitb14-reg4",
+            "vit_base_patch14_reg4_dinov2.lvd142m",
+            768,
+            14,
+            "dinov2_vitb14_reg4_pretrain.pth",
+            _DINOV2,
         ),
         TeacherSpec(
-            "mae-vitb16", "vit_base_patch16_224.mae", 768, 16, "mae_pretrain_vit_base.pth",
+            "dinov2-vitl14-reg4",
+            "vit_large_patch14_reg4_dinov2.lvd142m",
+            1024,
+            14,
+            "dinov2_vitl14_reg4_pretrain.pth",
+            _DINOV2,
+        ),
+        TeacherSpec(
+            "dinov2-vitg14-reg4",
+            "vit_giant_patch14_reg4_dinov2.lvd142m",
+            1536,
+            14,
+            "dinov2_vitg14_reg4_pretrain.pth",
+            _DINOV2,
+        ),
+        TeacherSpec(
+            "mae-vitb16",
+            "vit_base_patch16_224.mae",
+            768,
+            16,
+            "mae_pretrain_vit_base.pth",
             "MAE ViT-B/16 from the facebookresearch/mae release",
         ),
         TeacherSpec(
-            "maskclip-vitb16", "vit_base_patch16_clip_quickgelu_224.openai", 512, 16, "clip_vit_b16_openai.bin", _CLIP,
+            "maskclip-vitb16",
+            "vit_base_patch16_clip_quickgelu_224.openai",
+            512,
+            16,
+            "clip_vit_b16_openai.bin",
+            _CLIP,
             dense="maskclip-value",
         ),
-        TeacherSpec("test-vit", "test_vit", 64, 16, "", "none: a tiny architecture for tests and demos", random_init_only=True),
+        TeacherSpec(
+            "test-vit", "test_vit", 64, 16, "", "none: a tiny architecture for tests and demos", random_init_only=True
+        ),
     )
 }
 

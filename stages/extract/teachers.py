@@ -112,14 +112,16 @@ def pos_embed_rule(spec: TeacherSpec, wanted: str) -> str:
     return "dinov2-cvpr" if wanted == "dinov2-cvpr" and dinov2 else "timm"
 
 
-def build_teacher(spec: TeacherSpec, image_size: tuple[int, int], weights: TeacherWeights, pos_embed: str = "timm") -> Teacher:
+def build_teacher(
+    spec: TeacherSpec, image_size: tuple[int, int], weights: TeacherWeights, pos_embed: str = "timm"
+) -> Teacher:
     """A frozen teacher for images of `image_size` (H, W) with resolved `weights`. `pos_embed`:
     "timm" or "dinov2-cvpr" (see POS_EMBED; DINOv2 without registers only)."""
     h, w = image_size
     if h % spec.patch or w % spec.patch:
         raise ConfigError(f"image size {h}x{w} is not a multiple of {spec.name}'s patch size {spec.patch}")
     rule = pos_embed_rule(spec, pos_embed)
-    kwargs = dict(img_size=(h, w), num_classes=spec.dim if spec.dense == "maskclip-value" else 0)
+    kwargs = {"img_size": (h, w), "num_classes": spec.dim if spec.dense == "maskclip-value" else 0}
     if rule == "dinov2-cvpr":  # keep the 518 px table; interpolate it at every forward
         kwargs.update(img_size=518, dynamic_img_size=True)
     with seeded(weights.seed):  # the random initialisation (overwritten when weights are loaded)

@@ -51,7 +51,9 @@ class TeacherWeights:
         return f"random-init seed {self.seed}" if self.path is None else self.sha256
 
 
-def resolve_weights(spec: TeacherSpec, weights: Path | None, weights_dir: Path | None, random_init: bool, seed: int = 0) -> TeacherWeights:
+def resolve_weights(
+    spec: TeacherSpec, weights: Path | None, weights_dir: Path | None, random_init: bool, seed: int = 0
+) -> TeacherWeights:
     """The weights to load: the given file, the documented file in `weights_dir`, by name from the
     Hugging Face cache, or (`random_init`) none."""
     if random_init:
@@ -65,7 +67,9 @@ def resolve_weights(spec: TeacherSpec, weights: Path | None, weights_dir: Path |
     else:
         path = Path(weights) if weights else Path(weights_dir) / spec.weights_file
         if not path.is_file():
-            raise WeightsError(f"{path}: weights file for teacher {spec.name} is missing; such weights: {spec.weights_source}")
+            raise WeightsError(
+                f"{path}: weights file for teacher {spec.name} is missing; such weights: {spec.weights_source}"
+            )
     return TeacherWeights(path, sha256=sha256_file(path), hub=hub_provenance(path))
 
 

@@ -32,7 +32,14 @@ def read_student_checkpoint(path: Path) -> dict:
         return load_checkpoint(path, state)
     weights = from_released({_unprefixed(k): v for k, v in state[key].items()}, path)
     cfg, head = architecture(weights, path)
-    log.info("%s: released ScaLR checkpoint, WaffleIron depth %d, width %d, %s norm, head %s", path, cfg.depth, cfg.width, cfg.norm, head["kind"])
+    log.info(
+        "%s: released ScaLR checkpoint, WaffleIron depth %d, width %d, %s norm, head %s",
+        path,
+        cfg.depth,
+        cfg.width,
+        cfg.norm,
+        head["kind"],
+    )
     return {"model": weights, "config": released_record(cfg, head, path, state)}
 
 
@@ -48,8 +55,10 @@ def inputs_problem(record: dict) -> str | None:
         return None
     return (
         f"made with student inputs version {made} (16 neighbours including the point, 2-D radius, intensity / max); "
-        f"this scalr gives the student inputs version {STUDENT_INPUTS} (the released ScaLR code's), so its weights would "
-        "see inputs they were not trained on: pretrain again (feature stores hold raw points and are reused as they are)"
+        f"this scalr gives the student inputs version {STUDENT_INPUTS} (the released ScaLR code's), so its "
+        "weights would "
+        "see inputs they were not trained on: pretrain again (feature stores hold raw points and are reused as "
+        "they are)"
     )
 
 
@@ -67,10 +76,14 @@ def recorded_student(path: Path, record: dict, **overrides) -> WaffleIronConfig:
         raise CheckpointError(path, f"recorded student configuration is unusable ({err})") from None
 
 
-def build_backbone(path: Path, state: dict, grid_shape: tuple[int, int, int] | None = None, drop_path: float = 0.0) -> WaffleIron:
+def build_backbone(
+    path: Path, state: dict, grid_shape: tuple[int, int, int] | None = None, drop_path: float = 0.0
+) -> WaffleIron:
     """The backbone of a checkpoint's `state` on `grid_shape` (its weights do not depend on the
     grid; None: the recorded one), loaded strictly."""
-    overrides = {"drop_path": drop_path} if grid_shape is None else {"drop_path": drop_path, "grid_shape": tuple(grid_shape)}
+    overrides = (
+        {"drop_path": drop_path} if grid_shape is None else {"drop_path": drop_path, "grid_shape": tuple(grid_shape)}
+    )
     cfg = recorded_student(path, state["config"], **overrides)
     backbone = WaffleIron(cfg)
     weights = {k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")}
@@ -78,7 +91,9 @@ def build_backbone(path: Path, state: dict, grid_shape: tuple[int, int, int] | N
     return backbone
 
 
-def load_backbone(path: Path, grid_shape: tuple[int, int, int] | None = None, drop_path: float = 0.0) -> tuple[WaffleIron, dict]:
+def load_backbone(
+    path: Path, grid_shape: tuple[int, int, int] | None = None, drop_path: float = 0.0
+) -> tuple[WaffleIron, dict]:
     """(the backbone of the checkpoint at `path`, see `build_backbone`; its run record)."""
     state = read_student_checkpoint(path)
     return build_backbone(path, state, grid_shape, drop_path), state["config"]
@@ -103,7 +118,9 @@ def convert_checkpoint(src: Path, dst: Path, to: str = "auto") -> str:
         raise CheckpointError(src, "is already a released-format checkpoint")
     state = load_checkpoint(src, state)
     if inputs_problem(state["config"]):
-        raise CheckpointError(src, "was trained on scalr's old student inputs; the released code would feed it other ones")
+        raise CheckpointError(
+            src, "was trained on scalr's old student inputs; the released code would feed it other ones"
+        )
     layout = state["config"].get("released_layout") or {}
     key = layout.get("key") or ("net" if state["config"].get("stage") in SEGMENTER_STAGES else "model_points")
     weights = to_released(state["model"], src)

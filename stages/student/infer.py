@@ -35,7 +35,13 @@ def trained_sample_config(record: dict, meta: DatasetMeta) -> SampleConfig:
 
 
 @torch.no_grad()
-def run_on_scan(model: nn.Module, points: np.ndarray, intensity_norm: tuple[float, float], sample: SampleConfig, device: torch.device) -> tuple[np.ndarray, torch.Tensor | None]:  # fmt: skip
+def run_on_scan(
+    model: nn.Module,
+    points: np.ndarray,
+    intensity_norm: tuple[float, float],
+    sample: SampleConfig,
+    device: torch.device,
+) -> tuple[np.ndarray, torch.Tensor | None]:
     """(indices of the points the student sees, its output for them; None when it sees none) on
     one cloud. `model` (a backbone, or a segmenter on one) is in eval mode and was built on
     `sample`'s grid."""

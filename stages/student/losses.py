@@ -14,7 +14,9 @@ def cosine_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.
     return (F.normalize(student.float(), dim=1) - F.normalize(teacher.float(), dim=1)).norm(dim=1)
 
 
-def ppkt_loss(student: torch.Tensor, teacher: torch.Tensor, pairs: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+def ppkt_loss(
+    student: torch.Tensor, teacher: torch.Tensor, pairs: int, temperature: float, generator: torch.Generator
+) -> torch.Tensor:
     """PPKT baseline: InfoNCE over `pairs` random point-pixel pairs of the batch; returns the sum
     over pairs (normalised by the caller)."""
     n = student.shape[0]

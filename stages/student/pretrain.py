@@ -47,7 +47,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def resolved(self) -> "PretrainConfig":
+    def resolved(self) -> PretrainConfig:
         if self.student not in STUDENTS:
             raise ConfigError(f"unknown student {self.student!r}; presets: {', '.join(STUDENTS)}")
         return self if self.model is not None else dataclasses.replace(self, model=STUDENTS[self.student])
@@ -63,19 +63,32 @@ def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     data = DistillationData(list(cfg.stores), cfg.sample)
     groups = data.groups
     if cfg.model.grid_shape != cfg.sample.grid.shape:
-        raise ConfigError(f"model.grid_shape {cfg.model.grid_shape} differs from the sample grid's {cfg.sample.grid.shape}")
+        raise ConfigError(
+            f"model.grid_shape {cfg.model.grid_shape} differs from the sample grid's {cfg.sample.grid.shape}"
+        )
     with seeded(cfg.train.seed):
         model = build_student(cfg.model, data.target_dim, cfg.head, cfg.head_hidden, len(groups[0].teachers))
     log.info(
         "student %s (%.2f M parameters), teachers %s (%d dims), %s: %d scans",
-        cfg.student, sum(p.numel() for p in model.parameters()) / 1e6, groups[0].teachers, data.target_dim,
-        ", ".join(f"{g.name} {n}" for g, n in zip(groups, data.sizes)), len(data),
-    )  # fmt: skip
+        cfg.student,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        groups[0].teachers,
+        data.target_dim,
+        ", ".join(f"{g.name} {n}" for g, n in zip(groups, data.sizes)),
+        len(data),
+    )
     record = {
-        "stage": "pretrain", "scalr_version": __version__, "config": to_dict(cfg),
-        "stores": [{"path": str(s.path), "teacher": s.attrs["teacher"], "dataset": s.attrs["dataset"]} for g in groups for s in g.stores],
-        "target_dim": data.target_dim, "head_input": cfg.model.width,
-    }  # fmt: skip
+        "stage": "pretrain",
+        "scalr_version": __version__,
+        "config": to_dict(cfg),
+        "stores": [
+            {"path": str(s.path), "teacher": s.attrs["teacher"], "dataset": s.attrs["dataset"]}
+            for g in groups
+            for s in g.stores
+        ],
+        "target_dim": data.target_dim,
+        "head_input": cfg.model.width,
+    }
     ppkt_gen = torch.Generator().manual_seed(cfg.train.seed)
 
     def step_loss(net, batch):
@@ -89,7 +102,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
         raise ConfigError(f"unknown loss {cfg.loss.kind!r}: cosine or ppkt")
 
     return fit(
-        model, [{"params": model.parameters()}], data,
+        model,
+        [{"params": model.parameters()}],
+        data,
         lambda rank, world: EpochSampler(data.sizes, cfg.train.batch_size, cfg.train.seed, rank, world, cfg.balanced),
-        collate, step_loss, cfg.optim, cfg.train, cfg.out, record, resume,
-    )  # fmt: skip
+        collate,
+        step_loss,
+        cfg.optim,
+        cfg.train,
+        cfg.out,
+        record,
+        resume,
+    )

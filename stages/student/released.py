@@ -35,11 +35,15 @@ _FIXED = [
     ("embed.final.", "backbone.embedding.final.", 1),
 ]
 _LAYER = [  # inside waffleiron.{channel_mix,spatial_mix}.D / backbone.{channel,spatial}.D
-    ("channel_mix", "channel", "norm.", 0), ("channel_mix", "channel", "mlp.0.", 1), ("channel_mix", "channel", "mlp.2.", 1),
+    ("channel_mix", "channel", "norm.", 0),
+    ("channel_mix", "channel", "mlp.0.", 1),
+    ("channel_mix", "channel", "mlp.2.", 1),
     ("channel_mix", "channel", "scale.", 2),
-    ("spatial_mix", "spatial", "norm.", 0), ("spatial_mix", "spatial", "ffn.0.", 0), ("spatial_mix", "spatial", "ffn.2.", 0),
+    ("spatial_mix", "spatial", "norm.", 0),
+    ("spatial_mix", "spatial", "ffn.0.", 0),
+    ("spatial_mix", "spatial", "ffn.2.", 0),
     ("spatial_mix", "spatial", "scale.", 2),
-]  # fmt: skip
+]
 _LAYER_KEY = re.compile(r"^waffleiron\.(channel_mix|spatial_mix)\.(\d+)\.(.+)$")
 _SCALR_LAYER_KEY = re.compile(r"^backbone\.(channel|spatial)\.(\d+)\.(.+)$")
 
@@ -76,13 +80,21 @@ def _convert(weights: dict, path: Path, to_scalr: bool) -> dict:
     for key, tensor in weights.items():
         renamed = _rename(key, to_scalr)
         if renamed is None:
-            what = "is not a tensor of the released WaffleIron segmenter (embed.*, waffleiron.*, classif.*)" if to_scalr else "has no counterpart in the released WaffleIron segmenter"
+            what = (
+                "is not a tensor of the released WaffleIron segmenter (embed.*, waffleiron.*, classif.*)"
+                if to_scalr
+                else "has no counterpart in the released WaffleIron segmenter"
+            )
             raise CheckpointError(path, f"{key} {what}")
         name, dims = renamed
         if dims is None:  # head: conv weight (out, in, 1) <-> linear (out, in)
             dims = 1 if tensor.ndim == (3 if to_scalr else 2) and key.endswith("weight") else 0
         if key.endswith("weight") and dims:
-            tensor = tensor.reshape(tensor.shape[: tensor.ndim - dims]) if to_scalr else tensor.reshape(*tensor.shape, *([1] * dims))
+            tensor = (
+                tensor.reshape(tensor.shape[: tensor.ndim - dims])
+                if to_scalr
+                else tensor.reshape(*tensor.shape, *([1] * dims))
+            )
         out[name] = tensor
     return out
 
@@ -110,7 +122,11 @@ def architecture(weights: dict, path: Path) -> tuple[WaffleIronConfig, dict]:
     if "head.weight" in weights:
         head = {"kind": "linear", "out": int(weights["head.weight"].shape[0])}
     elif "head.2.weight" in weights:
-        head = {"kind": "mlp", "hidden": int(weights["head.0.weight"].shape[0]), "out": int(weights["head.2.weight"].shape[0])}
+        head = {
+            "kind": "mlp",
+            "hidden": int(weights["head.0.weight"].shape[0]),
+            "out": int(weights["head.2.weight"].shape[0]),
+        }
     elif "head.0.running_mean" in weights and "head.1.weight" in weights:
         head = {"kind": "segmentation", "out": int(weights["head.1.weight"].shape[0])}
     else:
@@ -123,6 +139,11 @@ def released_record(cfg: WaffleIronConfig, head: dict, path: Path, state: dict) 
     "module." prefix so `convert` writes the same file layout back."""
     key = released_key(state)
     stage = "released-segmenter" if head["kind"] == "segmentation" else "released-pretrain"
-    return {"stage": stage, "config": {"model": asdict(cfg)}, "head": head, "released_from": str(path),
-            "released_layout": {"key": key, "module_prefix": all(k.startswith("module.") for k in state[key])},
-            **({"num_classes": head["out"]} if head["kind"] == "segmentation" else {"target_dim": head.get("out")})}  # fmt: skip
+    return {
+        "stage": stage,
+        "config": {"model": asdict(cfg)},
+        "head": head,
+        "released_from": str(path),
+        "released_layout": {"key": key, "module_prefix": all(k.startswith("module.") for k in state[key])},
+        **({"num_classes": head["out"]} if head["kind"] == "segmentation" else {"target_dim": head.get("out")}),
+    }

@@ -39,7 +39,9 @@ class SampleConfig:
 class _Scan:
     group: int  # index of the dataset group
     scan_id: str
-    entries: tuple[tuple[str, tuple[tuple[int, int, int, int], ...]], ...]  # (camera, ((part, offset, count, grid) per store))
+    entries: tuple[
+        tuple[str, tuple[tuple[int, int, int, int], ...]], ...
+    ]  # (camera, ((part, offset, count, grid) per store))
 
 
 class StoreGroup:
@@ -50,7 +52,10 @@ class StoreGroup:
         for other in stores[1:]:
             for key in JOIN_KEYS:
                 if first.attrs.get(key) != other.attrs.get(key):
-                    raise StoreError(f"{other.path}: cannot be joined with {first.path}: {key} differs ({other.attrs.get(key)} vs {first.attrs.get(key)})")
+                    raise StoreError(
+                        f"{other.path}: cannot be joined with {first.path}: {key} differs ({other.attrs.get(key)} "
+                        f"vs {first.attrs.get(key)})"
+                    )
         self.stores = stores
         self.dataset = first.attrs["dataset"]
         self.teachers = [s.attrs["teacher"]["name"] for s in stores]
@@ -60,20 +65,36 @@ class StoreGroup:
         keys = [[(r["scan_id"], r["camera"], r["count"], r["status"]) for r in m] for m in manifests]
         for store, k in zip(stores[1:], keys[1:]):
             if k != keys[0]:
-                raise StoreError(f"{store.path}: its entries (scans, cameras, point counts) differ from {first.path}; stores to join must be extracted from the same data")
+                raise StoreError(
+                    f"{store.path}: its entries (scans, cameras, point counts) differ from {first.path}; stores "
+                    "to join must be extracted from the same data"
+                )
         self.by_scan: dict[str, list[tuple[str, tuple]]] = {}
         for rows in zip(*manifests):
             r = rows[0]
             if r["status"] == "ok" and r["count"] > 0:
-                self.by_scan.setdefault(r["scan_id"], []).append((r["camera"], tuple((x["part"], x["offset"], x["count"], x["grid"]) for x in rows)))
+                self.by_scan.setdefault(r["scan_id"], []).append(
+                    (r["camera"], tuple((x["part"], x["offset"], x["count"], x["grid"]) for x in rows))
+                )
         rows = manifests[0]
         scans = {r["scan_id"] for r in rows}
         empty = sorted({r["scan_id"] for r in rows if r["status"] == "ok" and r["scan_points"] == 0})
         skipped = sorted({r["scan_id"] for r in rows if r["status"] == "skipped"} - set(self.by_scan) - set(empty))
         unseen = len(scans - set(self.by_scan) - set(empty) - set(skipped))
-        for count, what, ids in ((len(empty), "have zero points", empty), (len(skipped), "were skipped at extraction (see `scalr inspect`)", skipped), (unseen, "have no point visible in any camera", [])):
+        for count, what, ids in (
+            (len(empty), "have zero points", empty),
+            (len(skipped), "were skipped at extraction (see `scalr inspect`)", skipped),
+            (unseen, "have no point visible in any camera", []),
+        ):
             if count:
-                log.warning("%s: %d of %d scans %s and are not trained on%s", first.path, count, len(scans), what, f" ({', '.join(ids[:5])}{' ...' if count > 5 else ''})" if ids else "")
+                log.warning(
+                    "%s: %d of %d scans %s and are not trained on%s",
+                    first.path,
+                    count,
+                    len(scans),
+                    what,
+                    f" ({', '.join(ids[:5])}{' ...' if count > 5 else ''})" if ids else "",
+                )
 
     @property
     def name(self) -> str:
@@ -98,7 +119,10 @@ def group_stores(paths: list[Path]) -> list[StoreGroup]:
     groups = [StoreGroup(sorted(g, key=lambda s: s.attrs["teacher"]["name"])) for g in by_data.values()]
     for g in groups[1:]:
         if g.teachers != groups[0].teachers or g.dims != groups[0].dims:
-            raise StoreError(f"{g.stores[0].path}: dataset {g.name} has teachers {g.teachers}, but {groups[0].name} has {groups[0].teachers}; every dataset needs the same teachers")
+            raise StoreError(
+                f"{g.stores[0].path}: dataset {g.name} has teachers {g.teachers}, but {groups[0].name} has "
+                f"{groups[0].teachers}; every dataset needs the same teachers"
+            )
     return groups
 
 
@@ -108,7 +132,11 @@ class DistillationData(torch.utils.data.Dataset):
     def __init__(self, store_paths: list[Path], cfg: SampleConfig):
         self.cfg = cfg
         self.groups = group_stores([Path(p) for p in store_paths])
-        self.scans = [_Scan(g, scan_id, tuple(entries)) for g, group in enumerate(self.groups) for scan_id, entries in group.by_scan.items()]
+        self.scans = [
+            _Scan(g, scan_id, tuple(entries))
+            for g, group in enumerate(self.groups)
+            for scan_id, entries in group.by_scan.items()
+        ]
         if not self.scans:
             raise StoreError(f"{store_paths[0]}: no scan with visible points to train on")
         self.sizes = [sum(s.group == g for s in self.scans) for g in range(len(self.groups))]
@@ -125,7 +153,9 @@ class DistillationData(torch.utils.data.Dataset):
         camera, locations = scan.entries[rng.integers(len(scan.entries))]
         first = group.stores[0].read_points(*locations[0][:3])
         for store, loc in zip(group.stores[1:], locations[1:]):
-            if not np.array_equal(store.read_points(*loc[:3], names=("point_index",))["point_index"], first["point_index"]):
+            if not np.array_equal(
+                store.read_points(*loc[:3], names=("point_index",))["point_index"], first["point_index"]
+            ):
                 raise StoreError(f"{store.path}: points of {scan.scan_id}/{camera} differ from {group.stores[0].path}")
         keep, inputs = student_inputs(first["points"], group.intensity_norm, self.cfg, rng, train=True)
         # Targets of the kept points only (a grid-layout store samples just those).
@@ -140,15 +170,21 @@ class DistillationData(torch.utils.data.Dataset):
         }
 
 
-def student_inputs(points: np.ndarray, intensity_norm: tuple[float, float], cfg: SampleConfig, rng: np.random.Generator, train: bool) -> tuple[np.ndarray, dict]:
+def student_inputs(
+    points: np.ndarray, intensity_norm: tuple[float, float], cfg: SampleConfig, rng: np.random.Generator, train: bool
+) -> tuple[np.ndarray, dict]:
     """(kept point indices, student inputs) of a cloud: voxelise; when training, also crop to the
     nearest `max_points` and augment; keep the field of view; 5 input channels (intensity
     standardised with `intensity_norm` = (mean, std)), cells, k-NN."""
-    keep = voxel_downsample(points[:, :3], cfg.voxel, rng if train else None)  # evaluation: the first point of each voxel
+    keep = voxel_downsample(
+        points[:, :3], cfg.voxel, rng if train else None
+    )  # evaluation: the first point of each voxel
     if train:
         keep = keep[crop_nearest(points[keep, :3], cfg.max_points, rng)]
     if train and cfg.augment.separate_features:  # downstream: inputs of the original points, augmented apart
-        xyz, feats = cfg.augment.apart(points[keep, :3], student_features(points[keep, :3], points[keep, 3], intensity_norm), rng)
+        xyz, feats = cfg.augment.apart(
+            points[keep, :3], student_features(points[keep, :3], points[keep, 3], intensity_norm), rng
+        )
     else:
         xyz = cfg.augment(points[keep, :3], rng) if train else points[keep, :3].astype(np.float32)
         feats = student_features(xyz, points[keep, 3], intensity_norm)
@@ -186,7 +222,9 @@ class EpochSampler:
     `balanced`, draws each sample's dataset uniformly. A global batch of `batch_size` is split
     across `world` ranks. `start(epoch, batch)` resumes mid-epoch exactly."""
 
-    def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1, balanced: bool = False):
+    def __init__(
+        self, sizes: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1, balanced: bool = False
+    ):
         if batch_size % world:
             raise ConfigError(f"global batch size {batch_size} is not divisible by {world} ranks")
         total = sum(sizes)
@@ -199,7 +237,7 @@ class EpochSampler:
     def __len__(self) -> int:
         return sum(self.sizes) // self.batch_size
 
-    def start(self, epoch: int, first_batch: int = 0) -> "EpochSampler":
+    def start(self, epoch: int, first_batch: int = 0) -> EpochSampler:
         self.epoch, self.first_batch = epoch, first_batch
         return self
 

@@ -90,7 +90,9 @@ def cpu_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Swap every BatchNorm1d for CpuSyncBatchNorm, keeping parameters and buffers."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm1d:
-            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            sync = CpuSyncBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             sync.load_state_dict(child.state_dict())
             if child.affine:
                 sync.weight, sync.bias = child.weight, child.bias  # the very parameters the optimiser holds
@@ -114,7 +116,10 @@ def tensorboard_writer(run_dir: Path):
     try:  # tensorboard is an optional extra: imported only where events are written
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
     except ImportError:
-        log.info("tensorboard is not installed: metrics go to metrics.jsonl only (pip install 'scalr[tb]' adds TensorBoard event files)")
+        log.info(
+            "tensorboard is not installed: metrics go to metrics.jsonl only (pip install 'scalr[tb]' adds "
+            "TensorBoard event files)"
+        )
         return None
     return SummaryWriter(str(RunFolder(run_dir).tensorboard))
 
@@ -152,7 +157,9 @@ def fit(
 class Trainer:
     """The state of one training run and the steps that move it."""
 
-    def __init__(self, model, param_groups, make_sampler, optim: OptimConfig, train: TrainConfig, run: RunFolder, record: dict):  # fmt: skip
+    def __init__(
+        self, model, param_groups, make_sampler, optim: OptimConfig, train: TrainConfig, run: RunFolder, record: dict
+    ):
         self.launch = Launch.from_env().join()
         self.device = pick_device(train.device, self.launch)
         self.model, self.optim, self.train_cfg, self.run, self.record = model.to(self.device), optim, train, run, record
@@ -160,7 +167,9 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler)
         total = self.steps_per_epoch * train.epochs
         self.last_step = total if train.max_steps is None else min(total, train.max_steps)
-        self.optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+        self.optimizer = torch.optim.AdamW(
+            param_groups, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas
+        )
         factors = [self._lr_factor(g.get("lr", optim.lr), total) for g in self.optimizer.param_groups]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factors)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
@@ -188,7 +197,9 @@ class Trainer:
         state = load_checkpoint(path)
         missing = [k for k in RESUME_KEYS if k not in state]
         if missing:
-            raise CheckpointError(path, f"cannot resume: no {missing} (not a training checkpoint; use --fresh or another --out)")
+            raise CheckpointError(
+                path, f"cannot resume: no {missing} (not a training checkpoint; use --fresh or another --out)"
+            )
         if problem := inputs_problem(state["config"]):
             raise CheckpointError(path, f"cannot resume: {problem} (use --fresh or another --out)")
         what = "this run's model (use --fresh or another --out to start a different model)"
@@ -208,12 +219,24 @@ class Trainer:
         self.saved_step = p.step
         if self.launch.rank != 0:
             return
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        save_checkpoint(self.run.checkpoint, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch,
-            "rng": rng, "config": self.record,
-        })  # fmt: skip
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        save_checkpoint(
+            self.run.checkpoint,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": p.step,
+                "epoch": p.epoch,
+                "batch_in_epoch": p.batch_in_epoch,
+                "rng": rng,
+                "config": self.record,
+            },
+        )
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self, dataset, collate: Callable, step_loss: StepLoss) -> None:
@@ -222,14 +245,26 @@ class Trainer:
         net.train()
         writer = tensorboard_writer(self.run.path) if self.launch.rank == 0 else None
         log_window = MetricsWindow(self.run.metrics, writer, self.launch.rank == 0)
-        bar = tqdm(total=self.last_step, initial=p.step, desc="train", unit="step", disable=self.launch.rank != 0, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.last_step,
+            initial=p.step,
+            desc="train",
+            unit="step",
+            disable=self.launch.rank != 0,
+            dynamic_ncols=True,
+        )
         # One loader for the whole run: its workers persist across epochs, and the batch sampler,
         # iterated in this process, is moved to each epoch (and resume position) before iterating.
         loader = Loader(
-            dataset, collate, batch_sampler=self.sampler, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+            dataset,
+            collate,
+            batch_sampler=self.sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.seed),  # keeps loader seeding off the global generator
-            prefetch_factor=4 if cfg.num_workers else None, persistent_workers=cfg.num_workers > 0,
-        )  # fmt: skip
+            prefetch_factor=4 if cfg.num_workers else None,
+            persistent_workers=cfg.num_workers > 0,
+        )
         try:
             while p.step < self.last_step:
                 self.sampler.start(p.epoch, p.batch_in_epoch)
@@ -293,7 +328,12 @@ class Trainer:
 
     def summary(self) -> dict:
         p = self.position
-        return {"steps": p.step, "epochs": p.epoch, "checkpoint": str(self.run.checkpoint), "metrics": str(self.run.metrics)}
+        return {
+            "steps": p.step,
+            "epochs": p.epoch,
+            "checkpoint": str(self.run.checkpoint),
+            "metrics": str(self.run.metrics),
+        }
 
 
 class MetricsWindow:
@@ -315,9 +355,13 @@ class MetricsWindow:
     def flush(self, position: Position, lr: float, peak_mib: float) -> dict:
         dt = time.perf_counter() - self.t0
         entry = {
-            "step": position.step, "epoch": position.epoch, "loss": self.loss / max(self.points, 1), "lr": lr,
-            "samples_per_s": self.samples / dt, "time": time.time(),
-        }  # fmt: skip
+            "step": position.step,
+            "epoch": position.epoch,
+            "loss": self.loss / max(self.points, 1),
+            "lr": lr,
+            "samples_per_s": self.samples / dt,
+            "time": time.time(),
+        }
         if self.write:
             with open(self.path, "a") as f:
                 f.write(json.dumps(entry) + "\n")

@@ -139,7 +139,9 @@ class Embedding(nn.Module):
         self.norm = nn.BatchNorm1d(cin)
         self.point = nn.Linear(cin, c)
         self.neighbour_norm = nn.BatchNorm1d(cin)
-        self.neighbour = nn.Sequential(nn.Linear(cin, c, bias=False), nn.BatchNorm1d(c), nn.ReLU(inplace=True), nn.Linear(c, c, bias=False))
+        self.neighbour = nn.Sequential(
+            nn.Linear(cin, c, bias=False), nn.BatchNorm1d(c), nn.ReLU(inplace=True), nn.Linear(c, c, bias=False)
+        )
         self.final = nn.Linear(2 * c, c)
 
     def forward(self, feats: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 
 from pipeline.datasets import LidarDataset, open_dataset
-from stages.extract.extract import RECIPES, ExtractConfig, extract_parts, part_batches, recipe_teacher, run_teacher, store_attributes
+from stages.extract.extract import (
+    RECIPES,
+    ExtractConfig,
+    extract_parts,
+    part_batches,
+    recipe_teacher,
+    run_teacher,
+    store_attributes,
+)
 from stages.extract.images import ScanImages
 from stages.extract.registry import get_spec
 from stages.extract.teachers import Teacher
@@ -60,16 +68,28 @@ def bench_extract(cfg: BenchExtractConfig) -> dict:
     best_forward = min(forward_time(teacher, batches, device, ecfg.precision) for _ in range(cfg.repeats))
     points, entries, images = sum(r["count"] for r in manifest), len(manifest), sum(len(b) for b in batches)
     return {
-        "teacher": ecfg.teacher, "image_size": list(ecfg.image_size), "device": str(device), "precision": ecfg.precision,
-        "dataset": f"{ecfg.dataset} {ecfg.split}", "scans": len(scans), "images": images, "points": points,
-        "extract_s": round(best_wall, 3), "teacher_forward_s": round(best_forward, 3),
+        "teacher": ecfg.teacher,
+        "image_size": list(ecfg.image_size),
+        "device": str(device),
+        "precision": ecfg.precision,
+        "dataset": f"{ecfg.dataset} {ecfg.split}",
+        "scans": len(scans),
+        "images": images,
+        "points": points,
+        "extract_s": round(best_wall, 3),
+        "teacher_forward_s": round(best_forward, 3),
         "images_per_s": round(images / best_wall, 2),
         "extract_over_forward": round(best_wall / best_forward, 3),
-        "layout": ecfg.layout, "quantize": ecfg.quantize, "entries": entries, "store_bytes": size,
+        "layout": ecfg.layout,
+        "quantize": ecfg.quantize,
+        "entries": entries,
+        "store_bytes": size,
         "kib_per_entry": round(size / max(entries, 1) / 1024, 1),
         "bytes_over_points_dim_2": round(size / max(points * teacher.spec.dim * 2, 1), 3),
-        "threads": torch.get_num_threads(), "num_workers": ecfg.num_workers, "batch_size": ecfg.batch_size,
-    }  # fmt: skip
+        "threads": torch.get_num_threads(),
+        "num_workers": ecfg.num_workers,
+        "batch_size": ecfg.batch_size,
+    }
 
 
 def teacher_batches(cfg: ExtractConfig, ds: LidarDataset, plan: StorePlan) -> list[torch.Tensor]:
@@ -90,15 +110,17 @@ def forward_time(teacher: Teacher, batches: list[torch.Tensor], device: torch.de
 
 def report_lines(result: dict) -> list[str]:
     return [
-        f"extraction benchmark: {result['teacher']} at {result['image_size'][0]}x{result['image_size'][1]} on {result['device']} ({result['precision']}), {result['dataset']}",
+        f"extraction benchmark: {result['teacher']} at {result['image_size'][0]}x{result['image_size'][1]} on "
+        f"{result['device']} ({result['precision']}), {result['dataset']}",
         f"  {result['scans']} scans, {result['images']} images, {result['points']:,} points",
         f"  images/s                              {result['images_per_s']:.2f}",
-        f"  extraction / teacher forward time     {result['extract_over_forward']:.3f}  ({result['extract_s']:.2f} s / {result['teacher_forward_s']:.2f} s)",
-        f"  store ({result['layout']}, quantize {result['quantize']})   {result['store_bytes'] / 2**20:.1f} MiB, {result['kib_per_entry']:.1f} KiB per entry",
+        f"  extraction / teacher forward time     {result['extract_over_forward']:.3f}  "
+        f"({result['extract_s']:.2f} s / {result['teacher_forward_s']:.2f} s)",
+        f"  store ({result['layout']}, quantize {result['quantize']})   {result['store_bytes'] / 2**20:.1f} MiB, "
+        f"{result['kib_per_entry']:.1f} KiB per entry",
         f"  bytes on disk / (points x dim x 2)    {result['bytes_over_points_dim_2']:.3f}",
         "  " + json.dumps(result),
     ]
-
 
 
 # ---- open: the integrity gate, and the viewer's lazy open ---------------------------------------
@@ -126,18 +148,25 @@ def bench_open(store_path: Path, repeats: int = 3) -> dict:
     parts = store.committed_parts()
     files = sum(len(rec["chunk_bytes"]) for p in parts for rec in store.part_record(p)["arrays"].values())
     return {
-        "store": str(store_path), "parts": len(parts), "chunk_files": files, "open_s_first": round(times[0], 4),
-        "open_s_best": round(min(times), 4), "ms_per_part": round(1e3 * min(times) / max(len(parts), 1), 3),
-        "view_manifests_s": round(min(manifests), 4), "view_manifest_ms_per_part": round(1e3 * min(manifests) / max(len(parts), 1), 3),
-        "view_pca_s": round(min(pca), 4), "view_first_scan_s": round(min(first_scan), 4),
-    }  # fmt: skip
+        "store": str(store_path),
+        "parts": len(parts),
+        "chunk_files": files,
+        "open_s_first": round(times[0], 4),
+        "open_s_best": round(min(times), 4),
+        "ms_per_part": round(1e3 * min(times) / max(len(parts), 1), 3),
+        "view_manifests_s": round(min(manifests), 4),
+        "view_manifest_ms_per_part": round(1e3 * min(manifests) / max(len(parts), 1), 3),
+        "view_pca_s": round(min(pca), 4),
+        "view_first_scan_s": round(min(first_scan), 4),
+    }
+
 
 def open_report_lines(r: dict) -> list[str]:
     return [
         f"open benchmark: {r['store']}",
-        f"  integrity gate: {r['parts']} parts, {r['chunk_files']} chunk files: {r['open_s_best']:.3f} s (first {r['open_s_first']:.3f} s), {r['ms_per_part']:.2f} ms per part",
-        f"  scalr view: manifests {r['view_manifests_s']:.3f} s ({r['view_manifest_ms_per_part']:.2f} ms per part), PCA colours {r['view_pca_s']:.3f} s, first scan {r['view_first_scan_s']:.3f} s",
+        f"  integrity gate: {r['parts']} parts, {r['chunk_files']} chunk files: {r['open_s_best']:.3f} s (first "
+        f"{r['open_s_first']:.3f} s), {r['ms_per_part']:.2f} ms per part",
+        f"  scalr view: manifests {r['view_manifests_s']:.3f} s ({r['view_manifest_ms_per_part']:.2f} ms per "
+        f"part), PCA colours {r['view_pca_s']:.3f} s, first scan {r['view_first_scan_s']:.3f} s",
         "  " + json.dumps(r),
     ]
-
-

@@ -60,12 +60,18 @@ class StudentSteps:
         loss.backward()
         self.optimizer.step()
 
-    def timed(self, fn: Callable[[], None]) -> float:
+    def timed(self, fn: Callable, *args) -> tuple[float, object]:
+        """(seconds `fn(*args)` took on the device, its result)."""
         sync(self.device)
         t0 = time.perf_counter()
-        fn()
+        result = fn(*args)
         sync(self.device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, result
+
+    def load_and_step(self, batches) -> dict:
+        batch = to_device(next(batches), self.device)
+        self.step(batch, batch["targets"])
+        return batch
 
 
 def bench_pretrain(cfg: BenchPretrainConfig) -> dict:
@@ -79,41 +85,50 @@ def bench_pretrain(cfg: BenchPretrainConfig) -> dict:
     steps = StudentSteps(cfg, data.target_dim, device)
     batches, loader_step, memory_step = loader_against_memory(cfg, data, steps)
     result = {
-        "student": cfg.student, "device": str(device), "precision": cfg.precision, "batch_size": cfg.batch_size,
-        "max_points": cfg.max_points, "store_teacher": store.attrs["teacher"]["name"], "num_workers": cfg.num_workers,
-        "step_s_loader": round(loader_step, 4), "step_s_in_memory": round(memory_step, 4),
-        "loader_over_in_memory": round(loader_step / memory_step, 3), "peak_mib_cached": round(peak_memory_mib(device), 1),
-        "layout": store.attrs["layout"], "quantize": store.attrs["quantize"], "sample_ms_one_thread": sample_ms,
+        "student": cfg.student,
+        "device": str(device),
+        "precision": cfg.precision,
+        "batch_size": cfg.batch_size,
+        "max_points": cfg.max_points,
+        "store_teacher": store.attrs["teacher"]["name"],
+        "num_workers": cfg.num_workers,
+        "step_s_loader": round(loader_step, 4),
+        "step_s_in_memory": round(memory_step, 4),
+        "loader_over_in_memory": round(loader_step / memory_step, 3),
+        "peak_mib_cached": round(peak_memory_mib(device), 1),
+        "layout": store.attrs["layout"],
+        "quantize": store.attrs["quantize"],
+        "sample_ms_one_thread": sample_ms,
         "mb_read_per_step": round(read_mb * cfg.batch_size, 3),
-    }  # fmt: skip
+    }
     cached_step, online = online_against_cached(cfg, store, batches, steps)
-    result["online"] = {name: {"step_s": round(t, 4), "online_over_cached": round(t / cached_step, 3)} for name, t in online.items()}
+    result["online"] = {
+        name: {"step_s": round(t, 4), "online_over_cached": round(t / cached_step, 3)} for name, t in online.items()
+    }
     result["step_s_cached_interleaved"] = round(cached_step, 4)
     result["peak_mib_with_teachers"] = round(peak_memory_mib(device), 1)
     return result
 
 
-def loader_against_memory(cfg: BenchPretrainConfig, data: DistillationData, steps: StudentSteps) -> tuple[list[dict], float, float]:
+def loader_against_memory(
+    cfg: BenchPretrainConfig, data: DistillationData, steps: StudentSteps
+) -> tuple[list[dict], float, float]:
     """(the batches seen, median step time with the real loader, with the same batch in memory).
     The two are interleaved step by step so that drift of the machine (allocator growth, caches,
     other load) hits both alike; a loader step is timed from the end of the previous step, so
     waiting for data counts."""
     loader = Loader(
-        data, collate, batch_sampler=EpochSampler(data.sizes, cfg.batch_size, seed=0), num_workers=cfg.num_workers,
+        data,
+        collate,
+        batch_sampler=EpochSampler(data.sizes, cfg.batch_size, seed=0),
+        num_workers=cfg.num_workers,
         pin_memory=steps.device.type == "cuda",
-    )  # fmt: skip
+    )
     seen, loader_times, memory_times = [], [], []
     batches = iter(loader)
     for i in range(cfg.steps + WARM_UP_STEPS):
-        box = {}
-
-        def from_loader():
-            box["batch"] = to_device(next(batches), steps.device)
-            steps.step(box["batch"], box["batch"]["targets"])
-
-        loader_t = steps.timed(from_loader)
-        batch = box["batch"]
-        memory_t = steps.timed(lambda: steps.step(batch, batch["targets"]))  # noqa: B023 - called at once
+        loader_t, batch = steps.timed(steps.load_and_step, batches)
+        memory_t, _ = steps.timed(steps.step, batch, batch["targets"])
         seen.append(batch)
         if i >= WARM_UP_STEPS:
             loader_times.append(loader_t)
@@ -121,7 +136,9 @@ def loader_against_memory(cfg: BenchPretrainConfig, data: DistillationData, step
     return seen, float(np.median(loader_times)), float(np.median(memory_times))
 
 
-def online_against_cached(cfg: BenchPretrainConfig, store, batches: list[dict], steps: StudentSteps) -> tuple[float, dict[str, float]]:  # fmt: skip
+def online_against_cached(
+    cfg: BenchPretrainConfig, store, batches: list[dict], steps: StudentSteps
+) -> tuple[float, dict[str, float]]:
     """(median cached step time, median online step time per teacher), interleaved on the same
     batches: each sample's camera image goes through the teacher (seeing images as the store's
     recipe did), targets are sampled at as many points as the sample has, then the same student
@@ -130,25 +147,36 @@ def online_against_cached(cfg: BenchPretrainConfig, store, batches: list[dict], 
     size = tuple(attrs["image_size"])
     recipe = RECIPES[attrs.get("recipe") or "cvpr"]
     images = batch_images(attrs, batches, recipe.antialias)
-    teachers = {name: load_teacher(name, size, random_init=True, pos_embed=recipe.pos_embed).to(steps.device) for name in cfg.teachers}
-    heads = {name: torch.nn.Linear(steps.model.backbone.cfg.width, t.spec.dim).to(steps.device) for name, t in teachers.items()}
+    teachers = {
+        name: load_teacher(name, size, random_init=True, pos_embed=recipe.pos_embed).to(steps.device)
+        for name in cfg.teachers
+    }
+    heads = {
+        name: torch.nn.Linear(steps.model.backbone.cfg.width, t.spec.dim).to(steps.device)
+        for name, t in teachers.items()
+    }
     for head in heads.values():
         steps.optimizer.add_param_group({"params": head.parameters()})
     rng = torch.Generator().manual_seed(0)
 
     def online_targets(teacher: Teacher, batch: dict) -> torch.Tensor:
-        grids = run_teacher(teacher, torch.stack([images[sid] for sid in batch["scan_ids"]]), steps.device, cfg.precision)
+        grids = run_teacher(
+            teacher, torch.stack([images[sid] for sid in batch["scan_ids"]]), steps.device, cfg.precision
+        )
         counts = torch.bincount(batch["batch"], minlength=len(grids)).tolist()
         cols = [torch.randint(0, size[1], (n,), generator=rng) for n in counts]
         rows = [torch.randint(0, size[0], (n,), generator=rng) for n in counts]
         return torch.cat([sample_grid(g, torch.stack([c, r], 1).float(), size) for g, c, r in zip(grids, cols, rows)])
 
+    def online_step(batch: dict, teacher: Teacher, model: Student) -> None:
+        steps.step(batch, online_targets(teacher, batch), model)
+
     cached_times, online_times = [], {name: [] for name in teachers}
     for i, batch in enumerate(batches):
-        cached = steps.timed(lambda: steps.step(batch, batch["targets"]))  # noqa: B023 - called at once
+        cached, _ = steps.timed(steps.step, batch, batch["targets"])
         for name, teacher in teachers.items():
             model = Student(steps.model.backbone, heads[name])
-            t = steps.timed(lambda: steps.step(batch, online_targets(teacher, batch), model))  # noqa: B023 - called at once
+            t, _ = steps.timed(online_step, batch, teacher, model)
             if i >= WARM_UP_STEPS:
                 online_times[name].append(t)
         if i >= WARM_UP_STEPS:
@@ -164,7 +192,9 @@ def batch_images(attrs: dict, batches: list[dict], antialias: bool) -> dict[str,
     images = {}
     for sid in {sid for b in batches for sid in b["scan_ids"]}:
         camera = ds[index[sid]].cameras[0]
-        images[sid] = torch.from_numpy(load_resized(camera.image_path, camera.image_size, size, antialias)).permute(2, 0, 1)
+        images[sid] = torch.from_numpy(load_resized(camera.image_path, camera.image_size, size, antialias)).permute(
+            2, 0, 1
+        )
     return images
 
 
@@ -182,20 +212,29 @@ def sample_cost(data, samples: int) -> tuple[float, float]:
             scan = data.scans[i]
             rng = np.random.default_rng(i)  # the camera the sample drew, as __getitem__ draws it
             _, locations = scan.entries[rng.integers(len(scan.entries))]
-            read.append(sum(store.chunk_bytes_read(*loc) for store, loc in zip(data.groups[scan.group].stores, locations)))
+            read.append(
+                sum(store.chunk_bytes_read(*loc) for store, loc in zip(data.groups[scan.group].stores, locations))
+            )
     finally:
         torch.set_num_threads(threads)
     return round(1e3 * float(np.median(times)), 2), float(np.mean(read)) / 1e6
 
+
 def pretrain_report_lines(r: dict) -> list[str]:
     lines = [
-        f"pretraining benchmark: {r['student']}, batch {r['batch_size']} x <= {r['max_points']} points, {r['device']} ({r['precision']}); store teacher {r['store_teacher']}",
-        f"  store layout {r['layout']} (quantize {r['quantize']}): one sample {r['sample_ms_one_thread']:.1f} ms on one thread, {r['mb_read_per_step']:.2f} MB of chunk files read per step",
-        f"  step time, real store loader / batches in memory   {r['loader_over_in_memory']:.3f}  ({r['step_s_loader']:.3f} s / {r['step_s_in_memory']:.3f} s)",
+        f"pretraining benchmark: {r['student']}, batch {r['batch_size']} x <= {r['max_points']} points, "
+        f"{r['device']} ({r['precision']}); store teacher {r['store_teacher']}",
+        f"  store layout {r['layout']} (quantize {r['quantize']}): one sample {r['sample_ms_one_thread']:.1f} ms "
+        f"on one thread, {r['mb_read_per_step']:.2f} MB of chunk files read per step",
+        f"  step time, real store loader / batches in memory   {r['loader_over_in_memory']:.3f}  "
+        f"({r['step_s_loader']:.3f} s / {r['step_s_in_memory']:.3f} s)",
         f"  peak memory with cached targets                     {r['peak_mib_cached']:.0f} MiB",
     ]
     for name, o in r["online"].items():
-        lines.append(f"  step time, teacher {name} online / cached      {o['online_over_cached']:.3f}  ({o['step_s']:.3f} s / {r['step_s_cached_interleaved']:.3f} s)")
+        lines.append(
+            f"  step time, teacher {name} online / cached      {o['online_over_cached']:.3f}  ({o['step_s']:.3f} "
+            f"s / {r['step_s_cached_interleaved']:.3f} s)"
+        )
     lines.append(f"  peak memory with the online teachers too           {r['peak_mib_with_teachers']:.0f} MiB")
     lines.append("  " + json.dumps(r))
     return lines

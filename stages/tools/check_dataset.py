@@ -51,7 +51,10 @@ class CheckReport:
     _seen: set[str] = field(default_factory=set, repr=False)
 
     def lines(self) -> list[str]:
-        out = [f"{self.dataset} {self.split}: {self.scans} scans, {self.points:,} points ({self.points / max(self.scans, 1):,.0f} per scan)"]
+        out = [
+            f"{self.dataset} {self.split}: {self.scans} scans, {self.points:,} points "
+            f"({self.points / max(self.scans, 1):,.0f} per scan)"
+        ]
         if self.absent:
             out.append(f"  absent from disk, skipped: {', '.join(self.absent)}")
         out.append(f"  {'camera':<18}{'visible points':>16}{'per scan':>12}{'min':>8}{'max':>8}")
@@ -94,9 +97,15 @@ def check_dataset(cfg: CheckConfig) -> CheckReport:
             scan = ds[index]
             views = []
             for camera in scan.cameras:
-                on_disk = load_image(camera.image_path).shape[:2] if cfg.decode_images else image_size(camera.image_path)
+                on_disk = (
+                    load_image(camera.image_path).shape[:2] if cfg.decode_images else image_size(camera.image_path)
+                )
                 if on_disk != camera.image_size:
-                    raise DatasetError(camera.image_path, f"image is {on_disk[1]}x{on_disk[0]} but the calibration says {camera.image_size[1]}x{camera.image_size[0]}")
+                    raise DatasetError(
+                        camera.image_path,
+                        f"image is {on_disk[1]}x{on_disk[0]} but the calibration says "
+                        f"{camera.image_size[1]}x{camera.image_size[0]}",
+                    )
                 views.append((camera, ds.project(scan, camera.name)))
         except DatasetError as err:
             report.add_error(err)

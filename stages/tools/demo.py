@@ -108,7 +108,9 @@ def extract_stores(cfg: DemoConfig, roots: dict[str, Path]) -> dict[str, Feature
     for name, _, train, _ in RIGS:
         path = cfg.stores / f"{name}-{train}-{cfg.teacher}.zarr"
         existed = path.exists()
-        ecfg = ExtractConfig(name, roots[name], train, cfg.teacher, path, random_init=True, seed=cfg.seed, num_workers=2)
+        ecfg = ExtractConfig(
+            name, roots[name], train, cfg.teacher, path, random_init=True, seed=cfg.seed, num_workers=2
+        )
         stores[name] = extract(ecfg)
         points = sum(r["count"] for r in stores[name].manifest().to_pylist())
         print(f"{path}: {'resumed/reused' if existed else 'extracted'}, {points:,} points with targets")
@@ -136,11 +138,15 @@ def probe_students(cfg: DemoConfig, roots: dict[str, Path], distilled: RunFolder
         row = {}
         for label, run in (("random-init", untrained), ("distilled", distilled)):
             out = cfg.runs / f"{run.name}-probe-{name}"
-            probe = SegmentConfig.for_mode("probe", dataset=name, root=roots[name], split=train, out=out, checkpoint=run.checkpoint)
+            probe = SegmentConfig.for_mode(
+                "probe", dataset=name, root=roots[name], split=train, out=out, checkpoint=run.checkpoint
+            )
             row[label] = trained_miou(cfg, probe, roots[name], val)
         if cfg.scratch:
             out = cfg.runs / f"demo-{cfg.student}-scratch-{name}"
-            scratch = SegmentConfig.for_mode("scratch", dataset=name, root=roots[name], split=train, out=out, student=cfg.student)
+            scratch = SegmentConfig.for_mode(
+                "scratch", dataset=name, root=roots[name], split=train, out=out, student=cfg.student
+            )
             row["scratch"] = trained_miou(cfg, scratch, roots[name], val)
         results[name] = row
     return results
@@ -156,29 +162,43 @@ def trained_miou(cfg: DemoConfig, seg: SegmentConfig, root: Path, val: str) -> f
     return evaluate(EvaluateConfig(seg.dataset, root, checkpoint, split=val))["miou"]
 
 
-def report(cfg: DemoConfig, results: dict, stores: dict[str, FeatureStore], distilled: RunFolder, seconds: float) -> None:
+def report(
+    cfg: DemoConfig, results: dict, stores: dict[str, FeatureStore], distilled: RunFolder, seconds: float
+) -> None:
     """The results table (also in OUT/results.txt and .json), the runs table and how to look further."""
     lines = table(results, cfg)
     (cfg.out / "results.txt").write_text("\n".join(lines) + "\n")
-    (cfg.out / "results.json").write_text(json.dumps({"miou": results, "config": dataclasses.asdict(cfg)}, indent=2, default=str))
+    (cfg.out / "results.json").write_text(
+        json.dumps({"miou": results, "config": dataclasses.asdict(cfg)}, indent=2, default=str)
+    )
     print("\n".join(lines))
     runs = [run_row(r) for r in find_runs([cfg.runs])]
     print("\nRuns (`scalr runs " + str(cfg.runs) + " --plot runs.png`):\n" + "\n".join(runs_table(runs)))
-    print(f"\nfigures: {cfg.out}/ (projection/, features/, pretraining-loss.png); results: {cfg.out}/results.txt; {seconds:.0f} s")
+    print(
+        f"\nfigures: {cfg.out}/ (projection/, features/, pretraining-loss.png); results: {cfg.out}/results.txt; "
+        f"{seconds:.0f} s"
+    )
     store = stores[RIGS[0][0]].path
     print(
-        f"\nLook at the cached features live (click a point: its similarity to every other point, in 3D and on the image):\n"
-        f"  make view STORE={store} VIEW_FLAGS=\"--checkpoint {distilled.checkpoint}\"\n"
+        "\nLook at the cached features live (click a point: its similarity to every other point, in 3D and on "
+        "the image):\n"
+        f'  make view STORE={store} VIEW_FLAGS="--checkpoint {distilled.checkpoint}"\n'
         f"  (or: scalr view {store} --checkpoint {distilled.checkpoint}, with .venv/bin on PATH)\n"
         f"  then open http://127.0.0.1:8080 (from another machine: ssh -L 8080:localhost:8080 <this host>)"
     )
 
 
 def table(results: dict, cfg: DemoConfig) -> list[str]:
-    header = f"{'linear probing mIoU %':<24}{'random-init':>13}{'distilled':>11}{'gap':>8}" + (f"{'from scratch*':>15}" if cfg.scratch else "")
-    lines = [f"Synthetic rigs, {cfg.student} pretrained on all rigs together with ScaLR from a random-init {cfg.teacher}:", header]
+    header = f"{'linear probing mIoU %':<24}{'random-init':>13}{'distilled':>11}{'gap':>8}" + (
+        f"{'from scratch*':>15}" if cfg.scratch else ""
+    )
+    lines = [
+        f"Synthetic rigs, {cfg.student} pretrained on all rigs together with ScaLR from a random-init {cfg.teacher}:",
+        header,
+    ]
     for name, row in results.items():
-        line = f"{name + ' rig (val)':<24}{100 * row['random-init']:>13.1f}{100 * row['distilled']:>11.1f}{100 * (row['distilled'] - row['random-init']):>+8.1f}"
+        untrained, distilled = 100 * row["random-init"], 100 * row["distilled"]
+        line = f"{name + ' rig (val)':<24}{untrained:>13.1f}{distilled:>11.1f}{distilled - untrained:>+8.1f}"
         if "scratch" in row:
             line += f"{100 * row['scratch']:>15.1f}"
         lines.append(line)

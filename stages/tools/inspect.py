@@ -34,20 +34,30 @@ def summary_lines(store: FeatureStore) -> list[str]:
     a = store.attrs
     t = a["teacher"]
     m = store.manifest().to_pylist()
-    weights = f"RANDOM-INIT ({t['weights']}): not a pretrained teacher" if t["random_init"] else f"weights sha256 {t['weights']}"
+    weights = (
+        f"RANDOM-INIT ({t['weights']}): not a pretrained teacher"
+        if t["random_init"]
+        else f"weights sha256 {t['weights']}"
+    )
     points = sum(r["count"] for r in m)
     size = disk_bytes(store.path)
     lines = [
         f"store      {store.path}",
-        f"teacher    {t['name']} ({t['timm_name']}), dim {t['dim']}, patch {t['patch']}, {weights}" if t.get("kind") != "student"
-        else f"student    {t['checkpoint']} ({t['stage']}; depth {t['depth']}, width {t['dim']}, {t['norm']} norm), checkpoint sha256 {t['weights']}",
-        f"images     resized to {a['image_size'][0]} x {a['image_size'][1]}; {a['projection']}" if a["image_size"] else f"points     {a['projection']}",
+        f"teacher    {t['name']} ({t['timm_name']}), dim {t['dim']}, patch {t['patch']}, {weights}"
+        if t.get("kind") != "student"
+        else f"student    {t['checkpoint']} ({t['stage']}; depth {t['depth']}, width {t['dim']}, {t['norm']} norm), "
+        f"checkpoint sha256 {t['weights']}",
+        f"images     resized to {a['image_size'][0]} x {a['image_size'][1]}; {a['projection']}"
+        if a["image_size"]
+        else f"points     {a['projection']}",
         f"layout     {_layout_line(a)}",
-        f"dataset    {a['dataset']['name']} {a['dataset']['split']}: {a['dataset']['scans']} scans (root when extracted: {a['dataset_root']})",
+        f"dataset    {a['dataset']['name']} {a['dataset']['split']}: {a['dataset']['scans']} scans (root when "
+        f"extracted: {a['dataset_root']})",
         f"parts      {len(store.committed_parts())} of {store.plan.parts} committed",
         f"entries    {len(m)} (scan, camera), {sum(r['status'] == 'skipped' for r in m)} skipped",
         f"points     {points:,}",
-        f"on disk    {size / 2**20:,.1f} MiB, {size / max(len(m), 1) / 1024:,.1f} KiB per entry = {size / max(points * t['dim'] * 2, 1):.3f} x (points x dim x 2 bytes)",
+        f"on disk    {size / 2**20:,.1f} MiB, {size / max(len(m), 1) / 1024:,.1f} KiB per entry = "
+        f"{size / max(points * t['dim'] * 2, 1):.3f} x (points x dim x 2 bytes)",
         f"{'camera':<18}{'entries':>9}{'empty':>7}{'points':>12}{'mean':>9}",
     ]
     per_cam: dict[str, list[int]] = defaultdict(list)
@@ -55,7 +65,9 @@ def summary_lines(store: FeatureStore) -> list[str]:
         if r["status"] == "ok":
             per_cam[r["camera"]].append(r["count"])
     for cam, counts in per_cam.items():
-        lines.append(f"{cam:<18}{len(counts):>9}{sum(c == 0 for c in counts):>7}{sum(counts):>12,}{np.mean(counts):>9,.0f}")
+        lines.append(
+            f"{cam:<18}{len(counts):>9}{sum(c == 0 for c in counts):>7}{sum(counts):>12,}{np.mean(counts):>9,.0f}"
+        )
     skipped = [r for r in m if r["status"] == "skipped"]
     if skipped:
         lines.append("skipped entries:")
@@ -76,14 +88,22 @@ def _layout_line(a: dict) -> str:
 
 def entry_lines(store: FeatureStore, scan: str, camera: str) -> list[str]:
     row, data = store.entry(scan, camera)
-    lines = [f"entry {scan} / {camera}: part {row['part']}, offset {row['offset']}, count {row['count']}, status {row['status']} {row['reason']}".rstrip()]
+    lines = [
+        f"entry {scan} / {camera}: part {row['part']}, offset {row['offset']}, count {row['count']}, status "
+        f"{row['status']} {row['reason']}".rstrip()
+    ]
     lines.append(f"  scan has {row['scan_points']:,} points; image {row['image_width']}x{row['image_height']}")
     if row["count"]:
         f = data["features"].astype(np.float32)
         norms = np.linalg.norm(f, axis=1)
         lines.append(f"  feature norms: mean {norms.mean():.3f}, min {norms.min():.3f}, max {norms.max():.3f}")
-        lines.append(f"  pixel columns {data['pixel'][:, 0].min():.0f}-{data['pixel'][:, 0].max():.0f}, rows {data['pixel'][:, 1].min():.0f}-{data['pixel'][:, 1].max():.0f}")
-        lines.append(f"  point index {data['point_index'].min()}-{data['point_index'].max()}; depth range {np.linalg.norm(data['points'][:, :3], axis=1).min():.1f}-{np.linalg.norm(data['points'][:, :3], axis=1).max():.1f} m")
+        lines.append(
+            f"  pixel columns {data['pixel'][:, 0].min():.0f}-{data['pixel'][:, 0].max():.0f}, rows "
+            f"{data['pixel'][:, 1].min():.0f}-{data['pixel'][:, 1].max():.0f}"
+        )
+        depth = np.linalg.norm(data["points"][:, :3], axis=1)
+        index = data["point_index"]
+        lines.append(f"  point index {index.min()}-{index.max()}; depth range {depth.min():.1f}-{depth.max():.1f} m")
     return lines
 
 
@@ -102,16 +122,31 @@ def feature_statistics(store: FeatureStore) -> dict:
     f = da.concatenate(parts, axis=0)
     norms = da.sqrt((f * f).sum(axis=1))
     try:
-        mean, var, n_mean, n_std, n_min, n_max, zero = da.compute(f.mean(axis=0), f.var(axis=0), norms.mean(), norms.std(), norms.min(), norms.max(), (norms == 0).sum())
-        counts, edges = da.histogram(norms, bins=NORM_BINS, range=(0.0, max(float(n_max), 1e-6)))  # a second pass: the range needs the maximum
+        mean, var, n_mean, n_std, n_min, n_max, zero = da.compute(
+            f.mean(axis=0), f.var(axis=0), norms.mean(), norms.std(), norms.min(), norms.max(), (norms == 0).sum()
+        )
+        counts, edges = da.histogram(
+            norms, bins=NORM_BINS, range=(0.0, max(float(n_max), 1e-6))
+        )  # a second pass: the range needs the maximum
         counts = counts.compute()
     except Exception as err:  # noqa: BLE001 - a chunk failing its checksum mid-way
-        raise StoreError(f"{store.path}: a features chunk failed to decode ({type(err).__name__}: {err}); run `scalr verify {store.path}`") from None
+        raise StoreError(
+            f"{store.path}: a features chunk failed to decode ({type(err).__name__}: {err}); run `scalr verify "
+            f"{store.path}`"
+        ) from None
     return {
-        "what": "features" if store.layout == "points" else "tokens", "rows": int(f.shape[0]), "channel_mean": mean, "channel_var": var,
-        "norm_mean": float(n_mean), "norm_std": float(n_std), "norm_min": float(n_min), "norm_max": float(n_max),
-        "zero_norm_rows": int(zero), "norm_histogram": (counts, np.asarray(edges)), "visible": visible,
-    }  # fmt: skip
+        "what": "features" if store.layout == "points" else "tokens",
+        "rows": int(f.shape[0]),
+        "channel_mean": mean,
+        "channel_var": var,
+        "norm_mean": float(n_mean),
+        "norm_std": float(n_std),
+        "norm_min": float(n_min),
+        "norm_max": float(n_max),
+        "zero_norm_rows": int(zero),
+        "norm_histogram": (counts, np.asarray(edges)),
+        "visible": visible,
+    }
 
 
 def camera_visible_fractions(store: FeatureStore) -> dict[str, tuple[float, float, float]]:
@@ -144,15 +179,22 @@ def stats_lines(stats: dict) -> list[str]:
     what = "points" if stats["what"] == "features" else "grid tokens"
     lines += [
         f"feature statistics over {stats['rows']:,} {what} (dask, out of core):",
-        f"  norm mean {stats['norm_mean']:.3f}, std {stats['norm_std']:.3f}, min {stats['norm_min']:.3f}, max {stats['norm_max']:.3f}",
-        f"  zero-norm rows: {stats['zero_norm_rows']:,}" + (" (features that carry nothing: check the teacher and the projection)" if stats["zero_norm_rows"] else ""),
-        f"  channel mean: {stats['channel_mean'].mean():+.4f} on average (min {stats['channel_mean'].min():+.3f}, max {stats['channel_mean'].max():+.3f})",
-        f"  channel variance: mean {var.mean():.4f}; largest at channels {top.tolist()} ({', '.join(f'{v:.3f}' for v in var[top])})",
+        f"  norm mean {stats['norm_mean']:.3f}, std {stats['norm_std']:.3f}, min {stats['norm_min']:.3f}, max "
+        f"{stats['norm_max']:.3f}",
+        f"  zero-norm rows: {stats['zero_norm_rows']:,}"
+        + (" (features that carry nothing: check the teacher and the projection)" if stats["zero_norm_rows"] else ""),
+        f"  channel mean: {stats['channel_mean'].mean():+.4f} on average (min {stats['channel_mean'].min():+.3f}, "
+        f"max {stats['channel_mean'].max():+.3f})",
+        f"  channel variance: mean {var.mean():.4f}; largest at channels {top.tolist()} "
+        f"({', '.join(f'{v:.3f}' for v in var[top])})",
         "  norm histogram:",
     ]
     counts, edges = stats["norm_histogram"]
     widest = max(int(counts.max()), 1)
-    lines += [f"  {lo:8.3f} - {hi:8.3f} {n:>12,} {'#' * round(40 * n / widest)}" for lo, hi, n in zip(edges[:-1], edges[1:], counts)]
+    lines += [
+        f"  {lo:8.3f} - {hi:8.3f} {n:>12,} {'#' * round(40 * n / widest)}"
+        for lo, hi, n in zip(edges[:-1], edges[1:], counts)
+    ]
     return lines
 
 
@@ -167,8 +209,13 @@ def inspect(cfg: InspectConfig) -> list[str]:
         stats = feature_statistics(store)
         lines += stats_lines(stats)
         if cfg.plot_dir and stats["rows"]:
-            lines.append(f"plot: {norm_histogram_figure(stats, store, Path(cfg.plot_dir) / f'{store.path.stem}-norms.png')}")
+            lines.append(
+                f"plot: {norm_histogram_figure(stats, store, Path(cfg.plot_dir) / f'{store.path.stem}-norms.png')}"
+            )
     if cfg.plot_dir and cfg.scan:
         pca_from = FeatureStore(cfg.pca_from) if cfg.pca_from else None
-        lines += [f"plot: {path}" for path in plot_entry(store, cfg.scan, cfg.camera, cfg.plot_dir, cfg.point, cfg.class_name, pca_from)]
+        lines += [
+            f"plot: {path}"
+            for path in plot_entry(store, cfg.scan, cfg.camera, cfg.plot_dir, cfg.point, cfg.class_name, pca_from)
+        ]
     return lines

@@ -47,7 +47,9 @@ def projection_figure(
     for ax, (camera, proj) in zip(axes.ravel(), views):
         ax.imshow(load_image(camera.image_path))
         if colour_by == "depth":
-            mappable = ax.scatter(proj.uv[:, 0], proj.uv[:, 1], c=proj.depth, cmap="turbo", s=3, vmin=0, vmax=50, linewidths=0)
+            mappable = ax.scatter(
+                proj.uv[:, 0], proj.uv[:, 1], c=proj.depth, cmap="turbo", s=3, vmin=0, vmax=50, linewidths=0
+            )
         else:
             labels = scan.labels[proj.point_index]
             keep = labels != IGNORE_INDEX
@@ -55,7 +57,7 @@ def projection_figure(
             ax.scatter(proj.uv[keep, 0], proj.uv[keep, 1], c=palette[labels[keep]], s=3, linewidths=0)
         ax.set_title(f"{camera.name}: {len(proj)} points", fontsize=10)
         ax.set_axis_off()
-    for ax in axes.ravel()[len(views):]:
+    for ax in axes.ravel()[len(views) :]:
         ax.set_axis_off()
     fig.suptitle(f"scan {scan.scan_id}: lidar points coloured by {colour_by}")
     if mappable is not None:
@@ -68,7 +70,9 @@ def projection_figure(
     return out
 
 
-def scan_figure(scan: ScanFeatures, kind: str, out: Path, title: str, query: int | None = None, basis: PcaBasis | None = None) -> Path:
+def scan_figure(
+    scan: ScanFeatures, kind: str, out: Path, title: str, query: int | None = None, basis: PcaBasis | None = None
+) -> Path:
     """A scan's features in bird's-eye view and on the image
     of every camera that has one: coloured by the cosine similarity of each feature to the query
     row's (`kind="correlation"`, blue -1 to red +1, the paper's Fig. 1) or by `basis`'s PCA colours
@@ -83,7 +87,7 @@ def scan_figure(scan: ScanFeatures, kind: str, out: Path, title: str, query: int
     rows = -(-panels // cols)
     fig = Figure(figsize=(6.5 * cols, 5.2 * rows + 0.8), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
-    star = dict(marker="*", s=250, c="black", edgecolors="white", linewidths=1.0)
+    star = {"marker": "*", "s": 250, "c": "black", "edgecolors": "white", "linewidths": 1.0}
     ax = axes[0, 0]
     ax.scatter(scan.xyz[:, 0], scan.xyz[:, 1], c=colours, s=2, linewidths=0)
     if kind == "correlation":
@@ -106,8 +110,18 @@ def scan_figure(scan: ScanFeatures, kind: str, out: Path, title: str, query: int
         ax.set_axis_off()
     if kind == "correlation":
         mappable = ScalarMappable(norm=Normalize(-1, 1), cmap=matplotlib.colormaps["coolwarm"])
-        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="cosine similarity to the query point's feature (centred)")
-    fig.suptitle(title + (f"\nquery: {scan.describe(query)}" if kind == "correlation" else "") + (f"\n({scan.note})" if scan.note else ""), fontsize=11)
+        fig.colorbar(
+            mappable,
+            ax=axes.ravel().tolist(),
+            shrink=0.6,
+            label="cosine similarity to the query point's feature (centred)",
+        )
+    fig.suptitle(
+        title
+        + (f"\nquery: {scan.describe(query)}" if kind == "correlation" else "")
+        + (f"\n({scan.note})" if scan.note else ""),
+        fontsize=11,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
@@ -120,13 +134,23 @@ def norm_histogram_figure(stats: dict, store: FeatureStore, out: Path) -> Path:
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", edgecolor="white")
     ax.set_xlabel(f"L2 norm of a stored {'feature' if stats['what'] == 'features' else 'grid token'}")
     ax.set_ylabel("rows")
-    ax.set_title(f"{store.attrs['teacher']['name']}: {stats['rows']:,} rows, {stats['zero_norm_rows']:,} of norm 0", fontsize=10)
+    ax.set_title(
+        f"{store.attrs['teacher']['name']}: {stats['rows']:,} rows, {stats['zero_norm_rows']:,} of norm 0", fontsize=10
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
 
 
-def plot_entry(store: FeatureStore, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None, pca_from: FeatureStore | None = None) -> list[Path]:
+def plot_entry(
+    store: FeatureStore,
+    scan_id: str,
+    camera: str | None,
+    out_dir: Path,
+    point: int | None = None,
+    class_name: str | None = None,
+    pca_from: FeatureStore | None = None,
+) -> list[Path]:
     """The cached features of one scan (every camera, or only `camera`): the correlation map to
     a query point and the PCA colours, in bird's-eye view and on each camera's image (images and
     labels from the raw dataset when it is still there). PCA colours are fitted once on the store
@@ -136,25 +160,71 @@ def plot_entry(store: FeatureStore, scan_id: str, camera: str | None, out_dir: P
     scans = StoreScans(store)
     basis = StoreScans(pca_from).pca() if pca_from is not None else scans.pca()
     if scan_id not in scans.scan_ids:
-        raise NotFoundError(f"{store.path}: no stored point for scan {scan_id!r} (scans with points: {len(scans.scan_ids)}; `scalr inspect {store.path}` lists the entries)")
+        raise NotFoundError(
+            f"{store.path}: no stored point for scan {scan_id!r} (scans with points: {len(scans.scan_ids)}; "
+            f"`scalr inspect {store.path}` lists the entries)"
+        )
     scan = scans.load(scan_id)
-    return _scan_pictures(scan if camera is None else scan.only(camera), f"{store.attrs['teacher']['name']}-{store.attrs['dataset']['name']}", camera, out_dir, point, class_name, basis)
+    return _scan_pictures(
+        scan if camera is None else scan.only(camera),
+        f"{store.attrs['teacher']['name']}-{store.attrs['dataset']['name']}",
+        camera,
+        out_dir,
+        point,
+        class_name,
+        basis,
+    )
 
 
-def plot_student(checkpoint: Path, dataset: str, root: Path, split: str, scan_id: str, camera: str | None, out_dir: Path, point: int | None = None, class_name: str | None = None) -> list[Path]:
+def plot_student(
+    checkpoint: Path,
+    dataset: str,
+    root: Path,
+    split: str,
+    scan_id: str,
+    camera: str | None,
+    out_dir: Path,
+    point: int | None = None,
+    class_name: str | None = None,
+) -> list[Path]:
     """The same pictures for a student's backbone features on a raw scan (PCA fitted once for the
     checkpoint, on the split's first scan)."""
     scans = StudentScans(checkpoint, dataset, root, split)
     scan = scans.load(scan_id)
-    return _scan_pictures(scan if camera is None else scan.only(camera), f"student-{scans.run_name}-{dataset}", camera, out_dir, point, class_name, scans.pca())
+    return _scan_pictures(
+        scan if camera is None else scan.only(camera),
+        f"student-{scans.run_name}-{dataset}",
+        camera,
+        out_dir,
+        point,
+        class_name,
+        scans.pca(),
+    )
 
 
-def _scan_pictures(scan: ScanFeatures, prefix: str, camera: str | None, out_dir: Path, point: int | None, class_name: str | None, basis: PcaBasis) -> list[Path]:
+def _scan_pictures(
+    scan: ScanFeatures,
+    prefix: str,
+    camera: str | None,
+    out_dir: Path,
+    point: int | None,
+    class_name: str | None,
+    basis: PcaBasis,
+) -> list[Path]:
     query = pick_query(scan, point, class_name)
-    stem = f"{prefix}-{scan.scan_id}-{camera or 'all-cameras'}"  # prefix names the dataset: PandaSet's two lidars share scan ids
+    # the prefix names the dataset: PandaSet's two lidars share scan ids
+    stem = f"{prefix}-{scan.scan_id}-{camera or 'all-cameras'}"
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem)
     title = f"{scan.source}: scan {scan.scan_id}, {camera or 'every camera'}"
     return [
-        scan_figure(scan, "correlation", Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", query),
-        scan_figure(scan, "pca", Path(out_dir) / f"{stem}-pca.png", title + ", PCA of features (fitted once for the store or run)", basis=basis),
+        scan_figure(
+            scan, "correlation", Path(out_dir) / f"{stem}-correlation.png", title + ", feature correlation", query
+        ),
+        scan_figure(
+            scan,
+            "pca",
+            Path(out_dir) / f"{stem}-pca.png",
+            title + ", PCA of features (fitted once for the store or run)",
+            basis=basis,
+        ),
     ]

@@ -54,28 +54,49 @@ def run_row(run: Path) -> dict:
     else:
         datasets = []
     return {
-        "run": str(run), "stage": record.get("stage", "?"),
-        "student": f"WI-{model['depth']}-{model['width']}" if model.get("width") else cfg.get("student", "?"),  # what was built, preset or not
-        "parameters": param_count_closed_form(model["width"], model["depth"], model.get("in_channels", 5)) if model.get("width") else None,
-        "teachers": sorted({s["teacher"]["name"] for s in stores}), "stores": [s["path"] for s in stores], "datasets": datasets,
+        "run": str(run),
+        "stage": record.get("stage", "?"),
+        "student": f"WI-{model['depth']}-{model['width']}"
+        if model.get("width")
+        else cfg.get("student", "?"),  # what was built, preset or not
+        "parameters": param_count_closed_form(model["width"], model["depth"], model.get("in_channels", 5))
+        if model.get("width")
+        else None,
+        "teachers": sorted({s["teacher"]["name"] for s in stores}),
+        "stores": [s["path"] for s in stores],
+        "datasets": datasets,
         "pretrained": record.get("pretrained"),
-        "steps": metrics[-1]["step"] if metrics else 0, "final_loss": metrics[-1]["loss"] if metrics else None,
-        "best_miou": best[0], "best_miou_on": best[1],
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "best_miou": best[0],
+        "best_miou_on": best[1],
         "wall_s": (metrics[-1]["time"] - metrics[0]["time"]) if len(metrics) > 1 and "time" in metrics[0] else None,
         "losses": [(m["step"], m["loss"]) for m in metrics],
-    }  # fmt: skip
+    }
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    header = f"{'run':<42}{'stage':<10}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}{'datasets':<42}{'steps':>7}{'loss':>9}{'best mIoU':>11}{'wall':>8}"
+    header = (
+        f"{'run':<42}{'stage':<10}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}{'datasets':<42}"
+        f"{'steps':>7}{'loss':>9}{'best mIoU':>11}{'wall':>8}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         source = ", ".join(r["teachers"]) or (RunFolder.of_checkpoint(r["pretrained"]).name if r["pretrained"] else "-")
-        params = "-" if not r["parameters"] else f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] >= 1e5 else f"{r['parameters'] / 1e3:.1f}k"
+        params = (
+            "-"
+            if not r["parameters"]
+            else f"{r['parameters'] / 1e6:.2f}M"
+            if r["parameters"] >= 1e5
+            else f"{r['parameters'] / 1e3:.1f}k"
+        )
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
         miou = f"{100 * r['best_miou']:.1f}" if r["best_miou"] is not None else "-"
         wall = f"{r['wall_s'] / 60:.1f}m" if r["wall_s"] is not None else "-"
-        lines.append(f"{_fit(Path(r['run']).name, 41):<42}{r['stage']:<10}{r['student']:<12}{params:>9}  {_fit(source, 27):<28}{_fit(_datasets(r['datasets']), 41):<42}{r['steps']:>7}{loss:>9}{miou:>11}{wall:>8}")
+        lines.append(
+            f"{_fit(Path(r['run']).name, 41):<42}{r['stage']:<10}{r['student']:<12}{params:>9}  "
+            f"{_fit(source, 27):<28}{_fit(_datasets(r['datasets']), 41):<42}{r['steps']:>7}{loss:>9}{miou:>11}{wall:>8}"
+        )
     return lines
 
 
@@ -100,7 +121,9 @@ def plot_losses(rows: list[dict], out: Path) -> Path:
     for r in rows:
         if r["losses"]:
             steps, losses = zip(*r["losses"])
-            ax.plot(steps, losses, marker="o", markersize=3, label=f"{Path(r['run']).name} ({r['stage']}, {r['student']})")
+            ax.plot(
+                steps, losses, marker="o", markersize=3, label=f"{Path(r['run']).name} ({r['stage']}, {r['student']})"
+            )
             values += losses
     if not values:
         raise ConfigError("no run has a metrics.jsonl with losses to plot")

@@ -62,7 +62,10 @@ class ScanFeatures:
         """The first row holding raw point `point` (NotFoundError naming the scan if none does)."""
         rows = np.flatnonzero(self.point_index == point)
         if not len(rows):
-            raise NotFoundError(f"point {point} of scan {self.scan_id} is not among the {len(self.xyz):,} points shown ({self.source}: only visible or kept points have features)")
+            raise NotFoundError(
+                f"point {point} of scan {self.scan_id} is not among the {len(self.xyz):,} points shown "
+                f"({self.source}: only visible or kept points have features)"
+            )
         return int(rows[0])
 
     def class_of(self, row: int) -> str | None:
@@ -74,24 +77,35 @@ class ScanFeatures:
     def camera_of(self, row: int) -> CameraView | None:
         return next((c for c in self.cameras if np.any(c.rows == row)), None)
 
-    def only(self, camera: str) -> "ScanFeatures":
+    def only(self, camera: str) -> ScanFeatures:
         """The same scan restricted to the rows one camera sees."""
         view = next((c for c in self.cameras if c.name == camera), None)
         if view is None:
-            raise NotFoundError(f"scan {self.scan_id} has no camera {camera!r} ({self.source}); cameras: {', '.join(c.name for c in self.cameras)}")
+            raise NotFoundError(
+                f"scan {self.scan_id} has no camera {camera!r} ({self.source}); cameras: "
+                f"{', '.join(c.name for c in self.cameras)}"
+            )
         rows = view.rows
         return ScanFeatures(
-            self.scan_id, self.source, self.xyz[rows], self.features[rows], self.point_index[rows],
-            None if self.labels is None else self.labels[rows], self.class_names,
-            [CameraView(view.name, np.arange(len(rows)), view.pixels, view.image)], self.note,
-        )  # fmt: skip
+            self.scan_id,
+            self.source,
+            self.xyz[rows],
+            self.features[rows],
+            self.point_index[rows],
+            None if self.labels is None else self.labels[rows],
+            self.class_names,
+            [CameraView(view.name, np.arange(len(rows)), view.pixels, view.image)],
+            self.note,
+        )
 
     def describe(self, row: int) -> str:
         """`point 1234 (car) at (3.1, -2.0, 0.4) m, CAM_FRONT`: for titles and the viewer."""
         what = self.class_of(row)
         camera = self.camera_of(row)
         x, y, z = self.xyz[row]
-        return f"point {int(self.point_index[row])}{f' ({what})' if what else ''} at ({x:.1f}, {y:.1f}, {z:.1f}) m" + (f", {camera.name}" if camera and len(self.cameras) > 1 else "")
+        return f"point {int(self.point_index[row])}{f' ({what})' if what else ''} at ({x:.1f}, {y:.1f}, {z:.1f}) m" + (
+            f", {camera.name}" if camera and len(self.cameras) > 1 else ""
+        )
 
 
 def pick_query(scan: ScanFeatures, point: int | None = None, class_name: str | None = None) -> int:
@@ -103,7 +117,11 @@ def pick_query(scan: ScanFeatures, point: int | None = None, class_name: str | N
         if class_name is not None and class_name not in scan.class_names:
             raise NotFoundError(f"unknown class {class_name!r}; classes: {', '.join(scan.class_names)}")
         wanted = class_name or "car"
-        members = np.flatnonzero(scan.labels == scan.class_names.index(wanted)) if wanted in scan.class_names else np.zeros(0, int)
+        members = (
+            np.flatnonzero(scan.labels == scan.class_names.index(wanted))
+            if wanted in scan.class_names
+            else np.zeros(0, int)
+        )
         if len(members):
             centre = scan.xyz[members].mean(axis=0)
             return int(members[np.argmin(np.linalg.norm(scan.xyz[members] - centre, axis=1))])
@@ -142,7 +160,9 @@ class StoreScans:
     def load(self, scan_id: str) -> ScanFeatures:
         if scan_id not in self._rows:
             raise NotFoundError(f"{self.store.path}: no stored point for scan {scan_id!r}")
-        parts = [(row, self.store.read(row["part"], row["offset"], row["count"], row["grid"])) for row in self._rows[scan_id]]
+        parts = [
+            (row, self.store.read(row["part"], row["offset"], row["count"], row["grid"])) for row in self._rows[scan_id]
+        ]
         xyz = np.concatenate([d["points"][:, :3] for _, d in parts])
         features = np.concatenate([d["features"] for _, d in parts])
         point_index = np.concatenate([d["point_index"] for _, d in parts]).astype(np.int64)
@@ -166,9 +186,13 @@ class StoreScans:
                     image = to_uint8(load_resized(cam.image_path, cam.image_size, tuple(size)))
                 except (ScalrError, OSError) as err:
                     notes.append(f"{row['camera']}: no image ({err})")
-            cameras.append(CameraView(row["camera"], np.arange(start, start + len(data["points"])), data["pixel"], image))
+            cameras.append(
+                CameraView(row["camera"], np.arange(start, start + len(data["points"])), data["pixel"], image)
+            )
         class_names = ds.meta.class_names if labels is not None else ()
-        return ScanFeatures(scan_id, self.source, xyz, features, point_index, labels, class_names, cameras, "; ".join(notes))
+        return ScanFeatures(
+            scan_id, self.source, xyz, features, point_index, labels, class_names, cameras, "; ".join(notes)
+        )
 
     def pca(self) -> PcaBasis:
         """One basis for the whole store: fitted on up to PCA_ENTRIES entries spread evenly over
@@ -177,7 +201,10 @@ class StoreScans:
             entries = [row for rows in self._rows.values() for row in rows]
             if not entries:
                 raise NotFoundError(f"{self.store.path}: no stored point to fit colours on")
-            chosen = [entries[i] for i in np.unique(np.linspace(0, len(entries) - 1, min(PCA_ENTRIES, len(entries))).astype(int))]
+            chosen = [
+                entries[i]
+                for i in np.unique(np.linspace(0, len(entries) - 1, min(PCA_ENTRIES, len(entries))).astype(int))
+            ]
             samples = []
             for row in chosen:
                 f = self.store.read(row["part"], row["offset"], row["count"], row["grid"])["features"]
@@ -209,7 +236,9 @@ class StudentScans:
 
     def _run(self, scan_id: str) -> ScanFeatures:
         scan = self.ds[self.ds.index_of(scan_id)]
-        keep, features = run_on_scan(self.backbone, scan.points, self.ds.meta.intensity_norm, self.sample, torch.device("cpu"))
+        keep, features = run_on_scan(
+            self.backbone, scan.points, self.ds.meta.intensity_norm, self.sample, torch.device("cpu")
+        )
         if features is None:
             raise NotFoundError(f"scan {scan_id}: no point inside the student's field of view")
         features = features.numpy()
@@ -222,7 +251,16 @@ class StudentScans:
             seen = rows >= 0
             cameras.append(CameraView(cam.name, rows[seen], proj.uv[seen], load_image(cam.image_path)))
         labels = scan.labels[keep] if scan.labels is not None else None
-        return ScanFeatures(scan_id, self.source, scan.points[keep, :3], features, keep.astype(np.int64), labels, self.ds.meta.class_names if labels is not None else (), cameras)
+        return ScanFeatures(
+            scan_id,
+            self.source,
+            scan.points[keep, :3],
+            features,
+            keep.astype(np.int64),
+            labels,
+            self.ds.meta.class_names if labels is not None else (),
+            cameras,
+        )
 
     def pca(self) -> PcaBasis:
         """One basis for the checkpoint: fitted on the split's first scan, so colours mean the

@@ -63,7 +63,9 @@ def splat(image: np.ndarray, pixels: np.ndarray, colours: np.ndarray, width: int
     pixel (column, row): what the browser shows beside the 3D view."""
     h, w = image.shape[:2]
     scale = width / w
-    out = np.asarray(Image.fromarray(to_uint8(image)).resize((round(w * scale), round(h * scale)), Image.BILINEAR)).copy()
+    out = np.asarray(
+        Image.fromarray(to_uint8(image)).resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+    ).copy()
     cols = np.clip(np.floor(pixels[:, 0] * scale).astype(int), 0, out.shape[1] - 1)
     rows = np.clip(np.floor(pixels[:, 1] * scale).astype(int), 0, out.shape[0] - 1)
     rgb = to_uint8(colours)
@@ -95,10 +97,14 @@ class FeatureViewer:
         self.sources: dict[str, StoreScans | StudentScans] = {"teacher": teacher}
         if cfg.checkpoint is not None:
             a = self.store.attrs
-            self.sources["student"] = StudentScans(cfg.checkpoint, a["dataset"]["name"], Path(a["dataset_root"]), a["dataset"]["split"])
+            self.sources["student"] = StudentScans(
+                cfg.checkpoint, a["dataset"]["name"], Path(a["dataset_root"]), a["dataset"]["split"]
+            )
         self.scan_ids = teacher.scan_ids
         if cfg.scan is not None and cfg.scan not in self.scan_ids:
-            raise NotFoundError(f"{cfg.store}: no stored point for scan {cfg.scan!r} (`scalr inspect {cfg.store}` lists the entries)")
+            raise NotFoundError(
+                f"{cfg.store}: no stored point for scan {cfg.scan!r} (`scalr inspect {cfg.store}` lists the entries)"
+            )
         self._cache: OrderedDict[tuple[str, str], ScanFeatures] = OrderedDict()
         self._lock = threading.RLock()
         self._quiet = False  # set while this code changes the page's controls
@@ -128,7 +134,7 @@ class FeatureViewer:
             f"**{self.store.path.name}**  \n{self.sources['teacher'].source}, {a['layout']} layout, "
             f"{a['dataset']['name']} {a['dataset']['split']}: {len(self.scan_ids):,} scans with points"
             + ("  \n*random-init teacher: colours show a random network*" if t["random_init"] else "")
-        )  # fmt: skip
+        )
         self.scan_number = gui.add_number("scan #", 0, min=0, max=len(self.scan_ids) - 1, step=1)
         self.scan_id_box = gui.add_text("scan id", self.scan_ids[0])
         buttons = gui.add_button_group("", ("previous", "next"))
@@ -140,7 +146,9 @@ class FeatureViewer:
 
         self.scan_number.on_update(self._from_page(lambda _: self.show(int(self.scan_number.value))))
         self.scan_id_box.on_update(self._from_page(lambda _: self._go_to_scan_id(self.scan_id_box.value)))
-        buttons.on_click(self._from_page(lambda event: self.show(self._index() + (1 if event.target.value == "next" else -1))))
+        buttons.on_click(
+            self._from_page(lambda event: self.show(self._index() + (1 if event.target.value == "next" else -1)))
+        )
         self.source_box.on_update(self._from_page(lambda _: self.show(self._index(), self.source_box.value)))
         self.camera_box.on_update(self._from_page(lambda _: self._draw_image()))
         reset.on_click(self._from_page(lambda _: self.select(None)))
@@ -193,9 +201,13 @@ class FeatureViewer:
             self._set(self.source_box, value=self.source)
             self._set(self.camera_box, options=with_images, value=with_images[0])
             self.cloud = self.server.scene.add_point_cloud(
-                "/scan", self.scan.xyz.astype(np.float32), np.zeros((len(self.scan.xyz), 3), np.uint8),
-                point_size=self.cfg.point_size, point_shape="circle", point_shading="flat",
-            )  # fmt: skip
+                "/scan",
+                self.scan.xyz.astype(np.float32),
+                np.zeros((len(self.scan.xyz), 3), np.uint8),
+                point_size=self.cfg.point_size,
+                point_shape="circle",
+                point_shading="flat",
+            )
             self.select(None)
 
     def select(self, row: int | None) -> None:
@@ -205,20 +217,31 @@ class FeatureViewer:
             self.query = row
             if row is None:
                 self.colours = to_uint8(self.sources[self.source].pca().rgb(scan.features))
-                self.server.scene.add_icosphere("/query", radius=self.cfg.point_size * 2, color=(0, 0, 0), visible=False)
-                self.info.content = f"**{scan.scan_id}**: {len(scan.xyz):,} points, {scan.source}, PCA colours. Click a point." + (f"  \n*{scan.note}*" if scan.note else "")
+                self.server.scene.add_icosphere(
+                    "/query", radius=self.cfg.point_size * 2, color=(0, 0, 0), visible=False
+                )
+                self.info.content = (
+                    f"**{scan.scan_id}**: {len(scan.xyz):,} points, {scan.source}, PCA colours. Click a point."
+                    + (f"  \n*{scan.note}*" if scan.note else "")
+                )
             else:
                 similarity = cosine_to(scan.features, row)
                 self.colours = to_uint8(similarity_rgb(similarity))
-                self.server.scene.add_icosphere("/query", radius=self.cfg.point_size * 2, color=(0, 0, 0), position=tuple(scan.xyz[row].tolist()))
+                self.server.scene.add_icosphere(
+                    "/query", radius=self.cfg.point_size * 2, color=(0, 0, 0), position=tuple(scan.xyz[row].tolist())
+                )
                 camera = scan.camera_of(row)
-                if camera is not None and camera.image is not None and self.camera_box.value not in self._cameras_seeing(row):
+                if (
+                    camera is not None
+                    and camera.image is not None
+                    and self.camera_box.value not in self._cameras_seeing(row)
+                ):
                     self._set(self.camera_box, value=camera.name)
                 self.info.content = (
                     f"**{scan.scan_id}**, {scan.source}  \nquery: {scan.describe(row)}  \n"
                     f"cosine similarity to its feature (centred): blue -1, grey 0, red +1; "
                     f"{np.mean(similarity > 0.5):.1%} of the points above 0.5"
-                )  # fmt: skip
+                )
             self.cloud.colors = self.colours
             self._draw_image()
 
@@ -227,7 +250,9 @@ class FeatureViewer:
 
     def _draw_image(self) -> None:
         with self._lock:
-            camera = next((c for c in self.scan.cameras if c.name == self.camera_box.value and c.image is not None), None)
+            camera = next(
+                (c for c in self.scan.cameras if c.name == self.camera_box.value and c.image is not None), None
+            )
             self.image_panel.visible = camera is not None
             if camera is None:
                 self.image = None
@@ -267,7 +292,11 @@ class FeatureViewer:
 def serve(cfg: ViewConfig) -> None:
     """Serve until interrupted (Ctrl-C)."""
     viewer = FeatureViewer(cfg)
-    print(f"scalr view: {viewer.url()} (open it in a browser; from another machine: ssh -L {cfg.port}:localhost:{cfg.port} <this host>). Ctrl-C stops.", flush=True)
+    print(
+        f"scalr view: {viewer.url()} (open it in a browser; from another machine: ssh -L "
+        f"{cfg.port}:localhost:{cfg.port} <this host>). Ctrl-C stops.",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)
