@@ -35,7 +35,7 @@ PRETRAIN_FLAGS ?= --epochs 4 --batch-size 4 --set optim.warmup_iters=6 --set tra
 EVAL_SPLIT ?= mini_val
 DOWNSTREAM_FLAGS ?= --epochs 6 --batch-size 4 --set train.log_every=1
 
-.PHONY: install test demo synth check-dataset extract-features pretrain probe finetune evaluate view screenshot bench-extract bench-pretrain clean
+.PHONY: install lint format test demo synth check-dataset extract-features pretrain probe finetune evaluate view screenshot bench-extract bench-pretrain clean
 
 install: $(VENV)/.installed
 
@@ -45,7 +45,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-test: install
+# The formatter and linter (ruff, configured in pyproject.toml) on the whole tree; `make format` applies them.
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
 	$(BIN)/python -m pytest
 
 # The synthetic datasets, written in the datasets' own on-disk formats: nuScenes (6 cameras, 32

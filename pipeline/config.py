@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import tomllib
 import typing
 from pathlib import Path
-
-import tomllib
 
 from pipeline.errors import ConfigError
 

@@ -1,9 +1,14 @@
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import stages.cli.tools
 from pipeline.datasets import open_dataset
-from stages.cli import main
+from stages.cli import COMMANDS, main
 from stages.cli.extract import LAYOUT
 from stages.cli.extract import QUANTIZE_OPTION as QUANTIZE
 from storage.layout import LAYOUTS
@@ -116,3 +121,27 @@ def test_plot_projection(nuscenes_root, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert_not_blank(out)
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    result = run("runs", tmp_path / "nothing")
+    assert result.exit_code == 1 and result.output == f"Error: {tmp_path / 'nothing'}: no such run or folder\n"
+
+    def bug(paths):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(stages.cli.tools, "find_runs", bug)
+    with pytest.raises(ValueError, match="a bug"):  # not turned into a one-line message
+        run("runs", tmp_path)
+
+
+def test_help_lists_every_command_without_loading_them():
+    """`scalr --help` answers without importing any stage (torch, timm: seconds)."""
+    code = (
+        "import sys\nfrom stages.cli import main\n"
+        "try: main(['--help'])\nexcept SystemExit: print('torch loaded:', 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert all(name in done.stdout for name in COMMANDS) and done.stdout.strip().endswith("torch loaded: False")
+    for name in COMMANDS:  # each name is a command of its room
+        assert main.get_command(None, name).name == name

@@ -199,14 +199,13 @@ def test_two_ddp_processes_agree_with_one(nus_store, tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for world, name in ((1, "one"), (2, "two")):
+        bin_dir = Path(sys.executable).parent  # the README's command: torchrun ... --no-python scalr pretrain ...
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
+            str(bin_dir / "torchrun"),
             "--standalone",
             f"--nproc-per-node={world}",
-            "-m",
-            "stages.cli",
+            "--no-python",
+            str(bin_dir / "scalr"),
             "pretrain",
             "--out",
             str(tmp_path / name),
@@ -330,3 +329,11 @@ def test_ppkt_baseline_loss_trains(nus_store, tmp_path):
     cfg = tiny_cfg([nus_store.path], tmp_path / "ppkt", epochs=1)
     summary = pretrain(replace(cfg, loss=replace(cfg.loss, kind="ppkt", ppkt_pairs=256)))
     assert summary["steps"] == 4
+
+
+def test_training_leaves_the_callers_random_state_as_it_was(nus_store, tmp_path):
+    """The run's random state lives in a fork of torch's generator (seeded, saved, restored on
+    resume): pretraining, and building its student, change nothing the caller sees."""
+    before = torch.get_rng_state()
+    pretrain(tiny_cfg([nus_store.path], tmp_path / "run", epochs=1))
+    assert torch.equal(before, torch.get_rng_state())
