@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import zarr
 
+from stages.extract.extract import ExtractConfig, extract
 from storage.feature_store import PART_RECORD_KEY, FeatureStore
 
 FEATURE_FLOOR = 2.0**-16
@@ -59,3 +60,9 @@ def reseal(store_path: Path, part: int, keep_sha256: bool) -> None:
                 np.ascontiguousarray(zarr.open_array(str(folder), mode="r")[:]).tobytes()
             ).hexdigest()
     pq.write_table(table.replace_schema_metadata({PART_RECORD_KEY: json.dumps(record)}), manifest)
+
+
+def tiny_store(root: Path, out: Path, dataset: str = "semantickitti", split: str = "train", **kw) -> FeatureStore:
+    """A store of the tiny random-init test teacher at 32 x 64 (no loader workers), as most tests use."""
+    cfg = {"random_init": True, "image_size": (32, 64), "num_workers": 0, **kw}
+    return extract(ExtractConfig(dataset, root, split, cfg.pop("teacher", "test-vit"), out, **cfg))

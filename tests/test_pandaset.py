@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import tiny_store
 
 from pipeline.datasets import open_dataset
 from pipeline.datasets.pandaset import EGO_Z_SHIFT
@@ -16,7 +17,6 @@ from pipeline.errors import DatasetError
 from pipeline.geometry import pose_matrix
 from pipeline.scan import IGNORE_INDEX
 from pipeline.transforms import Grid
-from stages.extract.extract import ExtractConfig, extract
 from stages.student.pretrain import PretrainConfig, pretrain
 from stages.student.samples import DistillationData, SampleConfig
 from stages.student.train import OptimConfig, TrainConfig
@@ -95,14 +95,7 @@ def test_four_lidars_pretrain_together(pandaset_root, nuscenes_root, kitti_root,
         ("pandar64", pandaset_root, "train"),
         ("pandargt", pandaset_root, "train"),
     ]
-    stores = [
-        extract(
-            ExtractConfig(
-                n, r, s, "test-vit", tmp_path / f"{n}.zarr", random_init=True, image_size=(32, 64), num_workers=0
-            )
-        ).path
-        for n, r, s in sources
-    ]
+    stores = [tiny_store(r, tmp_path / f"{n}.zarr", n, s).path for n, r, s in sources]
     grid = Grid(cell=4.0)
     data = DistillationData(stores, SampleConfig(max_points=3000, grid=grid))
     assert sorted(g.name for g in data.groups) == [

@@ -13,12 +13,11 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from helpers import reseal
+from helpers import reseal, tiny_store
 
 from pipeline.synth import SynthConfig, generate
 from pipeline.transforms import Augment, Grid, crop_nearest, voxel_downsample
 from stages.cli import main
-from stages.extract.extract import ExtractConfig, extract
 from stages.student.pretrain import PretrainConfig, build_student, pretrain
 from stages.student.samples import DistillationData, EpochSampler, SampleConfig, collate
 from stages.student.train import NonFiniteLoss, OptimConfig, TrainConfig
@@ -42,33 +41,17 @@ def tiny_cfg(stores, out, **train) -> PretrainConfig:
     )
 
 
-def make_store(root, out, dataset="semantickitti", split="train", **kw):
-    return extract(
-        ExtractConfig(
-            dataset,
-            root,
-            split,
-            kw.pop("teacher", "test-vit"),
-            out,
-            random_init=True,
-            image_size=kw.pop("image_size", (32, 64)),
-            num_workers=0,
-            **kw,
-        )
-    )
-
-
 @pytest.fixture(scope="module")
 def nus_store(tmp_path_factory):
     """8 training scans (2 scenes x 4 keyframes) of the nuScenes-format rig."""
     root = tmp_path_factory.mktemp("nus8")
     generate("nuscenes", root, SynthConfig(seed=5, scenes=3, frames=4, azimuth_steps=384, image_scale=0.2))
-    return make_store(root, tmp_path_factory.mktemp("st") / "nus.zarr", "nuscenes", "mini_train")
+    return tiny_store(root, tmp_path_factory.mktemp("st") / "nus.zarr", "nuscenes", "mini_train")
 
 
 @pytest.fixture(scope="module")
 def kitti_store(kitti_root, tmp_path_factory):
-    return make_store(kitti_root, tmp_path_factory.mktemp("st") / "kitti.zarr")
+    return tiny_store(kitti_root, tmp_path_factory.mktemp("st") / "kitti.zarr")
 
 
 @pytest.mark.parametrize("name", sorted(STUDENTS))
@@ -235,7 +218,7 @@ def test_two_ddp_processes_agree_with_one(nus_store, tmp_path):
 
 def test_pretraining_needs_only_the_store(kitti_root, tmp_path):
     data = Path(shutil.copytree(kitti_root, tmp_path / "data"))
-    store = make_store(data, tmp_path / "s.zarr")
+    store = tiny_store(data, tmp_path / "s.zarr")
     shutil.rmtree(data)
     summary = pretrain(tiny_cfg([store.path], tmp_path / "run", epochs=1))
     assert summary["steps"] == 1
@@ -243,7 +226,7 @@ def test_pretraining_needs_only_the_store(kitti_root, tmp_path):
 
 def test_multi_teacher_joins_and_multi_dataset_mixes(kitti_root, nus_store, kitti_store, tmp_path):
     """Stores of different layouts join too: here test-vit in the grid layout, DINO per point."""
-    dino = make_store(kitti_root, tmp_path / "kitti-dino.zarr", teacher="dino-vits8", layout="points")
+    dino = tiny_store(kitti_root, tmp_path / "kitti-dino.zarr", teacher="dino-vits8", layout="points")
     assert (kitti_store.layout, dino.layout) == ("grid", "points")
     data = DistillationData([kitti_store.path, dino.path], SAMPLE)
     assert data.target_dim == 64 + 384 and [g.teachers for g in data.groups] == [["dino-vits8", "test-vit"]]
@@ -265,17 +248,17 @@ def test_multi_teacher_joins_and_multi_dataset_mixes(kitti_root, nus_store, kitt
 
 
 def test_stores_that_cannot_be_joined(kitti_root, kitti_store, tmp_path):
-    big = make_store(kitti_root, tmp_path / "big.zarr", image_size=(64, 128))
+    big = tiny_store(kitti_root, tmp_path / "big.zarr", image_size=(64, 128))
     with pytest.raises(StoreError, match="cannot be joined .* image_size differs"):
         DistillationData([kitti_store.path, big.path], SAMPLE)
-    plus = make_store(kitti_root, tmp_path / "plus.zarr", teacher="dino-vits8", recipe="scalr-plus")
+    plus = tiny_store(kitti_root, tmp_path / "plus.zarr", teacher="dino-vits8", recipe="scalr-plus")
     with pytest.raises(StoreError, match="cannot be joined .* recipe differs"):
         DistillationData([kitti_store.path, plus.path], SAMPLE)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(kitti_root, tmp_path):
 
-    store = make_store(kitti_root, tmp_path / "s.zarr")
+    store = tiny_store(kitti_root, tmp_path / "s.zarr")
     run = tmp_path / "run"
     pretrain(tiny_cfg([store.path], run, epochs=1))
     good = load_checkpoint(run / "checkpoints/last.pt")

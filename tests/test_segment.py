@@ -11,6 +11,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from helpers import tiny_store
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.class_maps import NUSCENES_SEMANTICKITTI, ClassMap
@@ -24,7 +25,6 @@ from stages.downstream.finetune import layer_decay_groups
 from stages.downstream.labelled import frames_from_file, label_subset
 from stages.downstream.segment import SegmentConfig, train_segmentation
 from stages.downstream.segmenter import SegmentationModel
-from stages.extract.extract import ExtractConfig, extract
 from stages.student.checkpoints import load_backbone
 from stages.student.losses import lovasz_softmax, segmentation_loss
 from stages.student.pretrain import PretrainConfig, pretrain
@@ -42,18 +42,7 @@ SAMPLE = SampleConfig(max_points=10**9, grid=GRID)
 def pretrained(kitti_root, tmp_path_factory):
     """A tiny student distilled from a random test-vit on the KITTI-format rig."""
     tmp = tmp_path_factory.mktemp("pre")
-    store = extract(
-        ExtractConfig(
-            "semantickitti",
-            kitti_root,
-            "train",
-            "test-vit",
-            tmp / "s.zarr",
-            random_init=True,
-            image_size=(32, 64),
-            num_workers=0,
-        )
-    )
+    store = tiny_store(kitti_root, tmp / "s.zarr")
     cfg = PretrainConfig(
         stores=(store.path,),
         out=tmp / "run",
@@ -63,6 +52,12 @@ def pretrained(kitti_root, tmp_path_factory):
         train=TrainConfig(batch_size=2, epochs=2, num_workers=0),
     )
     return pretrain(cfg)["checkpoint"]
+
+
+def probe_args(kitti_root, checkpoint, out) -> list[str]:
+    """`scalr probe` for one epoch of batches of 2 on the KITTI-format rig's coarse grid."""
+    data = ["--dataset", "semantickitti", "--root", str(kitti_root), "--checkpoint", str(checkpoint), "--out", str(out)]
+    return ["probe", *data, "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--set", "sample.grid.cell=4.0"]
 
 
 def probe_cfg(kitti_root, out, checkpoint, mode="probe", **train):
@@ -214,25 +209,7 @@ def test_every_command_names_a_bad_checkpoint(command, kitti_root, pretrained, s
 
 def test_cli_probe_and_evaluate(kitti_root, pretrained, tmp_path):
     out = tmp_path / "probe"
-    args = [
-        "probe",
-        "--dataset",
-        "semantickitti",
-        "--root",
-        str(kitti_root),
-        "--checkpoint",
-        pretrained,
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "0",
-        "--set",
-        "sample.grid.cell=4.0",
-    ]
+    args = probe_args(kitti_root, pretrained, str(out))
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(
@@ -594,25 +571,7 @@ def test_runs_table_plot_and_tensorboard(kitti_root, pretrained, tmp_path, monke
     Every run writes TensorBoard events (evaluation too); without tensorboard, a note, no failure."""
 
     out = tmp_path / "runs/probe"
-    args = [
-        "probe",
-        "--dataset",
-        "semantickitti",
-        "--root",
-        str(kitti_root),
-        "--checkpoint",
-        pretrained,
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "0",
-        "--set",
-        "sample.grid.cell=4.0",
-    ]
+    args = probe_args(kitti_root, pretrained, str(out))
     assert CliRunner().invoke(main, args).exit_code == 0
     assert (
         CliRunner()

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import tiny_store
 from PIL import Image
 
 from pipeline.datasets import open_dataset
@@ -184,18 +185,7 @@ def test_empty_scan_is_counted_listed_and_warned_about(kitti_copy, tmp_path, cap
     )
     assert result.exit_code == 0 and "1 scans have zero points: 00/000001" in result.output
 
-    store = extract(
-        ExtractConfig(
-            "semantickitti",
-            kitti_copy,
-            "train",
-            "test-vit",
-            tmp_path / "s.zarr",
-            random_init=True,
-            image_size=(32, 64),
-            num_workers=0,
-        )
-    )
+    store = tiny_store(kitti_copy, tmp_path / "s.zarr")
     assert store.entry("00/000001", "image_2")[0]["scan_points"] == 0
     with caplog.at_level(logging.WARNING):
         DistillationData([store.path], SampleConfig())
@@ -255,18 +245,7 @@ def test_bad_file_met_in_a_loader_worker_is_one_line(kitti_copy, tmp_path):
     """A DatasetError raised in a DataLoader worker reaches the command line as its own message."""
 
     grid = Grid(cell=4.0)
-    store = extract(
-        ExtractConfig(
-            "semantickitti",
-            kitti_copy,
-            "train",
-            "test-vit",
-            tmp_path / "s.zarr",
-            random_init=True,
-            image_size=(32, 64),
-            num_workers=0,
-        )
-    )
+    store = tiny_store(kitti_copy, tmp_path / "s.zarr")
     cfg = PretrainConfig(
         (store.path,),
         tmp_path / "pre",
