@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -40,13 +41,24 @@ def read_checkpoint_file(path: Path) -> dict:
         # weights_only: tensors, dicts, lists and plain values only; never runs a pickled object
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            path, f"not a readable checkpoint (truncated, corrupt or not written by torch.save: {reason[:200]})"
-        ) from None
+        raise CheckpointError(path, f"not a readable checkpoint ({load_problem(err)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(path, f"holds a {type(state).__name__}, not a checkpoint dict")
     return state
+
+
+def load_problem(err: Exception) -> str:
+    """What torch.load(weights_only=True) found wrong with a file, in one line: objects it refuses
+    to build (a file that would run code, or hold more than tensors, containers and numbers), or
+    a truncated, corrupt or foreign file."""
+    text = str(err)
+    if "Weights only load failed" in text or "weights_only=True blocked" in text:  # torch's, timm's words
+        found = re.search(r"GLOBAL ([\w.]+)|Unsupported globals: ([\w.]+)|(Unsupported operand \d+)", text)
+        what = next((g for g in found.groups() if g), "") if found else ""
+        what = f"the object {what}" if "." in what else what or "objects other than tensors, containers and numbers"
+        return f"refused: it needs {what} to load; scalr loads tensors only and never runs code from a file"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"truncated, corrupt or not written by torch.save: {first[:200]}"
 
 
 def load_checkpoint(path: Path, state: dict | None = None) -> dict:

@@ -27,6 +27,7 @@ from pipeline.datasets.base import LidarDataset, image_size
 from pipeline.datasets.records import Record, read_json, records
 from pipeline.errors import DatasetError
 from pipeline.geometry import check_intrinsics, check_rigid, invert_rigid, pose_matrix, rigid
+from pipeline.safe_pickle import load_dataframe
 from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRule
 
 log = logging.getLogger(__name__)
@@ -124,18 +125,9 @@ def _meta(name: str, cameras: tuple[str, ...], intensity_mean: float, intensity_
 
 
 def read_table(path: Path, numeric: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """A pickled (gzip) pandas DataFrame as {column: array}; pandas does the unpickling. The
-    `numeric` columns must be there and hold finite numbers."""
-    import pandas as pd  # noqa: PLC0415 - 0.7 s to import, and only PandaSet needs it
-
-    try:
-        frame = pd.read_pickle(path)
-    except FileNotFoundError:
-        raise DatasetError(path, "file is missing") from None
-    except Exception as err:  # noqa: BLE001 - unpickling can fail in any way: all mean a bad file
-        raise DatasetError(path, f"unreadable pickled table ({type(err).__name__}: {str(err)[:200]})") from None
-    if not isinstance(frame, pd.DataFrame):
-        raise DatasetError(path, f"holds a {type(frame).__name__}, not a pandas DataFrame")
+    """A pickled (gzip) pandas DataFrame as {column: array}, unpickled without running code from
+    the file (pipeline/safe_pickle.py). The `numeric` columns must be there and hold finite numbers."""
+    frame = load_dataframe(path)
     table = {str(c): frame[c].to_numpy() for c in frame.columns}
     missing = [c for c in numeric if c not in table]
     if missing:

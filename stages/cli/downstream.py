@@ -30,7 +30,7 @@ FINETUNE_HELP = (
 FRAMES_HELP = (
     "The labelled scans: a text file of scan ids (one a line) or a released ScaLR .npy list (e.g. "
     "nuscenes-ratio_100-v_0.npy "
-    "for 1%; read with pickle: use lists you trust). Give --labels too, for the schedule."
+    "for 1%; its pickled strings are read without running code). Give --labels too, for the schedule."
 )
 
 

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.datasets import LidarDataset
 from pipeline.errors import ConfigError, DatasetError
+from pipeline.safe_pickle import load_npy
 from stages.student.samples import SampleConfig, student_inputs
 
 
@@ -21,11 +22,8 @@ def frames_from_file(ds: LidarDataset, path: Path) -> list[int]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(path, "frame list is missing")
-    if path.suffix == ".npy":
-        try:  # the released lists are object arrays: numpy needs pickle to read them
-            rows = [[str(v) for v in np.atleast_1d(row)] for row in np.load(path, allow_pickle=True)]
-        except (ValueError, OSError, EOFError) as err:
-            raise DatasetError(path, f"not a readable .npy frame list ({err})") from None
+    if path.suffix == ".npy":  # the released lists are object arrays of strings, which numpy pickles
+        rows = [[str(v) for v in np.atleast_1d(row)] for row in load_npy(path)]
     else:
         lines = path.read_text().splitlines()
         rows = [[line.strip()] for line in lines if line.strip() and not line.lstrip().startswith("#")]

@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.errors import ScalrError
 from stages.extract.registry import TeacherSpec
+from storage.checkpoint import load_problem
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repositories hold, preferred first
 
@@ -122,14 +123,15 @@ def hub_provenance(path: Path | None) -> dict | None:
 def load_weights(model: nn.Module, spec: TeacherSpec, path: Path) -> None:
     """Load a local checkpoint through timm's converters (original DINO/DINOv2/MAE/CLIP releases
     or timm state dicts; position embeddings resized to the model's grid), strictly: only the
-    classifier, unused for dense features, may be absent or extra."""
+    classifier, unused for dense features, may be absent or extra. Files are read as safetensors or
+    with torch's weights-only unpickler (tensors, containers and numbers): a file that would need
+    any other object is refused, so no code in a weights file ever runs."""
     failures = (RuntimeError, KeyError, ValueError, OSError, EOFError, AttributeError, pickle.UnpicklingError)
     try:
-        state = checkpoint_filter_fn(load_state_dict(str(path), weights_only=False), model)
+        state = checkpoint_filter_fn(load_state_dict(str(path), weights_only=True), model)
         result = model.load_state_dict(state, strict=False)
     except failures as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise WeightsError(f"{path}: cannot load as {spec.name} ({spec.timm_name}): {first}") from None
+        raise WeightsError(f"{path}: cannot load as {spec.name} ({spec.timm_name}): {load_problem(err)}") from None
 
     def unused(key: str) -> bool:  # classifier parts; MaskCLIP needs its head (the visual projection)
         return key.startswith("fc_norm.") or (key.startswith("head.") and spec.dense != "maskclip-value")
