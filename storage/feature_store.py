@@ -5,8 +5,10 @@ the checks every reader runs when opening one are storage/integrity.py; the dire
 storage/chunks.py. This module opens, reads and writes stores.
 
 A part's manifest is written LAST, by atomic rename: a part without its manifest does not exist.
-All arrays of a part share the same row chunking, and a writer only ever writes whole chunks
-(plus the final partial one), so no two processes ever touch the same chunk file.
+A writer claims a part first (`claim`: a lock that dies with its holder, storage/locks.py) and
+writes it only if it is not committed, so two processes never write the same part and a committed
+part is never rewritten. All arrays of a part share the same row chunking, and a writer only ever
+writes whole chunks (plus the final partial one).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from storage.layout import (  # noqa: F401 - re-exported: the names every caller
     chunk_rows_for,
     part_name,
 )
+from storage.locks import Lock, holder, try_lock
 from storage.targets import dequantize, quantize_int8, sample_grid
 
 
@@ -126,6 +129,19 @@ class FeatureStore:
 
     def part_folder(self, part: int) -> Path:
         return self.path / "parts" / part_name(part)
+
+    def is_committed(self, part: int) -> bool:
+        return self.manifest_path(part).exists()
+
+    def claim(self, part: int, wait: bool = False) -> Lock | None:
+        """The right to write `part` (storage/locks.py): None while another process holds it;
+        `wait` blocks until it is free. A writer checks `is_committed` after claiming."""
+        folder = self.path / "claims"
+        folder.mkdir(exist_ok=True)
+        return try_lock(folder / f"{part_name(part)}.lock", wait)
+
+    def claim_holder(self, part: int) -> str:
+        return holder(self.path / "claims" / f"{part_name(part)}.lock")
 
     def committed_parts(self) -> list[int]:
         names = sorted(p.name for p in (self.path / "manifest").glob("part-*.parquet"))
@@ -275,6 +291,8 @@ class PartWriter:
     the part's integrity record and then publishes the manifest by atomic rename."""
 
     def __init__(self, store: FeatureStore, part: int):
+        if store.is_committed(part):  # whoever writes a part has claimed it and found it uncommitted
+            raise StoreError(f"{store.manifest_path(part)}: part {part} is committed and is never rewritten")
         self.store, self.part = store, part
         self.specs = store.specs
         self.folder = store.part_folder(part)

@@ -1,4 +1,4 @@
-"""A training run's folder, the one place its layout is spelled:
+"""A training run's folder, the one place its layout is spelled, and who may write it:
 
 RUN/config.json              the run record: stage, resolved config, data, what it started from
 RUN/metrics.jsonl            one line per logged step
@@ -10,8 +10,16 @@ RUN/eval-DATASET-SPLIT.json  each evaluation of the run's model
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.errors import PathError
+from storage.locks import holder, try_lock
+
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints", "loss.png", "tensorboard", "frames.txt", ".lock")
 
 
 @dataclass(frozen=True)
@@ -54,4 +62,40 @@ class RunFolder:
         return self.path / f"eval-{dataset}-{split}.json"
 
     def is_run(self) -> bool:
-        return self.record.is_file()
+        """Whether the folder holds a scalr run record (config.json naming its stage)."""
+        try:
+            record = json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and "stage" in record
+
+    def foreign_entries(self) -> list[str]:
+        """What the folder holds that a run does not write (runs nested in it are the run's; a
+        config.json is a run's when it is a scalr run record)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            e.name
+            for e in self.path.iterdir()
+            if not (e.name in RUN_ENTRIES and (e.name != "config.json" or self.is_run()))
+            and not (e.name.startswith("eval-") and e.name.endswith(".json"))
+            and not (e.is_dir() and RunFolder(e).is_run())
+        )
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Hold the run for one training process: refuse a feature store, a folder holding other
+        files, and a run another process is training."""
+        if (self.path / "zarr.json").exists():
+            raise PathError(self.path, "is a feature store: a run is never written into a store; use another --out")
+        foreign = self.foreign_entries()
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise PathError(self.path, f"holds files that are not a scalr run's ({shown}); use another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = try_lock(self.path / ".lock")
+        if lock is None:
+            who = holder(self.path / ".lock")
+            raise PathError(self.path, f"is being trained by {who}; wait for it to finish or use another --out")
+        with lock:
+            yield

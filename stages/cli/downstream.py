@@ -11,7 +11,7 @@ from pipeline.config import layered
 from pipeline.corruptions import CORRUPTIONS
 from pipeline.datasets import READERS
 from stages.cli.options import CHECKPOINT, DATASET, ROOT, SPLIT, device_option, precision_option
-from stages.cli.student import CONFIG_FILE
+from stages.cli.student import CONFIG_FILE, CONTINUE_WITH_CHANGES
 from stages.downstream.embed import EmbedConfig, embed
 from stages.downstream.evaluate import EvaluateConfig, evaluate, table_lines
 from stages.downstream.segment import SegmentConfig, train_segmentation
@@ -58,8 +58,19 @@ def segment_command(mode: str, name: str, help_text: str, *extra_options):
     @device_option(default=None)
     @click.option("--num-workers", type=int, default=None)
     @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out.")
+    @CONTINUE_WITH_CHANGES
     def command(
-        labels_fraction, config_file, sets, epochs, batch_size, precision, device, num_workers, fresh, **fields
+        labels_fraction,
+        config_file,
+        sets,
+        epochs,
+        batch_size,
+        precision,
+        device,
+        num_workers,
+        fresh,
+        continue_with_changes,
+        **fields,
     ):
         flags = {
             "train.epochs": epochs,
@@ -69,7 +80,8 @@ def segment_command(mode: str, name: str, help_text: str, *extra_options):
             "train.num_workers": num_workers,
         }
         cfg = SegmentConfig.for_mode(mode, labels_fraction=int(labels_fraction) / 100, **fields)
-        summary = train_segmentation(layered(cfg, config_file, sets, flags), resume=not fresh)
+        cfg = layered(cfg, config_file, sets, flags)
+        summary = train_segmentation(cfg, resume=not fresh, accept_changes=continue_with_changes)
         ckpt = summary["checkpoint"]
         click.echo(
             f"{mode}: {summary['steps']} steps; checkpoint {ckpt}; evaluate with: scalr evaluate --checkpoint "

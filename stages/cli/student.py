@@ -21,6 +21,13 @@ CONFIG_FILE = click.option(
     help="TOML file of overrides ([optim] lr = 1e-3 ...).",
 )
 
+CONTINUE_WITH_CHANGES = click.option(
+    "--continue-with-changes",
+    is_flag=True,
+    help="Resume --out's run although settings that change what is trained differ from its record "
+    "(they are recorded in the run); without it such a resume is refused.",
+)
+
 
 @click.command("pretrain")
 @click.option(
@@ -57,8 +64,22 @@ CONFIG_FILE = click.option(
     "--loss", type=click.Choice(["cosine", "ppkt"]), default=None, help="cosine: ScaLR; ppkt: contrastive baseline."
 )
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out instead of resuming from it.")
+@CONTINUE_WITH_CHANGES
 def pretrain_command(
-    stores, out, student, config_file, sets, epochs, batch_size, max_steps, precision, device, num_workers, loss, fresh
+    stores,
+    out,
+    student,
+    config_file,
+    sets,
+    epochs,
+    batch_size,
+    max_steps,
+    precision,
+    device,
+    num_workers,
+    loss,
+    fresh,
+    continue_with_changes,
 ):
     """Stage 2: train a WaffleIron student against cached teacher targets (no teacher, images or
     raw dataset needed). Resumes from --out's last checkpoint. Multi-GPU:
@@ -73,7 +94,7 @@ def pretrain_command(
         "loss.kind": loss,
     }
     cfg = layered(PretrainConfig(tuple(stores), out, student).resolved(), config_file, sets, flags)
-    summary = pretrain(cfg, resume=not fresh)
+    summary = pretrain(cfg, resume=not fresh, accept_changes=continue_with_changes)
     click.echo(
         f"pretrained {summary['steps']} steps; checkpoint {summary['checkpoint']}; loss curve "
         f"{RunFolder(out).loss_plot}"

@@ -124,7 +124,7 @@ def segmentation_step(net, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return loss * count, count
 
 
-def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
+def train_segmentation(cfg: SegmentConfig, resume: bool = True, accept_changes: bool = False) -> dict:
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     indices = labelled_indices(cfg, ds)
     model = segmentation_model(cfg, ds.meta.num_classes)
@@ -134,8 +134,6 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
     if steps_per_epoch == 0:
         raise DatasetError(cfg.root, f"{len(indices)} labelled scans cannot fill one batch of {cfg.train.batch_size}")
     optim = dataclasses.replace(cfg.optim, warmup_iters=max(1, int(cfg.warmup_epochs * steps_per_epoch)))
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / "frames.txt").write_text("\n".join(ds.scan_ids[i] for i in indices) + "\n")
     backbone = model.backbone.cfg
     record = {
         "stage": cfg.mode,
@@ -166,4 +164,19 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True) -> dict:
         return EpochSampler([len(indices)], cfg.train.batch_size, cfg.train.seed, rank, world)
 
     groups = parameter_groups(cfg, model)
-    return fit(model, groups, data, sampler, collate, segmentation_step, optim, cfg.train, cfg.out, record, resume)
+    frames = {"frames.txt": "\n".join(ds.scan_ids[i] for i in indices) + "\n"}
+    return fit(
+        model,
+        groups,
+        data,
+        sampler,
+        collate,
+        segmentation_step,
+        optim,
+        cfg.train,
+        cfg.out,
+        record,
+        resume,
+        accept_changes,
+        frames,
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from stages.extract.writer import BackgroundWriter, lower_priority
 from stages.runtime import Launch, Loader, autocast, pick_device
 from storage.feature_store import FeatureStore, PartWriter, StorePlan
 from storage.layout import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE
+from storage.locks import Lock
 from storage.targets import sample_grid
 
 log = logging.getLogger(__name__)
@@ -319,8 +321,56 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
         teacher = recipe_teacher(cfg, weights).to(device)
         images = sum(len(plan.scans_of(p)) for p in todo) * len(ds.meta.camera_names)
         with tqdm(total=images, desc=f"extract {cfg.teacher}", unit="img", dynamic_ncols=True) as bar:
-            extract_parts(cfg, store, teacher, ds, todo, device, cfg.num_workers, bar.update)
+            extract_claimed(cfg, store, teacher, ds, todo, device, bar.update)
     return FeatureStore(cfg.out, check=False)  # other ranks may still be writing their parts
+
+
+CLAIMED_AT_ONCE = 8  # parts claimed (and loaded by one DataLoader) at a time
+WAIT_S = 1.0  # between looks at parts another process is writing
+
+
+def extract_claimed(
+    cfg: ExtractConfig,
+    store: FeatureStore,
+    teacher: Teacher,
+    ds: LidarDataset,
+    todo: list[int],
+    device: torch.device,
+    progress=None,
+) -> None:
+    """Compute `todo`'s parts a few at a time, each claimed first: parts another process holds are
+    left to it and waited for (until committed, or free again because their writer died), parts
+    committed meanwhile are skipped. Two runs into one store share its parts."""
+    pending, told = list(todo), set()
+    while pending := [p for p in pending if not store.is_committed(p)]:
+        claimed = claim_some(store, pending, CLAIMED_AT_ONCE)
+        if not claimed:
+            for part in set(pending) - told:
+                log.info(
+                    "%s: part %d is being written by %s; waiting for it", store.path, part, store.claim_holder(part)
+                )
+            told |= set(pending)
+            time.sleep(WAIT_S)
+            continue
+        try:
+            extract_parts(cfg, store, teacher, ds, [p for p, _ in claimed], device, cfg.num_workers, progress)
+        finally:
+            for _, lock in claimed:
+                lock.release()
+
+
+def claim_some(store: FeatureStore, parts: list[int], limit: int) -> list[tuple[int, Lock]]:
+    """Up to `limit` of `parts` claimed by this process and still uncommitted, with their locks."""
+    claimed = []
+    for part in parts:
+        if len(claimed) == limit:
+            break
+        lock = store.claim(part)
+        if lock is not None and store.is_committed(part):  # committed between the look and the claim
+            lock.release()
+        elif lock is not None:
+            claimed.append((part, lock))
+    return claimed
 
 
 # ---- dask.distributed: parts as tasks, the teacher loaded once per worker ---------------------
@@ -357,5 +407,7 @@ def _dask_part(cfg: ExtractConfig, weights: TeacherWeights, part: int) -> int:
         cache["teacher"] = recipe_teacher(cfg, weights).to(cache["device"])
         cache["dataset"] = open_dataset(cfg.dataset, cfg.root, cfg.split, keep_going=cfg.on_error == "skip")
     store = FeatureStore(cfg.out, check=False)
-    extract_parts(cfg, store, cache["teacher"], cache["dataset"], [part], cache["device"], 0)
+    with store.claim(part, wait=True):  # another process may hold it: then it is committed, or its writer died
+        if not store.is_committed(part):
+            extract_parts(cfg, store, cache["teacher"], cache["dataset"], [part], cache["device"], 0)
     return part

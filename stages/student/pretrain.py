@@ -58,7 +58,7 @@ def build_student(model_cfg: WaffleIronConfig, target_dim: int, head: str, hidde
     return Student(WaffleIron(model_cfg), make_head(model_cfg.width, target_dim, kind, hidden))
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
+def pretrain(cfg: PretrainConfig, resume: bool = True, accept_changes: bool = False) -> dict:
     cfg = cfg.resolved()
     data = DistillationData(list(cfg.stores), cfg.sample)
     groups = data.groups
@@ -113,4 +113,5 @@ def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
         cfg.out,
         record,
         resume,
+        accept_changes,
     )

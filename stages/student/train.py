@@ -10,6 +10,7 @@ every checkpoint: the caller's random state is the same after training as before
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from torch import nn
 from torch.distributed.nn.functional import all_reduce
 from tqdm import tqdm
 
-from pipeline.errors import ScalrError
+from pipeline.errors import ConfigError, ScalrError
 from stages.runtime import Launch, Loader, autocast, peak_memory_mib, pick_device, to_device
 from stages.student.checkpoints import inputs_problem
 from storage.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, write_json
@@ -145,22 +146,72 @@ def fit(
     run_dir: Path,
     record: dict,
     resume: bool = True,
+    accept_changes: bool = False,
+    files: dict[str, str] | None = None,
 ) -> dict:
-    """Train `model` and return a summary. `make_sampler(rank, world)` gives an EpochSampler."""
-    trainer = Trainer(model, param_groups, make_sampler, optim, train, RunFolder(run_dir), record)
-    with torch.random.fork_rng(devices=trainer.rng_devices):  # the run's own random state
-        trainer.start(resume)
-        trainer.train(dataset, collate, step_loss)
+    """Train `model` and return a summary. `make_sampler(rank, world)` gives an EpochSampler.
+    Resuming compares what is trained with the run's record: a difference is refused unless
+    `accept_changes` (then recorded in the run). `files`: more text files for the run folder."""
+    run, launch = RunFolder(run_dir), Launch.from_env()
+    with run.training() if launch.rank == 0 else contextlib.nullcontext():  # one process per run
+        for name, text in (files or {}).items() if launch.rank == 0 else ():
+            (run.path / name).write_text(text)
+        trainer = Trainer(model, param_groups, make_sampler, optim, train, run, record, launch)
+        with torch.random.fork_rng(devices=trainer.rng_devices):  # the run's own random state
+            trainer.start(resume, accept_changes)
+            trainer.train(dataset, collate, step_loss)
     return trainer.summary()
+
+
+# What may differ when a run resumes: where things are, how fast, how often it logs, when it stops.
+RESUMABLE_CHANGES = (
+    "out",
+    "root",
+    "stores",
+    "train.num_workers",
+    "train.device",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.max_steps",
+)
+
+
+def what_is_trained(record: dict) -> dict:
+    """A run record's settings that decide what is trained, as dotted keys (stores by content:
+    teacher and data, not path)."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    keys = {k: v for k, v in flat(record.get("config", {})).items() if not k.startswith(RESUMABLE_CHANGES)}
+    stores = [{k: v for k, v in s.items() if k != "path"} for s in record.get("stores", [])]
+    return {**keys, "stage": record.get("stage"), **({"stores": stores} if stores else {})}
+
+
+def changed_settings(old: dict, new: dict) -> dict[str, list]:
+    """key -> [old, new] for every setting that decides what is trained and differs."""
+    a, b = what_is_trained(old), what_is_trained(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 class Trainer:
     """The state of one training run and the steps that move it."""
 
     def __init__(
-        self, model, param_groups, make_sampler, optim: OptimConfig, train: TrainConfig, run: RunFolder, record: dict
+        self,
+        model,
+        param_groups,
+        make_sampler,
+        optim: OptimConfig,
+        train: TrainConfig,
+        run: RunFolder,
+        record: dict,
+        launch: Launch,
     ):
-        self.launch = Launch.from_env().join()
+        self.launch = launch.join()
         self.device = pick_device(train.device, self.launch)
         self.model, self.optim, self.train_cfg, self.run, self.record = model.to(self.device), optim, train, run, record
         self.sampler = make_sampler(self.launch.rank, self.launch.world)
@@ -182,10 +233,10 @@ class Trainer:
         return lambda s: warmup_cosine(s, total, optim.warmup_iters, base, optim.min_lr * base / optim.lr)
 
     # ---- start: fresh or resumed ---------------------------------------------------------
-    def start(self, resume: bool) -> None:
+    def start(self, resume: bool, accept_changes: bool) -> None:
         """Resume from the run's checkpoint when asked and present, else seed a fresh run."""
         if resume and self.run.checkpoint.is_file():
-            self._resume(self.run.checkpoint)
+            self._resume(self.run.checkpoint, accept_changes)
         else:
             torch.manual_seed(self.train_cfg.seed)  # noqa: TID251 - inside fit's fork of the generator
         if self.launch.rank == 0:
@@ -193,7 +244,7 @@ class Trainer:
             if self.position.step == 0:
                 self.run.metrics.unlink(missing_ok=True)  # a fresh run starts a fresh log
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path, accept_changes: bool) -> None:
         state = load_checkpoint(path)
         missing = [k for k in RESUME_KEYS if k not in state]
         if missing:
@@ -202,6 +253,7 @@ class Trainer:
             )
         if problem := inputs_problem(state["config"]):
             raise CheckpointError(path, f"cannot resume: {problem} (use --fresh or another --out)")
+        self._record_changes(path, state["config"], state["step"], accept_changes)
         what = "this run's model (use --fresh or another --out to start a different model)"
         load_weights(path, self.model, state["model"], what)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -213,6 +265,21 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.saved_step = self.position.step
         log.info("%s: resuming at step %d (epoch %d, batch %d)", path, *vars(self.position).values())
+
+    def _record_changes(self, path: Path, old: dict, step: int, accept: bool) -> None:
+        """Refuse to resume with settings that change what is trained, unless accepted: then the
+        changes join the run's record (config.json and every later checkpoint)."""
+        changes = changed_settings(old, self.record)
+        if changes and not accept:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:6])
+            raise ConfigError(
+                f"{self.run.path}: this run was trained with other settings ({shown}); resume it with its own "
+                "settings, start a new run (another --out, or --fresh here), or pass --continue-with-changes"
+            )
+        history = old.get("changes", []) + ([{"step": step, "changes": changes}] if changes else [])
+        if history:
+            self.record["changes"] = history
+            log.warning("%s: resuming at step %d with changed settings: %s", path, step, ", ".join(changes))
 
     def save(self) -> None:
         p = self.position
@@ -268,6 +335,9 @@ class Trainer:
         try:
             while p.step < self.last_step:
                 self.sampler.start(p.epoch, p.batch_in_epoch)
+                if p.batch_in_epoch >= self.steps_per_epoch:  # e.g. resumed with larger batches: the epoch is done
+                    p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+                    continue
                 for batch in loader:
                     loss_sum, count = self.step(net, to_device(batch, self.device), step_loss)
                     log_window.add(loss_sum, count, cfg.batch_size)
