@@ -59,19 +59,19 @@ test: lint
 
 # The synthetic datasets, written in the datasets' own on-disk formats: nuScenes (6 cameras, 32
 # beams), SemanticKITTI (1 camera, 64 beams), PandaSet (Pandar64 + PandarGT, 6 cameras).
-# Written once (a stamp marks completion); `make clean` to regenerate.
+# Written once (a stamp marks completion; --overwrite replaces an interrupted write); `make clean` to regenerate.
 synth: $(DATA)/synth-nuscenes/.done $(DATA)/synth-semantickitti/.done $(DATA)/synth-pandaset/.done
 
 $(DATA)/synth-nuscenes/.done: | install
-	$(SCALR) synth --format nuscenes --out $(DATA)/synth-nuscenes --seed $(SEED)
+	$(SCALR) synth --format nuscenes --out $(DATA)/synth-nuscenes --seed $(SEED) --overwrite
 	touch $@
 
 $(DATA)/synth-semantickitti/.done: | install
-	$(SCALR) synth --format semantickitti --out $(DATA)/synth-semantickitti --seed $(SEED)
+	$(SCALR) synth --format semantickitti --out $(DATA)/synth-semantickitti --seed $(SEED) --overwrite
 	touch $@
 
 $(DATA)/synth-pandaset/.done: | install
-	$(SCALR) synth --format pandaset --out $(DATA)/synth-pandaset --seed $(SEED)
+	$(SCALR) synth --format pandaset --out $(DATA)/synth-pandaset --seed $(SEED) --overwrite
 	touch $@
 
 check-dataset: synth

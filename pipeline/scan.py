@@ -57,6 +57,11 @@ class Scan:
     raw_labels: np.ndarray | None = None  # (N,) int64, the dataset's own label ids
     labels: np.ndarray | None = None  # (N,) uint8, benchmark class index or IGNORE_INDEX
     extras: dict = field(default_factory=dict)  # reader-specific facts (e.g. nuScenes ring index)
+    sources: tuple[Path, ...] = ()  # the files it was read from, besides its camera images
+
+    def input_files(self) -> tuple[Path, ...]:
+        """Every file this scan was read from: its sources and its camera images."""
+        return self.sources + tuple(c.image_path for c in self.cameras)
 
     @property
     def num_points(self) -> int:

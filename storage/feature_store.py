@@ -140,6 +140,14 @@ class FeatureStore:
         folder.mkdir(exist_ok=True)
         return try_lock(folder / f"{part_name(part)}.lock", wait)
 
+    def uncommit(self, part: int) -> None:
+        """Withdraw a committed part (its manifest) so that it is written again: only when asked to
+        redo it (`extract-features --redo-changed`), under its claim."""
+        with self.claim(part, wait=True):
+            self.manifest_path(part).unlink(missing_ok=True)
+        self._parts.pop(part, None)
+        self._manifest = None
+
     def claim_holder(self, part: int) -> str:
         return holder(self.path / "claims" / f"{part_name(part)}.lock")
 
@@ -312,9 +320,14 @@ class PartWriter:
         }
         self.hashes = {name: hashlib.sha256() for name in self.specs}  # of the decoded bytes, in row order
         self.buffer: dict[str, list[np.ndarray]] = {name: [] for name in self.specs}
+        self.inputs: dict[str, list[int]] = {}  # the dataset files the part was computed from
         self.buffered = {"point": 0, "grid": 0}
         self.written = {"point": 0, "grid": 0}
         self.rows: list[dict] = []
+
+    def note_inputs(self, stats: dict[str, list[int]]) -> None:
+        """Record input files of the part ({path under the dataset root: [size, mtime_ns]})."""
+        self.inputs.update(stats)
 
     def add(self, row: dict, data: dict[str, np.ndarray] | None = None) -> None:
         """Append one (scan, camera) entry. `row` holds the manifest fields except part/offset/
@@ -381,7 +394,8 @@ class PartWriter:
                 "chunk_bytes": sizes,
                 "sha256": self.hashes[name].hexdigest(),
             }
-        return {"part": self.part, "rows": self.written["point"], "grids": self.written["grid"], "arrays": arrays}
+        record = {"part": self.part, "rows": self.written["point"], "grids": self.written["grid"], "arrays": arrays}
+        return {**record, "inputs": dict(sorted(self.inputs.items()))} if self.inputs else record
 
     def commit(self) -> None:
         self._flush(whole_chunks_only=False)

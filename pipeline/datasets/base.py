@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ class LidarDataset(abc.ABC):
     """
 
     meta: DatasetMeta
+    index_files: tuple[Path, ...] = ()  # files read to index the split (e.g. nuScenes' tables): inputs of every scan
 
     def __init__(self, root: str | Path, split: str, keep_going: bool = False):
         self.root = Path(root)
@@ -78,8 +80,26 @@ class LidarDataset(abc.ABC):
         """Visible points of `scan` in one camera, with this dataset's visibility rule."""
         return project(scan.points, scan.camera(camera_name), self.meta.visibility)
 
+    def fingerprint(self, scan: Scan) -> dict[str, list[int]]:
+        """Size and modification time (ns) of every file a scan was read from, by its path under
+        the root: a cheap record of the inputs, compared when an extraction resumes."""
+        return file_stats([*self.index_files, *scan.input_files()], self.root)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, scans={len(self)})"
+
+
+def file_stats(paths, root: Path) -> dict[str, list[int]]:
+    """{path under root: [size, mtime_ns]}; a missing file is [-1, -1]."""
+    stats = {}
+    for path in paths:
+        key = str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else str(path)
+        try:
+            st = os.stat(path)
+            stats[key] = [st.st_size, st.st_mtime_ns]
+        except FileNotFoundError:
+            stats[key] = [-1, -1]
+    return stats
 
 
 def read_point_records(path: Path, fields: int, keep: int = 4) -> np.ndarray:

@@ -190,6 +190,7 @@ class NuScenes(LidarDataset):
         if not tables_dir.is_dir():
             raise DatasetError(tables_dir, f"nuScenes table folder for split {split!r} is missing")
         self._records = self._index(tables_dir)
+        self.index_files = tuple(sorted(tables_dir.glob("*.json")))  # every scan is read through them
         if not self._records:
             raise DatasetError(tables_dir / "scene.json", f"no keyframes of split {split!r}")
         self._ids = [r.token for r in self._records]
@@ -332,4 +333,6 @@ class NuScenes(LidarDataset):
             )
             for c in rec.cameras
         )
-        return Scan(rec.token, points, cameras, raw_labels, labels, extras={"ring": raw[:, 4].astype(np.int16)})
+        sources = (path,) + ((self.root / rec.lidarseg,) if rec.lidarseg is not None else ())
+        ring = raw[:, 4].astype(np.int16)
+        return Scan(rec.token, points, cameras, raw_labels, labels, extras={"ring": ring}, sources=sources)

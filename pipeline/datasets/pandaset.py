@@ -245,7 +245,12 @@ class _PandaSet(LidarDataset):
             cameras.append(
                 Camera(name, image_path, image_size(image_path), k, invert_rigid(camera_to_world) @ scan_to_world)
             )
-        return Scan(self._ids[index], points, tuple(cameras), raw_labels, labels)
+        calibration = [
+            folder / "camera" / n / f for n in self.meta.camera_names for f in ("poses.json", "intrinsics.json")
+        ]
+        semseg = (label_path,) if raw_labels is not None else ()
+        sources = (lidar_path, *semseg, poses_path, *calibration, folder / "meta" / "gps.json")
+        return Scan(self._ids[index], points, tuple(cameras), raw_labels, labels, sources=sources)
 
 
 def _latitude(path: Path) -> float:

@@ -214,8 +214,9 @@ class SemanticKITTI(LidarDataset):
             label_path = folder / "labels" / f"{frame}.label"
             raw_labels = read_labels(label_path, np.uint32, count=len(points), mask=0xFFFF)
             labels = self.meta.map_labels(raw_labels, label_path)
+        sources = (folder / "velodyne" / f"{frame}.bin",) + ((label_path,) if seq.has_labels else ())
         if not self.camera:
-            return Scan(scan_id, points, (), raw_labels, labels)
+            return Scan(scan_id, points, (), raw_labels, labels, sources=sources)
         image_path = folder / self.camera / f"{frame}.png"
         size = image_size(image_path)
         if seq.image_size is not None and size != seq.image_size:  # one calibration per sequence
@@ -225,4 +226,4 @@ class SemanticKITTI(LidarDataset):
                 f"{seq.image_size[1]}x{seq.image_size[0]}",
             )
         camera = Camera(self.camera, image_path, size, seq.intrinsics, seq.lidar_to_camera)
-        return Scan(scan_id, points, (camera,), raw_labels, labels)
+        return Scan(scan_id, points, (camera,), raw_labels, labels, sources=(*sources, folder / "calib.txt"))

@@ -39,12 +39,13 @@ from stages.tools.pictures import projection_figure
     help="Camera resolution relative to the real sensor [default: 0.3 / 0.5].",
 )
 @click.option("--speed", type=float, default=10.0, help="Ego speed in m/s.")
-def synth_command(fmt, out, seed, scenes, frames, beams, azimuth_steps, image_scale, speed):
+@click.option("--overwrite", is_flag=True, help="Replace a synthetic dataset already in --out (never other files).")
+def synth_command(fmt, out, seed, scenes, frames, beams, azimuth_steps, image_scale, speed, overwrite):
     """Write a synthetic driving dataset (street scenes, ray-cast lidar, rendered cameras) in a
     real dataset's on-disk format, readable by the same reader as the real data."""
     cfg = resolve(fmt, SynthConfig(seed, scenes, frames, azimuth_steps, beams, image_scale, speed))
     with tqdm(total=cfg.scenes * cfg.frames, desc=f"synth {fmt}", unit="scan") as bar:
-        summary = generate(fmt, out, cfg, progress=bar.update)
+        summary = generate(fmt, out, cfg, progress=bar.update, overwrite=overwrite)
     click.echo(f"wrote {out}: " + json.dumps(summary))
 
 

@@ -98,6 +98,12 @@ def teachers_command():
 @LAYOUT
 @QUANTIZE_OPTION
 @RECIPE
+@click.option(
+    "--redo-changed",
+    is_flag=True,
+    help="Compute again the committed parts whose dataset files changed since (size or modification time); "
+    "without it, resuming over changed files is refused.",
+)
 def extract_features_command(**options):
     """Stage 1: run a frozen teacher over every camera image and write its targets into a Zarr
     feature store keyed by (scan, camera). Rerunning the same command finishes an interrupted

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.datasets import LidarDataset, open_dataset
+from pipeline.datasets.base import file_stats
 from pipeline.errors import ConfigError, DatasetError
 from stages.extract.images import ScanImages
 from stages.extract.registry import get_spec
@@ -92,6 +93,7 @@ class ExtractConfig:
     layout: str = "grid"  # grid: each image's token grid, sampled when read; points: per-point features
     quantize: str = "none"  # none, or int8 (grid layout only: a float32 scale per token)
     recipe: str = "cvpr"  # cvpr (the released CVPR code) or scalr-plus: image resize, DINOv2 position embeddings
+    redo_changed: bool = False  # recompute committed parts whose input files changed (else refuse to resume)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -247,6 +249,7 @@ def write_scan(
     """Queue the entries of one scan (an item of `ScanImages`) for `writer`; its cameras' token grids
     are `grids[k:]`. Returns the index of the next scan's first grid."""
     base = {"scan_index": item["scan_index"], "scan_id": item["scan_id"], "scan_points": item.get("scan_points", 0)}
+    background.submit(writer.note_inputs, item.get("inputs", {}))
     if "error" in item:
         skip_or_raise(cfg, item["error"])
         for name in camera_names:  # the scan is unreadable: every camera of it is a recorded skip
@@ -305,7 +308,7 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
     weights = resolve_weights(get_spec(cfg.teacher), cfg.weights, cfg.weights_dir, cfg.random_init, cfg.seed)
     store = FeatureStore.create_or_open(cfg.out, store_attributes(cfg, ds, scans, weights))
     plan = store.plan
-    done = set(store.committed_parts())
+    done = set(store.committed_parts()) - set(changed_parts(cfg, store, ds))
     launch = Launch.from_env(cfg.rank, cfg.world_size)
     todo = [p for p in range(plan.parts) if p not in done and p % launch.world == launch.rank]
     if done:
@@ -323,6 +326,33 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
         with tqdm(total=images, desc=f"extract {cfg.teacher}", unit="img", dynamic_ncols=True) as bar:
             extract_claimed(cfg, store, teacher, ds, todo, device, bar.update)
     return FeatureStore(cfg.out, check=False)  # other ranks may still be writing their parts
+
+
+def changed_parts(cfg: ExtractConfig, store: FeatureStore, ds: LidarDataset) -> list[int]:
+    """Committed parts whose input files (size, modification time) changed since they were written:
+    refused, or with `redo_changed` uncommitted to be computed again. Parts written by scalr 0.2.0
+    and before recorded no inputs and are not checked."""
+    changed = {}
+    for part in store.committed_parts():
+        recorded = store.part_record(part).get("inputs") or {}
+        now = file_stats([Path(ds.root) / name for name in recorded], ds.root)
+        differ = [name for name, stat in recorded.items() if now.get(name) != stat]
+        if differ:
+            changed[part] = differ
+    if changed and not cfg.redo_changed:
+        part, files = next(iter(changed.items()))
+        raise DatasetError(
+            Path(ds.root) / files[0],
+            f"changed (size or modification time) since part {part} of {store.path} was extracted; "
+            f"{len(changed)} committed part(s) read changed files: rerun with --redo-changed to compute them again, "
+            "or extract into another --out",
+        )
+    for part in changed:
+        store.uncommit(part)
+        log.warning(
+            "%s: part %d read files that changed (%s ...): computing it again", store.path, part, changed[part][0]
+        )
+    return list(changed)
 
 
 CLAIMED_AT_ONCE = 8  # parts claimed (and loaded by one DataLoader) at a time

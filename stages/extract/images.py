@@ -59,7 +59,7 @@ class ScanImages(torch.utils.data.Dataset):
             scan = self.ds[index]
         except DatasetError as err:
             return {**item, "error": (err.path, err.problem)}
-        item.update(points=scan.points, scan_points=scan.num_points)
+        item.update(points=scan.points, scan_points=scan.num_points, inputs=self.ds.fingerprint(scan))
         for camera in scan.cameras:
             entry = {"camera": camera.name, "image_size": camera.image_size}
             try:

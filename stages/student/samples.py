@@ -59,6 +59,17 @@ class StoreGroup:
         self.stores = stores
         self.dataset = first.attrs["dataset"]
         self.teachers = [s.attrs["teacher"]["name"] for s in stores]
+        for a, b in zip(stores, stores[1:]):  # sorted by teacher name: a repeated teacher is adjacent
+            if a.attrs["teacher"]["name"] == b.attrs["teacher"]["name"]:
+                same = (
+                    "the same weights"
+                    if a.attrs["teacher"]["weights"] == b.attrs["teacher"]["weights"]
+                    else "other weights"
+                )
+                raise StoreError(
+                    f"{b.path}: teacher {b.attrs['teacher']['name']} of {a.path} again ({same}) for the same data; "
+                    "a joined target has each teacher once"
+                )
         self.dims = [s.attrs["teacher"]["dim"] for s in stores]
         self.intensity_norm = intensity_norm(first)
         manifests = [s.manifest().to_pylist() for s in stores]
@@ -111,7 +122,13 @@ def intensity_norm(store: FeatureStore) -> tuple[float, float]:
 
 
 def group_stores(paths: list[Path]) -> list[StoreGroup]:
-    """Stores grouped by dataset split (same scan ids); groups must have the same teachers."""
+    """Stores grouped by dataset split (same scan ids); groups must have the same teachers. A store
+    given twice, or two stores of one teacher for the same data, is refused."""
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        if Path(p).resolve() in seen:
+            raise StoreError(f"{p}: given twice (as {seen[Path(p).resolve()]} too); give each store once")
+        seen[Path(p).resolve()] = p
     stores = [FeatureStore(p) for p in paths]
     by_data: dict[str, list[FeatureStore]] = {}
     for s in stores:  # name, split and scan ids: PandaSet's two lidars share scan ids, not names

@@ -90,7 +90,7 @@ def synthetic_datasets(cfg: DemoConfig) -> dict[str, Path]:
         if stamp.exists():
             print(f"{folder}: already there, reused")
             continue
-        print(generate(fmt, folder, SynthConfig(seed=cfg.seed)))
+        print(generate(fmt, folder, SynthConfig(seed=cfg.seed), overwrite=True))  # no stamp: an interrupted write
         stamp.touch()
     return {name: folders[fmt] for name, fmt, *_ in RIGS}
 
