@@ -8,7 +8,6 @@ do not fit the recorded model is a `CheckpointError` naming the file and the pro
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PathError
+from storage.atomic import write_atomically
 
 
 class CheckpointError(PathError, ValueError):
@@ -23,11 +23,14 @@ class CheckpointError(PathError, ValueError):
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename (storage/atomic.py): a crash never leaves half a
+    checkpoint, and a full disk is one line."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # through Python's file: a full disk is an OSError, not torch's stream error
+            torch.save(state, f)
+
+    write_atomically(Path(path), write)
 
 
 def read_checkpoint_file(path: Path) -> dict:
@@ -92,7 +95,5 @@ def load_weights(path: Path, module: nn.Module, weights: dict, what: str) -> Non
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    write_atomically(Path(path), lambda tmp: tmp.write_text(text))

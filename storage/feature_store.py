@@ -13,6 +13,7 @@ writes whole chunks (plus the final partial one).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import torch
 import zarr
 
 from pipeline.errors import NotFoundError
+from storage.atomic import disk_errors, remove_stale_temporaries, temporary, write_atomically
 from storage.chunks import read_rows, stored_axis_order  # noqa: F401 - stored_axis_order: part of the reading API
 from storage.integrity import integrity_problems, read_root_attributes
 from storage.layout import (  # noqa: F401 - re-exported: the names every caller imports from here
@@ -84,15 +86,19 @@ class FeatureStore:
         existing store must have the same identity (teacher, image size, dataset, plan, ...)."""
         path = Path(path)
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            root = zarr.open_group(str(tmp), mode="w", attributes=attrs)
-            root.create_group("parts")
-            (tmp / "manifest").mkdir()
-            try:
-                os.rename(tmp, path)
-            except OSError:  # another process created it first
-                shutil.rmtree(tmp, ignore_errors=True)
+            with disk_errors(path):
+                remove_stale_temporaries(path)
+                tmp = temporary(path)
+                try:
+                    root = zarr.open_group(str(tmp), mode="w", attributes=attrs)
+                    root.create_group("parts")
+                    (tmp / "manifest").mkdir()
+                    os.rename(tmp, path)
+                except OSError as err:
+                    if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise  # else another process created it first
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
         store = cls(path, check=False)
         store.check_identity(attrs)
         return store
@@ -137,8 +143,9 @@ class FeatureStore:
         """The right to write `part` (storage/locks.py): None while another process holds it;
         `wait` blocks until it is free. A writer checks `is_committed` after claiming."""
         folder = self.path / "claims"
-        folder.mkdir(exist_ok=True)
-        return try_lock(folder / f"{part_name(part)}.lock", wait)
+        with disk_errors(folder):
+            folder.mkdir(exist_ok=True)
+            return try_lock(folder / f"{part_name(part)}.lock", wait)
 
     def uncommit(self, part: int) -> None:
         """Withdraw a committed part (its manifest) so that it is written again: only when asked to
@@ -304,20 +311,21 @@ class PartWriter:
         self.store, self.part = store, part
         self.specs = store.specs
         self.folder = store.part_folder(part)
-        shutil.rmtree(self.folder, ignore_errors=True)  # leftovers of a crashed writer
-        zarr.open_group(str(self.folder), mode="w", attributes={"part": part})
-        self.arrays = {
-            name: zarr.create_array(
-                store=str(self.folder / name),
-                shape=(0, *spec.tail),
-                chunks=(spec.chunk_rows, *spec.tail),
-                dtype=spec.dtype,
-                **spec.codecs(),
-                fill_value=0,
-                config={"write_empty_chunks": True},  # every chunk is a file
-            )
-            for name, spec in self.specs.items()
-        }
+        with disk_errors(self.folder):
+            shutil.rmtree(self.folder, ignore_errors=True)  # leftovers of a crashed writer
+            zarr.open_group(str(self.folder), mode="w", attributes={"part": part})
+            self.arrays = {
+                name: zarr.create_array(
+                    store=str(self.folder / name),
+                    shape=(0, *spec.tail),
+                    chunks=(spec.chunk_rows, *spec.tail),
+                    dtype=spec.dtype,
+                    **spec.codecs(),
+                    fill_value=0,
+                    config={"write_empty_chunks": True},  # every chunk is a file
+                )
+                for name, spec in self.specs.items()
+            }
         self.hashes = {name: hashlib.sha256() for name in self.specs}  # of the decoded bytes, in row order
         self.buffer: dict[str, list[np.ndarray]] = {name: [] for name in self.specs}
         self.inputs: dict[str, list[int]] = {}  # the dataset files the part was computed from
@@ -357,7 +365,8 @@ class PartWriter:
             self.buffer["grids"].append(grid[None])
             self.buffered["grid"] += 1
         if self.buffered["point"] >= self.specs["points"].chunk_rows:
-            self._flush(whole_chunks_only=True)
+            with disk_errors(self.folder):
+                self._flush(whole_chunks_only=True)
 
     def _flush(self, whole_chunks_only: bool) -> None:
         for per in ("point", "grid"):
@@ -398,15 +407,13 @@ class PartWriter:
         return {**record, "inputs": dict(sorted(self.inputs.items()))} if self.inputs else record
 
     def commit(self) -> None:
-        self._flush(whole_chunks_only=False)
+        """Flush the last rows, then publish the manifest (with the part's record) by atomic rename."""
+        with disk_errors(self.folder):
+            self._flush(whole_chunks_only=False)
         table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA)
         table = table.replace_schema_metadata({PART_RECORD_KEY: json.dumps(self.record())})
-        final = self.store.manifest_path(self.part)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp, write_page_checksum=True)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        write = lambda tmp: pq.write_table(table, tmp, write_page_checksum=True)  # noqa: E731
+        write_atomically(self.store.manifest_path(self.part), write, sync=True)
 
 
 def _canonical(value) -> str:

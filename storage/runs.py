@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PathError
+from storage.atomic import disk_errors
 from storage.locks import holder, try_lock
 
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints", "loss.png", "tensorboard", "frames.txt", ".lock")
@@ -92,8 +93,9 @@ class RunFolder:
         if foreign:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             raise PathError(self.path, f"holds files that are not a scalr run's ({shown}); use another --out")
-        self.path.mkdir(parents=True, exist_ok=True)
-        lock = try_lock(self.path / ".lock")
+        with disk_errors(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = try_lock(self.path / ".lock")
         if lock is None:
             who = holder(self.path / ".lock")
             raise PathError(self.path, f"is being trained by {who}; wait for it to finish or use another --out")

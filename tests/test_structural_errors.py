@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
+from pipeline.synth import SynthConfig, generate
 from pipeline.transforms import Grid
 from stages.cli import main
 from stages.extract.extract import ExtractConfig, extract
@@ -177,19 +178,42 @@ def test_kitti_images_of_a_sequence_share_one_size(kitti_copy):
         ds[1]
 
 
-def test_empty_scan_is_counted_listed_and_warned_about(kitti_copy, tmp_path, caplog):
-    (kitti_copy / "sequences/00/velodyne/000001.bin").write_bytes(b"")
-    (kitti_copy / "sequences/00/labels/000001.label").write_bytes(b"")
+def test_the_odd_image_is_named_even_when_it_comes_first(tmp_path):
+    root = tmp_path / "kitti"
+    generate("semantickitti", root, SynthConfig(seed=7, scenes=1, frames=4, azimuth_steps=256, image_scale=0.4))
+    odd = root / "sequences/00/image_2/000000.png"
+    image = Image.open(odd)
+    image.resize((image.width + 2, image.height)).save(odd)
+    result = CliRunner().invoke(main, ["check-dataset", "--dataset", "semantickitti", "--root", str(root)])
+    found = f"sizes found: {image.width}x{image.height} (3 images), {image.width + 2}x{image.height} (1 images)"
+    assert result.exit_code == 1 and "problems: 1" in result.output and found in result.output, result.output
+    assert f"{odd}: image is {image.width + 2}x{image.height} but sequence 00's images" in result.output
+
+
+def test_a_zero_byte_point_file_is_a_damaged_file(kitti_copy):
+    empty = kitti_copy / "sequences/00/velodyne/000001.bin"
+    empty.write_bytes(b"")
     result = CliRunner().invoke(
         main, ["check-dataset", "--dataset", "semantickitti", "--root", str(kitti_copy), "--split", "train"]
     )
-    assert result.exit_code == 0 and "1 scans have zero points: 00/000001" in result.output
+    assert result.exit_code == 1 and "problems: 1" in result.output
+    assert f"{empty}: file is empty (0 bytes): a damaged file, not a scan without points" in result.output
 
-    store = tiny_store(kitti_copy, tmp_path / "s.zarr")
-    assert store.entry("00/000001", "image_2")[0]["scan_points"] == 0
+
+def test_empty_scan_is_counted_listed_and_warned_about(pandaset_root, tmp_path, caplog):
+    root = shutil.copytree(pandaset_root, tmp_path / "p")
+    lidar = root / "001/lidar/01.pkl.gz"
+    pickle_frame(lidar, pd.read_pickle(lidar).assign(d=1))  # every point the forward lidar's: none for Pandar64
+    result = CliRunner().invoke(
+        main, ["check-dataset", "--dataset", "pandar64", "--root", str(root), "--split", "train"]
+    )
+    assert result.exit_code == 0 and "1 scans have zero points: 001/01" in result.output, result.output
+
+    store = tiny_store(root, tmp_path / "s.zarr", "pandar64")
+    assert store.entry("001/01", "front_camera")[0]["scan_points"] == 0
     with caplog.at_level(logging.WARNING):
         DistillationData([store.path], SampleConfig())
-    assert "1 of 2 scans have zero points and are not trained on (00/000001)" in caplog.text
+    assert "1 of 2 scans have zero points and are not trained on (001/01)" in caplog.text
 
 
 def pickle_frame(path, value):

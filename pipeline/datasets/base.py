@@ -106,6 +106,8 @@ def read_point_records(path: Path, fields: int, keep: int = 4) -> np.ndarray:
     """float32 records of `fields` values; the first `keep` columns, checked finite."""
     raw = _read_bytes(path)
     record = 4 * fields
+    if not raw:
+        raise DatasetError(path, "file is empty (0 bytes): a damaged file, not a scan without points")
     if len(raw) % record:
         raise DatasetError(
             path, f"size {len(raw)} bytes is not a multiple of the {record}-byte record (float32 x {fields})"

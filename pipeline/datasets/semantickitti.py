@@ -13,8 +13,10 @@ R0_rect, keep pixels inside the image.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,15 +144,15 @@ def read_calib(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return k, cam0_to_cam2 @ tr
 
 
-def _first_image_size(folder: Path, frames: list[str]) -> tuple[int, int] | None:
-    """(H, W) of the first readable image of a sequence (header only): every other image of the
-    sequence must have it, since the calibration is per sequence."""
-    for frame in frames[:8]:
-        try:
-            return image_size(folder / f"{frame}.png")
-        except DatasetError:
-            continue  # reported when that scan is read
-    return None
+def _image_sizes(folder: Path, frames: list[str]) -> Counter:
+    """How many of a sequence's images have each (H, W) (headers only; unreadable images are
+    reported when their scan is read). The calibration is per sequence: the sequence's size is its
+    images' majority, and an image of another size is the odd one."""
+    sizes = Counter()
+    for frame in frames:
+        with contextlib.suppress(DatasetError):
+            sizes[image_size(folder / f"{frame}.png")] += 1
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,14 @@ class _Sequence:
     intrinsics: np.ndarray | None
     lidar_to_camera: np.ndarray | None
     has_labels: bool
-    image_size: tuple[int, int] | None = None  # (H, W) of the first frame's image: the calibration's
+    image_sizes: Counter | None = None  # (H, W) -> images of that size; the majority is the calibration's
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return self.image_sizes.most_common(1)[0][0] if self.image_sizes else None
+
+    def sizes_found(self) -> str:
+        return ", ".join(f"{w}x{h} ({n} images)" for (h, w), n in self.image_sizes.most_common())
 
 
 class SemanticKITTI(LidarDataset):
@@ -189,7 +198,7 @@ class SemanticKITTI(LidarDataset):
                     k, lidar_to_camera = read_calib(folder / "calib.txt")
                 except DatasetError as err:  # every scan of the sequence is unreadable, not the others
                     self.index_problem(err, ids)
-                size = _first_image_size(folder / self.camera, frames)
+                size = _image_sizes(folder / self.camera, frames)
             self._sequences[seq] = _Sequence(seq, k, lidar_to_camera, (folder / "labels").is_dir(), size)
         if not self._sequences:
             raise DatasetError(
@@ -223,7 +232,7 @@ class SemanticKITTI(LidarDataset):
             raise DatasetError(
                 image_path,
                 f"image is {size[1]}x{size[0]} but sequence {seq_name}'s images (and its calibration) are "
-                f"{seq.image_size[1]}x{seq.image_size[0]}",
+                f"{seq.image_size[1]}x{seq.image_size[0]} (sizes found: {seq.sizes_found()})",
             )
         camera = Camera(self.camera, image_path, size, seq.intrinsics, seq.lidar_to_camera)
         return Scan(scan_id, points, (camera,), raw_labels, labels, sources=(*sources, folder / "calib.txt"))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
+import sys
 
 import click
 
@@ -63,6 +65,28 @@ class Commands(click.Group):
             return super().invoke(ctx)
         except ScalrError as err:
             raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated): workers stopped, nothing half committed
+            signal_number = stop.signal if isinstance(stop, Terminated) else signal.SIGINT
+            name = ctx.invoked_subcommand or "scalr"
+            click.echo(
+                f"scalr {name}: stopped by {signal.Signals(signal_number).name}; nothing was committed half: "
+                "rerun the same command to resume",
+                err=True,
+            )
+            sys.exit(128 + signal_number)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt), so that data
+    loaders, writer threads and clusters shut down as they do on Ctrl-C."""
+
+    def __init__(self, number: int):
+        super().__init__(number)
+        self.signal = number
+
+
+def on_terminate(number, frame) -> None:
+    raise Terminated(number)
 
 
 @click.group(
@@ -77,6 +101,7 @@ def main(verbose: int) -> None:
     Stage 1 extracts teacher features once into a Zarr feature store; stage 2 trains lidar
     students from the store. Start with `scalr synth` to make a dataset with no download.
     """
+    signal.signal(signal.SIGTERM, on_terminate)  # the command line is the program: it decides how it stops
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from pipeline.errors import ConfigError, ScalrError
 from stages.runtime import Launch, Loader, autocast, peak_memory_mib, pick_device, to_device
 from stages.student.checkpoints import inputs_problem
+from storage.atomic import disk_errors, write_atomically
 from storage.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, write_json
 from storage.runs import RunFolder
 
@@ -155,7 +156,7 @@ def fit(
     run, launch = RunFolder(run_dir), Launch.from_env()
     with run.training() if launch.rank == 0 else contextlib.nullcontext():  # one process per run
         for name, text in (files or {}).items() if launch.rank == 0 else ():
-            (run.path / name).write_text(text)
+            write_atomically(run.path / name, lambda tmp, text=text: tmp.write_text(text))
         trainer = Trainer(model, param_groups, make_sampler, optim, train, run, record, launch)
         with torch.random.fork_rng(devices=trainer.rng_devices):  # the run's own random state
             trainer.start(resume, accept_changes)
@@ -433,7 +434,7 @@ class MetricsWindow:
             "time": time.time(),
         }
         if self.write:
-            with open(self.path, "a") as f:
+            with disk_errors(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         if self.writer is not None:
             for key in ("loss", "lr", "samples_per_s"):
@@ -462,5 +463,5 @@ def plot_loss(metrics_file: Path, out: Path) -> Path | None:
     ax2.set_ylabel("learning rate")
     ax.set_title(f"training loss ({metrics_file.parent.name})")
     fig.legend(loc="outside lower center", ncol=2, frameon=False)
-    fig.savefig(out, dpi=100)
+    write_atomically(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     return out

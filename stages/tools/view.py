@@ -10,6 +10,11 @@ Why viser: its page talks back to Python (clicks arrive as rays in the scene, GU
 callbacks), so the similarity is computed here from the store, on demand, for any scan; rerun's
 viewer displays what is logged to it but does not send clicks back to the logging process.
 
+What the page shows, anyone who reaches the port can see: viser (1.1) has no login and accepts
+WebSocket connections from any origin, so while the viewer runs, other processes of the machine
+and web pages open in its browsers (browsers let a page open a WebSocket to localhost) can connect.
+scalr binds 127.0.0.1 by default and warns when told to bind beyond this machine.
+
 The store is opened without the integrity gate (one stat per chunk file: minutes on a terabyte
 store); every chunk read is still checked by its CRC-32C, and `scalr verify` checks everything.
 Only the shown scan's chunks are read (stages/scan_features.py).
@@ -17,6 +22,8 @@ Only the shown scan's chunks are read (stages/scan_features.py).
 
 from __future__ import annotations
 
+import ipaddress
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -289,8 +296,24 @@ class FeatureViewer:
         self.server.stop()
 
 
+def exposure_warning(host: str) -> str | None:
+    """What binding to `host` exposes, when it is more than this machine."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"WARNING: serving on {host}: anyone who can reach this machine's port can see the store's features and "
+        "images (the viewer has no login). Prefer the default 127.0.0.1 and an ssh tunnel (ssh -L)."
+    )
+
+
 def serve(cfg: ViewConfig) -> None:
     """Serve until interrupted (Ctrl-C)."""
+    if warning := exposure_warning(cfg.host):
+        print(warning, file=sys.stderr, flush=True)
     viewer = FeatureViewer(cfg)
     print(
         f"scalr view: {viewer.url()} (open it in a browser; from another machine: ssh -L "
