@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
-from helpers import assert_same_store
+from helpers import assert_same_store, tiny_store
 
 from pipeline.datasets import open_dataset
 from pipeline.errors import PathError
@@ -206,3 +206,13 @@ def test_runs_go_only_into_empty_folders_or_their_own(store, tmp_path):
     assert (user / "config.json").read_text() == "{}"
     with pytest.raises(PathError, match="is a feature store: a run is never written into a store"):
         pretrain(tiny(store, store.path))
+
+
+def test_resuming_on_another_store_names_it(store, kitti_root, tmp_path):
+    run = tmp_path / "run"
+    pretrain(tiny(store, run, max_steps=1))
+    other = tiny_store(kitti_root, tmp_path / "other.zarr")  # another split's scans
+    with pytest.raises(
+        ValueError, match=r"stores: \['test-vit \(random-init seed 0\) on semantickitti/train \(\w+\)'\] -> "
+    ):
+        pretrain(replace(tiny(store, run), stores=(other.path,)))

@@ -188,8 +188,17 @@ def what_is_trained(record: dict) -> dict:
         return out
 
     keys = {k: v for k, v in flat(record.get("config", {})).items() if not k.startswith(RESUMABLE_CHANGES)}
-    stores = [{k: v for k, v in s.items() if k != "path"} for s in record.get("stores", [])]
+    stores = sorted(store_identity(s) for s in record.get("stores", []))
     return {**keys, "stage": record.get("stage"), **({"stores": stores} if stores else {})}
+
+
+def store_identity(store: dict) -> str:
+    """A pretraining store as a run record names it: its teacher (and weights) and its data."""
+    teacher, data = store.get("teacher", {}), store.get("dataset", {})
+    weights = str(teacher.get("weights", ""))
+    weights = weights if weights.startswith("random-init") else weights[:12]  # a seed, or a SHA-256
+    scans = str(data.get("scan_ids_sha256"))[:12]
+    return f"{teacher.get('name')} ({weights}) on {data.get('name')}/{data.get('split')} ({scans})"
 
 
 def changed_settings(old: dict, new: dict) -> dict[str, list]:
