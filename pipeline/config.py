@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from pipeline.files import read_regular
 
 
 def to_dict(cfg) -> dict:
@@ -45,8 +46,8 @@ def parse_sets(items: list[str]) -> dict:
 def load_toml(path: Path) -> dict:
     """A TOML file's tables flattened to dotted keys."""
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
+        data = tomllib.loads(read_regular(path).decode())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path}: cannot read config ({err})") from None
 
     def flat(d, prefix=""):

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from pipeline.errors import DatasetError
+from pipeline.files import check_regular, read_regular
 
 # What numpy arrays (plain or of Python objects) are rebuilt with, numpy 1.x and 2.x.
 NUMPY_GLOBALS = frozenset(
@@ -116,7 +117,7 @@ def load_dataframe(path: Path):
 
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, DatasetError)
     except FileNotFoundError:
         raise DatasetError(path, "file is missing") from None
     except OSError as err:
@@ -138,6 +139,7 @@ def load_npy(path: Path) -> np.ndarray:
     """An array from a `.npy` file: plain arrays as numpy reads them; object arrays (which numpy
     pickles) through the restricted unpickler, holding only strings and numbers."""
     path = Path(path)
+    check_regular(path, DatasetError)
     try:
         with open(path, "rb") as f:
             version = npy_format.read_magic(f)

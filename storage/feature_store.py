@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,8 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from pipeline.errors import NotFoundError
+from pipeline.errors import NotFoundError, PathError
+from pipeline.files import read_regular
 from storage.atomic import disk_errors, remove_stale_temporaries, temporary, write_atomically
 from storage.chunks import read_rows, stored_axis_order  # noqa: F401 - stored_axis_order: part of the reading API
 from storage.integrity import integrity_problems, read_root_attributes
@@ -52,6 +57,8 @@ from storage.layout import (  # noqa: F401 - re-exported: the names every caller
 )
 from storage.locks import Lock, holder, try_lock
 from storage.targets import dequantize, quantize_int8, sample_grid
+
+log = logging.getLogger(__name__)
 
 
 class FeatureStore:
@@ -147,6 +154,34 @@ class FeatureStore:
             folder.mkdir(exist_ok=True)
             return try_lock(folder / f"{part_name(part)}.lock", wait)
 
+    def claimed(self, parts: list[int], at_once: int = 8, wait_s: float = 1.0) -> Iterator[list[int]]:
+        """Yield `parts` a few at a time, each claimed by this process and uncommitted; their claims
+        are released when the caller moves on. Parts another process holds are left to it and
+        waited for (until committed, or free again because their writer died); parts committed
+        meanwhile are skipped. So two writers of one store share its parts."""
+        pending, told = list(parts), set()
+        while pending := [p for p in pending if not self.is_committed(p)]:
+            locks = []
+            for part in pending:
+                lock = self.claim(part) if len(locks) < at_once else None
+                if lock is not None and self.is_committed(part):  # committed between the look and the claim
+                    lock.release()
+                elif lock is not None:
+                    locks.append((part, lock))
+            if not locks:
+                for part in sorted(set(pending) - told):
+                    log.info(
+                        "%s: part %d is being written by %s; waiting for it", self.path, part, self.claim_holder(part)
+                    )
+                told |= set(pending)
+                time.sleep(wait_s)
+                continue
+            try:
+                yield [p for p, _ in locks]
+            finally:
+                for _, lock in locks:
+                    lock.release()
+
     def uncommit(self, part: int) -> None:
         """Withdraw a committed part (its manifest) so that it is written again: only when asked to
         redo it (`extract-features --redo-changed`), under its claim."""
@@ -172,11 +207,11 @@ class FeatureStore:
     def _read_part_manifest(self, part: int) -> tuple[pa.Table, dict]:
         path = self.manifest_path(part)
         try:
-            file = pq.ParquetFile(path, page_checksum_verification=True)
+            file = pq.ParquetFile(io.BytesIO(read_regular(path)), page_checksum_verification=True)
             table, metadata = file.read(), file.schema_arrow.metadata or {}
         except FileNotFoundError:
             raise StoreError(f"{path}: missing (part {part} is not committed)") from None
-        except (OSError, pa.ArrowException) as err:
+        except (OSError, PathError, pa.ArrowException) as err:
             raise StoreError(f"{path}: unreadable manifest ({type(err).__name__}: {err})") from None
         if not table.schema.remove_metadata().equals(MANIFEST_SCHEMA):
             raise StoreError(

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from pipeline.errors import PathError
+from pipeline.files import read_regular
 from storage.layout import (
     FORMAT,
     FORMAT_VERSION,
@@ -131,7 +133,8 @@ def part_problems(store: StoreFiles, part: int) -> list[str]:
     folder = store.part_folder(part)
     for name, spec in store.specs.items():
         length = offset if spec.per == "point" else grids
-        problems += array_problems(folder / name, record.get("arrays", {}).get(name), (length, *spec.tail), spec.dtype)
+        array_record = record.get("arrays", {}).get(name)
+        problems += array_problems(folder / name, array_record, (length, *spec.tail), spec.dtype, spec.codec_names())
     return problems
 
 
@@ -205,21 +208,31 @@ def attribute_problems(path: Path, attrs: dict) -> list[str]:
     return []
 
 
-def array_problems(folder: Path, record: dict | None, shape: tuple[int, ...], dtype: str) -> list[str]:
+def array_problems(
+    folder: Path, record: dict | None, shape: tuple[int, ...], dtype: str, codecs: list[str]
+) -> list[str]:
     """One array of a part against the manifest's rows and the part's record, without decoding.
-    The chunking is the one the record says was written (a later scalr may chunk otherwise)."""
+    The chunking is the one the record says was written (a later scalr may chunk otherwise); the
+    codecs must be the store's own: a foreign one (Zarr can name a pickling codec) is never run."""
     if not isinstance(record, dict):
         return [f"{folder}: no integrity record for this array in the manifest"]
     chunk_rows = record.get("chunk_rows")
     if not isinstance(chunk_rows, int) or chunk_rows <= 0:
         return [f"{folder}: the part's record has no valid chunk_rows ({chunk_rows!r})"]
     try:
-        meta = json.loads((folder / "zarr.json").read_bytes())
+        meta = json.loads(read_regular(folder / "zarr.json"))
         on_disk = (tuple(meta["shape"]), meta["data_type"], tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]))
+        on_disk_codecs = [c["name"] for c in meta["codecs"]]
     except FileNotFoundError:
         return [f"{folder / 'zarr.json'}: array metadata is missing"]
+    except PathError as err:
+        return [str(err)]
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         return [f"{folder / 'zarr.json'}: corrupt array metadata ({type(err).__name__}: {err})"]
+    if on_disk_codecs != codecs:
+        return [
+            f"{folder / 'zarr.json'}: codecs {on_disk_codecs} are not the store's {codecs}: refused (never decoded)"
+        ]
     expected = (shape, dtype, (chunk_rows, *shape[1:]))
     if on_disk != expected or tuple(record.get("shape", ())) != shape:
         return [

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -16,6 +19,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from helpers import tiny_store
 
 from pipeline.datasets import open_dataset
 from pipeline.errors import DatasetError
@@ -25,6 +29,7 @@ from stages.extract.registry import TEACHERS
 from stages.extract.teachers import load_teacher
 from stages.extract.weights import WeightsError
 from stages.runtime import seeded
+from storage.feature_store import FeatureStore, StoreError
 
 
 class Payload:
@@ -165,3 +170,77 @@ def test_student_checkpoints_never_run_code(kitti_root, marker, tmp_path):
         result.exit_code == 1
         and f"Error: {path}: not a readable checkpoint (refused: it needs the object posix.system" in result.output
     )
+
+
+def test_a_store_naming_foreign_codecs_is_never_decoded(kitti_root, tmp_path):
+    """Zarr decodes with whatever codecs an array's zarr.json names (some unpickle): scalr reads
+    only its own codecs, in the gate and in the direct chunk reader of the lazy viewer path."""
+    store = tiny_store(kitti_root, tmp_path / "s.zarr")
+    meta_path = store.path / "parts/part-000000/points/zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"] = [
+        {"name": "bytes", "configuration": {"endian": "little"}},
+        {"name": "numcodecs.zlib", "configuration": {"level": 1}},
+    ]  # noqa: E501
+    meta_path.write_text(json.dumps(meta))
+    result = run("inspect", store.path)
+    assert (
+        result.exit_code == 1
+        and "are not the store's ['transpose', 'bytes', 'blosc', 'crc32c']: refused" in result.output
+    )
+    lazy = FeatureStore(store.path, check=False)
+    row = lazy.manifest().to_pylist()[0]
+    with pytest.raises(StoreError, match="codecs other than the store's own; refused"):
+        lazy.read(row["part"], row["offset"], row["count"], row["grid"])
+
+
+def scalr_with_timeout(*args, seconds=120):
+    """A command in its own process, so that a hang fails the test instead of stopping the suite."""
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=seconds,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_pipes_named_like_data_files_are_refused_not_waited_on(kitti_copy, tmp_path):
+    scan = kitti_copy / "sequences/00/velodyne/000001.bin"
+    scan.unlink()
+    os.mkfifo(scan)
+    image = kitti_copy / "sequences/00/image_2/000000.png"
+    image.unlink()
+    os.mkfifo(image)
+    code, said = scalr_with_timeout(
+        "check-dataset", "--dataset", "semantickitti", "--root", kitti_copy, "--split", "train"
+    )
+    assert code == 1 and f"{scan}: not a regular file (a pipe, device or folder): refused" in said, said
+    assert f"{image}: not a regular file" in said
+    config = tmp_path / "c.toml"
+    os.mkfifo(config)
+    code, said = scalr_with_timeout(
+        "pretrain", "--store", tmp_path / "none.zarr", "--out", tmp_path / "r", "--config", config
+    )
+    assert code == 1 and f"Error: {config}: not a regular file" in said, said
+
+
+def test_a_store_file_replaced_by_a_pipe_is_refused(kitti_root, tmp_path):
+    store = tiny_store(kitti_root, tmp_path / "s.zarr")
+    chunk = next((store.path / "parts/part-000000/points/c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.unlink()
+    os.mkfifo(chunk)
+    code, said = scalr_with_timeout("inspect", store.path)
+    assert code == 1 and "refusing a damaged or unfinished feature store" in said, said
+    lazy = FeatureStore(store.path, check=False)
+    row = lazy.manifest().to_pylist()[0]
+    with pytest.raises(StoreError, match="not a regular file"):
+        lazy.read_points(row["part"], row["offset"], row["count"])
+    manifest = store.path / "manifest/part-000000.parquet"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    code, said = scalr_with_timeout("verify", store.path)
+    assert code == 1 and f"{manifest}: unreadable manifest" in said and "not a regular file" in said, said

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import DatasetError, NotFoundError
+from pipeline.files import check_regular, read_regular
 from pipeline.geometry import Projection, project
 from pipeline.scan import DatasetMeta, Scan
 
@@ -133,6 +134,7 @@ def read_labels(path: Path, dtype: np.dtype, count: int, mask: int | None = None
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) read from the image header only."""
+    check_regular(path, DatasetError)
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -145,6 +147,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def load_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB; a missing, truncated or corrupt file is a DatasetError."""
+    check_regular(path, DatasetError)
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
@@ -156,7 +159,7 @@ def load_image(path: Path) -> np.ndarray:
 
 def _read_bytes(path: Path) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return read_regular(path, DatasetError)
     except FileNotFoundError:
         raise DatasetError(path, "file is missing") from None
     except OSError as err:

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DatasetError
+from pipeline.files import read_regular
 
 _MISSING = object()
 
 
 def read_text(path: Path, what: str = "file") -> str:
     try:
-        return Path(path).read_text()
+        return read_regular(path, DatasetError).decode()
     except FileNotFoundError:
         raise DatasetError(path, f"{what} is missing") from None
     except UnicodeDecodeError:

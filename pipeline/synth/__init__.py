@@ -47,7 +47,11 @@ def generate(fmt: str, out: str | Path, cfg: SynthConfig | None = None, progress
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"format": fmt, "config": dataclasses.asdict(cfg)}, indent=2))
+    try:  # created exclusively: of two runs started into one empty folder, the second is refused
+        with open(out / MARKER, "x") as marker:
+            marker.write(json.dumps({"format": fmt, "config": dataclasses.asdict(cfg)}, indent=2))
+    except FileExistsError:
+        raise PathError(out, "another scalr synth is writing here; use another --out") from None
     return FORMATS[fmt].write(out, cfg, progress)
 
 

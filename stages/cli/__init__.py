@@ -18,6 +18,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import ScalrError
+from storage.atomic import DISK_PROBLEMS, disk_error_in
 
 # name -> (module of stages/cli defining NAME_command, one line for `scalr --help`), in the order of the data flow
 COMMANDS = {
@@ -65,6 +66,11 @@ class Commands(click.Group):
             return super().invoke(ctx)
         except ScalrError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # a disk refusing a write outside scalr's own writers (a picture, a JSON)
+            if (refused := disk_error_in(err)) is None:
+                raise
+            where = refused.filename or "a file"
+            raise click.ClickException(f"{where}: {DISK_PROBLEMS[refused.errno]}") from None
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated): workers stopped, nothing half committed
             signal_number = stop.signal if isinstance(stop, Terminated) else signal.SIGINT
             name = ctx.invoked_subcommand or "scalr"

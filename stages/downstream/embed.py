@@ -77,9 +77,9 @@ def embed(cfg: EmbedConfig) -> FeatureStore:
     plan = StorePlan(len(scans), cfg.scans_per_part)
     todo = [p for p in range(plan.parts) if p not in set(store.committed_parts())]
     with tqdm(total=sum(len(plan.scans_of(p)) for p in todo), desc="embed", unit="scan", dynamic_ncols=True) as bar:
-        for part in todo:
-            writer = PartWriter(store, part)
-            for index in plan.scans_of(part):
+        for parts in store.claimed(todo, at_once=1):  # claimed first: two runs into one store share it
+            writer = PartWriter(store, parts[0])
+            for index in plan.scans_of(parts[0]):
                 writer.add(*_entry(ds, index, backbone, sample, cfg.dtype, device))
                 bar.update()
             writer.commit()

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.datasets import LidarDataset
 from pipeline.errors import ConfigError, DatasetError
+from pipeline.files import read_regular
 from pipeline.safe_pickle import load_npy
 from stages.student.samples import SampleConfig, student_inputs
 
@@ -25,7 +26,7 @@ def frames_from_file(ds: LidarDataset, path: Path) -> list[int]:
     if path.suffix == ".npy":  # the released lists are object arrays of strings, which numpy pickles
         rows = [[str(v) for v in np.atleast_1d(row)] for row in load_npy(path)]
     else:
-        lines = path.read_text().splitlines()
+        lines = read_regular(path, DatasetError).decode(errors="replace").splitlines()
         rows = [[line.strip()] for line in lines if line.strip() and not line.lstrip().startswith("#")]
     position = {scan_id: i for i, scan_id in enumerate(ds.scan_ids)}
     aliases = ds.scan_aliases()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from stages.extract.writer import BackgroundWriter, lower_priority
 from stages.runtime import Launch, Loader, autocast, pick_device
 from storage.feature_store import FeatureStore, PartWriter, StorePlan
 from storage.layout import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE
-from storage.locks import Lock
 from storage.targets import sample_grid
 
 log = logging.getLogger(__name__)
@@ -324,7 +322,8 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
         teacher = recipe_teacher(cfg, weights).to(device)
         images = sum(len(plan.scans_of(p)) for p in todo) * len(ds.meta.camera_names)
         with tqdm(total=images, desc=f"extract {cfg.teacher}", unit="img", dynamic_ncols=True) as bar:
-            extract_claimed(cfg, store, teacher, ds, todo, device, bar.update)
+            for parts in store.claimed(todo):  # a few at a time, each claimed: two runs into one store share it
+                extract_parts(cfg, store, teacher, ds, parts, device, cfg.num_workers, bar.update)
     return FeatureStore(cfg.out, check=False)  # other ranks may still be writing their parts
 
 
@@ -353,54 +352,6 @@ def changed_parts(cfg: ExtractConfig, store: FeatureStore, ds: LidarDataset) -> 
             "%s: part %d read files that changed (%s ...): computing it again", store.path, part, changed[part][0]
         )
     return list(changed)
-
-
-CLAIMED_AT_ONCE = 8  # parts claimed (and loaded by one DataLoader) at a time
-WAIT_S = 1.0  # between looks at parts another process is writing
-
-
-def extract_claimed(
-    cfg: ExtractConfig,
-    store: FeatureStore,
-    teacher: Teacher,
-    ds: LidarDataset,
-    todo: list[int],
-    device: torch.device,
-    progress=None,
-) -> None:
-    """Compute `todo`'s parts a few at a time, each claimed first: parts another process holds are
-    left to it and waited for (until committed, or free again because their writer died), parts
-    committed meanwhile are skipped. Two runs into one store share its parts."""
-    pending, told = list(todo), set()
-    while pending := [p for p in pending if not store.is_committed(p)]:
-        claimed = claim_some(store, pending, CLAIMED_AT_ONCE)
-        if not claimed:
-            for part in set(pending) - told:
-                log.info(
-                    "%s: part %d is being written by %s; waiting for it", store.path, part, store.claim_holder(part)
-                )
-            told |= set(pending)
-            time.sleep(WAIT_S)
-            continue
-        try:
-            extract_parts(cfg, store, teacher, ds, [p for p, _ in claimed], device, cfg.num_workers, progress)
-        finally:
-            for _, lock in claimed:
-                lock.release()
-
-
-def claim_some(store: FeatureStore, parts: list[int], limit: int) -> list[tuple[int, Lock]]:
-    """Up to `limit` of `parts` claimed by this process and still uncommitted, with their locks."""
-    claimed = []
-    for part in parts:
-        if len(claimed) == limit:
-            break
-        lock = store.claim(part)
-        if lock is not None and store.is_committed(part):  # committed between the look and the claim
-            lock.release()
-        elif lock is not None:
-            claimed.append((part, lock))
-    return claimed
 
 
 # ---- dask.distributed: parts as tasks, the teacher loaded once per worker ---------------------

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.datasets import LidarDataset
 from pipeline.errors import DatasetError
+from pipeline.files import check_regular
 from pipeline.geometry import resize_pixels
 
 UNIT_FLOAT = (np.arange(256) / 255.0).astype(np.float32)  # uint8 -> float32(x / 255 in float64), as the released code
@@ -25,6 +26,7 @@ def load_resized(
     """Decode an image, check it has the calibrated size, and resize it as the released code:
     float in [0, 1] (uint8 / 255 in float64, then float32, by lookup), bilinear with
     align_corners=False, `antialias` as the torchvision of the recipe. Returns (H, W, 3) float32."""
+    check_regular(path, DatasetError)
     try:
         with Image.open(path) as img:
             if img.size != (calibrated_hw[1], calibrated_hw[0]):
