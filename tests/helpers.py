@@ -62,7 +62,12 @@ def reseal(store_path: Path, part: int, keep_sha256: bool) -> None:
     pq.write_table(table.replace_schema_metadata({PART_RECORD_KEY: json.dumps(record)}), manifest)
 
 
-def tiny_store(root: Path, out: Path, dataset: str = "semantickitti", split: str = "train", **kw) -> FeatureStore:
-    """A store of the tiny random-init test teacher at 32 x 64 (no loader workers), as most tests use."""
+def tiny_config(root: Path, out: Path, dataset: str = "semantickitti", split: str = "train", **kw) -> ExtractConfig:
+    """Extraction with the tiny random-init test teacher at 32 x 64 (no loader workers), as most tests use."""
     cfg = {"random_init": True, "image_size": (32, 64), "num_workers": 0, **kw}
-    return extract(ExtractConfig(dataset, root, split, cfg.pop("teacher", "test-vit"), out, **cfg))
+    return ExtractConfig(dataset, root, split, cfg.pop("teacher", "test-vit"), out, **cfg)
+
+
+def tiny_store(root: Path, out: Path, dataset: str = "semantickitti", split: str = "train", **kw) -> FeatureStore:
+    """The store of `tiny_config`."""
+    return extract(tiny_config(root, out, dataset, split, **kw))

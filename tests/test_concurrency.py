@@ -13,14 +13,14 @@ from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
-from helpers import assert_same_store, tiny_store
+from helpers import assert_same_store, tiny_config, tiny_store
 
 from pipeline.datasets import open_dataset
 from pipeline.errors import PathError
 from pipeline.synth import SynthConfig, generate
 from pipeline.transforms import Grid
 from stages.cli import main
-from stages.extract.extract import ExtractConfig, extract, store_attributes
+from stages.extract.extract import extract, store_attributes
 from stages.extract.registry import get_spec
 from stages.extract.weights import resolve_weights
 from stages.student.pretrain import PretrainConfig, pretrain
@@ -71,33 +71,15 @@ def test_two_extractions_into_one_store_share_its_parts(kitti10, tmp_path, one_t
         second = start("extract-features", *extract_args(kitti10, out), log=log)
         assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()
     assert verify_store(out)[0] == []
-    straight = ExtractConfig(
-        "semantickitti",
-        kitti10,
-        "train",
-        "dino-vits8",
-        tmp_path / "straight.zarr",
-        random_init=True,
-        image_size=(112, 224),
-        scans_per_part=1,
-        num_workers=0,
+    straight = tiny_config(
+        kitti10, tmp_path / "straight.zarr", teacher="dino-vits8", image_size=(112, 224), scans_per_part=1
     )
     extract(straight)
     assert_same_store(out, straight.out)
 
 
 def test_a_part_held_by_another_process_is_waited_for_until_its_writer_dies(kitti10, tmp_path):
-    cfg = ExtractConfig(
-        "semantickitti",
-        kitti10,
-        "train",
-        "test-vit",
-        tmp_path / "s.zarr",
-        random_init=True,
-        image_size=(32, 64),
-        scans_per_part=5,
-        num_workers=0,
-    )
+    cfg = tiny_config(kitti10, tmp_path / "s.zarr", scans_per_part=5)
     ds = open_dataset("semantickitti", kitti10, "train")
     weights = resolve_weights(get_spec("test-vit"), None, None, True)
     store = FeatureStore.create_or_open(cfg.out, store_attributes(cfg, ds, ds.scan_ids, weights))
@@ -115,17 +97,7 @@ def test_a_part_held_by_another_process_is_waited_for_until_its_writer_dies(kitt
 
 
 def test_a_committed_part_is_never_rewritten(kitti10, tmp_path):
-    cfg = ExtractConfig(
-        "semantickitti",
-        kitti10,
-        "train",
-        "test-vit",
-        tmp_path / "s.zarr",
-        random_init=True,
-        image_size=(32, 64),
-        scans_per_part=5,
-        num_workers=0,
-    )
+    cfg = tiny_config(kitti10, tmp_path / "s.zarr", scans_per_part=5)
     store = extract(cfg)
     with pytest.raises(StoreError, match="part-000000.parquet: part 0 is committed and is never rewritten"):
         PartWriter(FeatureStore(store.path, check=False), 0)
@@ -145,16 +117,7 @@ def pretrain_args(store, out, epochs):
 
 @pytest.fixture(scope="module")
 def store(kitti10, tmp_path_factory):
-    cfg = ExtractConfig(
-        "semantickitti",
-        kitti10,
-        "train",
-        "test-vit",
-        tmp_path_factory.mktemp("s") / "s.zarr",
-        random_init=True,
-        image_size=(32, 64),
-        num_workers=0,
-    )
+    cfg = tiny_config(kitti10, tmp_path_factory.mktemp("s") / "s.zarr")
     return extract(cfg)
 
 

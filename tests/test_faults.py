@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_store
+from helpers import assert_same_store, tiny_config
 
 from pipeline.synth import SynthConfig, generate
-from stages.extract.extract import ExtractConfig, extract
+from stages.extract.extract import extract
 from stages.tools.view import exposure_warning
 from storage.atomic import HOST
 from storage.checkpoint import save_checkpoint
@@ -119,21 +119,10 @@ def test_sigterm_stops_workers_commits_nothing_half_and_says_how_to_resume(kitti
     while time.time() < deadline and session_alive(proc.pid):
         time.sleep(0.1)
     assert not session_alive(proc.pid), "processes of the stopped extraction are still running"
-    cfg = ExtractConfig(
-        "semantickitti",
-        kitti10,
-        "train",
-        "dino-vits8",
-        out,
-        random_init=True,
-        image_size=(112, 224),
-        scans_per_part=1,
-        num_workers=0,
-        layout="points",
-    )
-    extract(cfg)  # the same command again
+    again = {"teacher": "dino-vits8", "image_size": (112, 224), "scans_per_part": 1, "layout": "points"}
+    extract(tiny_config(kitti10, out, **again))  # the same command again
     assert verify_store(out)[0] == []
-    extract(ExtractConfig(**{**vars(cfg), "out": tmp_path / "straight.zarr"}))
+    extract(tiny_config(kitti10, tmp_path / "straight.zarr", **again))
     assert_same_store(out, tmp_path / "straight.zarr")
 
 
@@ -184,17 +173,7 @@ def run_on_read_only(folder: Path, argv: list[str]) -> tuple[int, str]:
 
 def test_extracting_into_a_read_only_unfinished_store_is_one_line(kitti10, tmp_path):
     out = tmp_path / "s.zarr"
-    cfg = ExtractConfig(
-        "semantickitti",
-        kitti10,
-        "train",
-        "test-vit",
-        out,
-        random_init=True,
-        image_size=(32, 64),
-        scans_per_part=5,
-        num_workers=0,
-    )
+    cfg = tiny_config(kitti10, out, scans_per_part=5)
     extract(cfg)
     (out / "manifest/part-000001.parquet").unlink()  # unfinished
     argv = [
