@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from dataclasses import replace
@@ -22,6 +23,7 @@ from stages.student.pretrain import PretrainConfig, build_student, pretrain
 from stages.student.samples import DistillationData, EpochSampler, SampleConfig, collate
 from stages.student.train import NonFiniteLoss, OptimConfig, TrainConfig
 from stages.student.waffleiron import STUDENTS, WaffleIron, WaffleIronConfig, param_count_closed_form
+from stages.tools.runs import find_runs, run_row, seed_lines, table_lines
 from storage.checkpoint import load_checkpoint
 from storage.feature_store import StoreError
 
@@ -320,3 +322,26 @@ def test_training_leaves_the_callers_random_state_as_it_was(nus_store, tmp_path)
     before = torch.get_rng_state()
     pretrain(tiny_cfg([nus_store.path], tmp_path / "run", epochs=1))
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_runs_that_differ_only_in_seed_are_grouped(nus_store, tmp_path):
+    """The paper reports the std over three pretrainings: `--seed`, and `scalr runs` groups the runs
+    that differ only in it (mean +- std, n)."""
+    args = ["pretrain", "--store", nus_store.path, "--student", "WI-12-64", "--epochs", "1", "--batch-size", "2"]
+    tiny = [
+        *("--num-workers", "0", "--set", "model.depth=2", "--set", "model.width=8", "--set", "sample.max_points=1000")
+    ]
+    tiny += ["--set", f"model.grid_shape={list(SMALL_GRID.shape)}", "--set", "sample.grid.cell=4.0"]
+    for seed in (0, 1, 2):
+        result = CliRunner().invoke(
+            main, [str(a) for a in (*args, *tiny, "--out", tmp_path / f"seed{seed}", "--seed", seed)]
+        )
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "seed2/config.json").read_text())["config"]["train"]["seed"] == 2
+    pretrain(tiny_cfg([nus_store.path], tmp_path / "other", epochs=2))  # another experiment: not grouped
+    rows = [run_row(r) for r in find_runs([tmp_path])]
+    lines = seed_lines(rows)
+    losses = [r["final_loss"] for r in rows if Path(r["run"]).name.startswith("seed")]
+    assert len(lines) == 2 and "pretrain WI-2-8, seeds 0, 1, 2" in lines[1], lines
+    assert f"final loss {statistics.mean(losses):.4g} +- {statistics.stdev(losses):.2g} (n=3)" in lines[1]
+    assert "\n".join(lines) in "\n".join(table_lines(rows))

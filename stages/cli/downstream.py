@@ -11,7 +11,7 @@ from pipeline.config import layered
 from pipeline.corruptions import CORRUPTIONS
 from pipeline.datasets import READERS
 from stages.cli.options import CHECKPOINT, DATASET, ROOT, SPLIT, device_option, precision_option
-from stages.cli.student import CONFIG_FILE, CONTINUE_WITH_CHANGES
+from stages.cli.student import CONFIG_FILE, CONTINUE_WITH_CHANGES, FLAG_KEYS, SEED, config_flags
 from stages.downstream.embed import EmbedConfig, embed
 from stages.downstream.evaluate import EvaluateConfig, evaluate, table_lines
 from stages.downstream.segment import SegmentConfig, train_segmentation
@@ -59,26 +59,9 @@ def segment_command(mode: str, name: str, help_text: str, *extra_options):
     @click.option("--num-workers", type=int, default=None)
     @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out.")
     @CONTINUE_WITH_CHANGES
-    def command(
-        labels_fraction,
-        config_file,
-        sets,
-        epochs,
-        batch_size,
-        precision,
-        device,
-        num_workers,
-        fresh,
-        continue_with_changes,
-        **fields,
-    ):
-        flags = {
-            "train.epochs": epochs,
-            "train.batch_size": batch_size,
-            "train.precision": precision,
-            "train.device": device,
-            "train.num_workers": num_workers,
-        }
+    @SEED
+    def command(labels_fraction, config_file, sets, fresh, continue_with_changes, **fields):
+        flags = config_flags({name: fields.pop(name) for name in list(fields) if name in FLAG_KEYS})
         cfg = SegmentConfig.for_mode(mode, labels_fraction=int(labels_fraction) / 100, **fields)
         cfg = layered(cfg, config_file, sets, flags)
         summary = train_segmentation(cfg, resume=not fresh, accept_changes=continue_with_changes)

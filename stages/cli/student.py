@@ -21,6 +21,13 @@ CONFIG_FILE = click.option(
     help="TOML file of overrides ([optim] lr = 1e-3 ...).",
 )
 
+SEED = click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed of the initialisation and the samples [config: 0]; runs that differ "
+    "only in it are grouped by `scalr runs` (mean +- std).",
+)
 CONTINUE_WITH_CHANGES = click.option(
     "--continue-with-changes",
     is_flag=True,
@@ -64,41 +71,34 @@ CONTINUE_WITH_CHANGES = click.option(
     "--loss", type=click.Choice(["cosine", "ppkt"]), default=None, help="cosine: ScaLR; ppkt: contrastive baseline."
 )
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out instead of resuming from it.")
+@SEED
 @CONTINUE_WITH_CHANGES
-def pretrain_command(
-    stores,
-    out,
-    student,
-    config_file,
-    sets,
-    epochs,
-    batch_size,
-    max_steps,
-    precision,
-    device,
-    num_workers,
-    loss,
-    fresh,
-    continue_with_changes,
-):
+def pretrain_command(stores, out, student, config_file, sets, fresh, continue_with_changes, **options):
     """Stage 2: train a WaffleIron student against cached teacher targets (no teacher, images or
     raw dataset needed). Resumes from --out's last checkpoint. Multi-GPU:
     torchrun --nproc-per-node N --no-python scalr pretrain ..."""
-    flags = {
-        "train.epochs": epochs,
-        "train.batch_size": batch_size,
-        "train.max_steps": max_steps,
-        "train.precision": precision,
-        "train.device": device,
-        "train.num_workers": num_workers,
-        "loss.kind": loss,
-    }
-    cfg = layered(PretrainConfig(tuple(stores), out, student).resolved(), config_file, sets, flags)
+    cfg = layered(PretrainConfig(tuple(stores), out, student).resolved(), config_file, sets, config_flags(options))
     summary = pretrain(cfg, resume=not fresh, accept_changes=continue_with_changes)
-    click.echo(
-        f"pretrained {summary['steps']} steps; checkpoint {summary['checkpoint']}; loss curve "
-        f"{RunFolder(out).loss_plot}"
-    )
+    loss_curve = RunFolder(out).loss_plot
+    click.echo(f"pretrained {summary['steps']} steps; checkpoint {summary['checkpoint']}; loss curve {loss_curve}")
+
+
+# Options of the training commands that set a config key (None: not given, the config's value stands).
+FLAG_KEYS = {
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "max_steps": "train.max_steps",
+    "precision": "train.precision",
+    "device": "train.device",
+    "num_workers": "train.num_workers",
+    "seed": "train.seed",
+    "loss": "loss.kind",
+}
+
+
+def config_flags(options: dict) -> dict:
+    """The dotted config keys of a training command's options."""
+    return {FLAG_KEYS[name]: value for name, value in options.items()}
 
 
 @click.command("convert")

@@ -6,11 +6,13 @@ training stage); its evaluations are the `eval-*.json` files in or under it.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from pipeline.errors import ConfigError, PathError
+from stages.student.train import what_is_trained
 from stages.student.waffleiron import param_count_closed_form
 from storage.runs import RunFolder
 
@@ -72,7 +74,49 @@ def run_row(run: Path) -> dict:
         "best_miou_on": best[1],
         "wall_s": (metrics[-1]["time"] - metrics[0]["time"]) if len(metrics) > 1 and "time" in metrics[0] else None,
         "losses": [(m["step"], m["loss"]) for m in metrics],
+        "seed": cfg.get("train", {}).get("seed"),
+        "group": seed_group(record),
     }
+
+
+def seed_group(record: dict) -> str:
+    """What makes runs one experiment but for their seed: the settings that decide what is trained
+    (stages/student/train.what_is_trained) without the seed, and in place of a pretrained
+    checkpoint's path, its run's own group (probes of pretrainings that differ only in seed group
+    together)."""
+    what = what_is_trained(record)
+    what.pop("train.seed", None)
+    checkpoint = what.pop("checkpoint", None)
+    if checkpoint:
+        parent = RunFolder.of_checkpoint(checkpoint)
+        what["pretrained"] = seed_group(json.loads(parent.record.read_text())) if parent.is_run() else str(checkpoint)
+    return json.dumps(what, sort_keys=True, default=str)
+
+
+def seed_lines(rows: list[dict]) -> list[str]:
+    """Mean +- std (sample) and n of the final loss and best mIoU of runs that differ only in seed."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    lines = []
+    for members in groups.values():
+        if len({r["seed"] for r in members}) < 2:
+            continue
+        names = sorted(Path(r["run"]).name for r in members)
+        what = f"{members[0]['stage']} {members[0]['student']}, seeds {', '.join(str(r['seed']) for r in members)}"
+        lines.append(f"{what} ({_fit(' '.join(names), 60)}): " + ", ".join(
+            f"{label} {_mean_std([r[key] for r in members], scale)}" for label, key, scale in
+            (("final loss", "final_loss", 1.0), ("best mIoU", "best_miou", 100.0))
+        ))  # fmt: skip
+    return (["runs that differ only in seed (mean +- std, n):"] + [f"  {line}" for line in lines]) if lines else []
+
+
+def _mean_std(values: list, scale: float) -> str:
+    values = [scale * v for v in values if v is not None]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4g} +- {std:.2g} (n={len(values)})"
 
 
 def table_lines(rows: list[dict]) -> list[str]:
@@ -97,7 +141,7 @@ def table_lines(rows: list[dict]) -> list[str]:
             f"{_fit(Path(r['run']).name, 41):<42}{r['stage']:<10}{r['student']:<12}{params:>9}  "
             f"{_fit(source, 27):<28}{_fit(_datasets(r['datasets']), 41):<42}{r['steps']:>7}{loss:>9}{miou:>11}{wall:>8}"
         )
-    return lines
+    return lines + seed_lines(rows)
 
 
 def _datasets(names: list[str]) -> str:
