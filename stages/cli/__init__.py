@@ -32,6 +32,7 @@ COMMANDS = {
     "view": ("tools", "A live feature viewer in the browser (click a point: its similarity)."),
     "pretrain": ("student", "Stage 2: train a WaffleIron student against cached targets."),
     "convert": ("student", "Convert a student checkpoint between the released code's format and scalr's."),
+    "probe-store": ("downstream", "What a teacher can teach: a linear probe of its cached targets (mIoU)."),
     "probe": ("downstream", "Linear probing of a pretrained backbone on labelled scans."),
     "finetune": ("downstream", "Finetune a pretrained backbone with a new head."),
     "train-scratch": ("downstream", "The supervised baseline: the same training from random init."),

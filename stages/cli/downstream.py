@@ -14,6 +14,7 @@ from stages.cli.options import CHECKPOINT, DATASET, ROOT, SPLIT, device_option, 
 from stages.cli.student import CONFIG_FILE, CONTINUE_WITH_CHANGES, FLAG_KEYS, SEED, config_flags
 from stages.downstream.embed import EmbedConfig, embed
 from stages.downstream.evaluate import EvaluateConfig, evaluate, table_lines
+from stages.downstream.probe_store import ProbeStoreConfig, probe_store, result_lines
 from stages.downstream.segment import SegmentConfig, train_segmentation
 from stages.student.waffleiron import STUDENTS
 
@@ -161,3 +162,38 @@ def embed_command(**fields):
     store = embed(EmbedConfig(**fields))
     out, dim = fields["out"], store.attrs["teacher"]["dim"]
     click.echo(f"{out}: {store.plan.scans} scans embedded ({dim} dims, {fields['dtype']}); see `scalr inspect {out}`")
+
+
+@click.command("probe-store")
+@click.option(
+    "--train",
+    "train",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Store of the training split; repeat it for several teachers (their targets concatenated).",
+)
+@click.option(
+    "--val",
+    "val",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Store of the validation split, the same teachers.",
+)
+@DATASET
+@ROOT
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (`scalr runs` lists it).")
+@click.option(
+    "--fraction", type=float, default=1.0, help="Fraction of each store's scans, spread evenly (terabyte stores)."
+)
+@click.option("--epochs", type=int, default=30)
+@device_option()
+@click.option("--seed", type=int, default=0)
+def probe_store_command(train, val, **fields):
+    """A teacher's linear-probe mIoU on the lidar classes, from its stores alone: a linear classifier
+    on the cached targets of the labelled visible points of --train (labels through the dataset's
+    reader at each entry's point_index), scored on the visible points of --val, with each class's
+    number of visible points. The 2D upper bound a distilled student aims at; no pretraining needed."""
+    result = probe_store(ProbeStoreConfig(tuple(train), tuple(val), **fields))
+    click.echo("\n".join(result_lines(result)))

@@ -111,6 +111,24 @@ class StoreGroup:
     def name(self) -> str:
         return f"{self.dataset['name']}/{self.dataset['split']}"
 
+    def read_points(self, entry: str, locations: tuple) -> dict[str, np.ndarray]:
+        """The per-point arrays of one (scan, camera) `entry` from the first store, checked to be
+        the same points in every store of the group."""
+        first = self.stores[0].read_points(*locations[0][:3])
+        for store, loc in zip(self.stores[1:], locations[1:]):
+            if not np.array_equal(
+                store.read_points(*loc[:3], names=("point_index",))["point_index"], first["point_index"]
+            ):
+                raise StoreError(f"{store.path}: points of {entry} differ from {self.stores[0].path}")
+        return first
+
+    def read_targets(self, locations: tuple, rows: np.ndarray, pixel: np.ndarray) -> np.ndarray:
+        """The joined target (every store's, concatenated) of some `rows` of one entry whose pixels
+        are `pixel`; a grid-layout store samples just those rows."""
+        return np.concatenate(
+            [s.read_targets(*loc, rows, pixel[rows]) for s, loc in zip(self.stores, locations)], axis=1
+        )
+
 
 def intensity_norm(store: FeatureStore) -> tuple[float, float]:
     """(mean, std) standardising the store's raw intensities for the student, as recorded in it.
@@ -168,18 +186,11 @@ class DistillationData(torch.utils.data.Dataset):
         group = self.groups[scan.group]
         rng = np.random.default_rng(seed)
         camera, locations = scan.entries[rng.integers(len(scan.entries))]
-        first = group.stores[0].read_points(*locations[0][:3])
-        for store, loc in zip(group.stores[1:], locations[1:]):
-            if not np.array_equal(
-                store.read_points(*loc[:3], names=("point_index",))["point_index"], first["point_index"]
-            ):
-                raise StoreError(f"{store.path}: points of {scan.scan_id}/{camera} differ from {group.stores[0].path}")
+        first = group.read_points(f"{scan.scan_id}/{camera}", locations)
         keep, inputs = student_inputs(first["points"], group.intensity_norm, self.cfg, rng, train=True)
-        # Targets of the kept points only (a grid-layout store samples just those).
-        targets = [store.read_targets(*loc, keep, first["pixel"][keep]) for store, loc in zip(group.stores, locations)]
         return {
             **inputs,
-            "targets": np.concatenate(targets, axis=1),
+            "targets": group.read_targets(locations, keep, first["pixel"]),
             "point_index": first["point_index"][keep],
             "scan_id": scan.scan_id,
             "camera": camera,

@@ -60,7 +60,7 @@ def run_row(run: Path) -> dict:
         "stage": record.get("stage", "?"),
         "student": f"WI-{model['depth']}-{model['width']}"
         if model.get("width")
-        else cfg.get("student", "?"),  # what was built, preset or not
+        else cfg.get("student", "-"),  # what was built, preset or not; "-": a teacher (probe-store)
         "parameters": param_count_closed_form(model["width"], model["depth"], model.get("in_channels", 5))
         if model.get("width")
         else None,
@@ -74,7 +74,7 @@ def run_row(run: Path) -> dict:
         "best_miou_on": best[1],
         "wall_s": (metrics[-1]["time"] - metrics[0]["time"]) if len(metrics) > 1 and "time" in metrics[0] else None,
         "losses": [(m["step"], m["loss"]) for m in metrics],
-        "seed": cfg.get("train", {}).get("seed"),
+        "seed": cfg["train"].get("seed") if isinstance(cfg.get("train"), dict) else cfg.get("seed"),
         "group": seed_group(record),
     }
 
@@ -86,6 +86,7 @@ def seed_group(record: dict) -> str:
     together)."""
     what = what_is_trained(record)
     what.pop("train.seed", None)
+    what.pop("seed", None)  # probe-store's
     checkpoint = what.pop("checkpoint", None)
     if checkpoint:
         parent = RunFolder.of_checkpoint(checkpoint)
