@@ -184,6 +184,9 @@ def test_feature_colourings():
 
 
 def test_demo_table_in_the_paper_style():
-    lines = table({"nuscenes": {"random-init": 0.1, "distilled": 0.25, "scratch": 0.3}}, DemoConfig())
-    assert "random-init" in lines[1] and "gap" in lines[1]
-    assert lines[2].split()[-4:] == ["10.0", "25.0", "+15.0", "30.0"]
+    row = {"random-init": 0.1, "distilled": 0.25, "oracle": 0.4, "oracle-store": 0.6, "scratch": 0.3}
+    lines = table({"nuscenes": row}, DemoConfig())
+    assert "random-init" in lines[1] and "gap" in lines[1] and "oracle store" in lines[1]
+    assert lines[2].split()[-7:] == ["10.0", "25.0", "+15.0", "40.0", "+30.0", "60.0", "30.0"]
+    lines = table({"nuscenes": {"random-init": 0.1, "distilled": 0.25}}, DemoConfig(scratch=False))
+    assert lines[2].split()[-6:] == ["10.0", "25.0", "+15.0", "-", "-", "-"]

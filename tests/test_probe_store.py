@@ -4,6 +4,7 @@ several teachers joined; a run folder `scalr runs` lists beside students."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -74,3 +75,47 @@ def test_the_cli_writes_a_run_that_scalr_runs_lists(stores, kitti_root, tmp_path
     saved = json.loads((out / "eval-semantickitti-val.json").read_text())
     assert row["stage"] == "probe-store" and row["teachers"] == ["test-vit"] and row["best_miou"] == saved["miou"]
     assert np.isfinite(saved["miou"]) and "probe-store" in table_lines([row])[2]
+
+
+def test_the_oracle_is_near_its_ceiling_and_a_random_teacher_far_below(stores, kitti_root, tmp_path):
+    """The oracle sees every pixel's class: its probe recovers the classes it has points of (its
+    ceiling: 1 for each); the random-init ViT's is far below."""
+    oracle = {
+        s: tiny_store(kitti_root, tmp_path / f"oracle-{s}.zarr", split=s, teacher="oracle", image_size=(224, 448))
+        for s in ("train", "val")
+    }  # noqa: E501
+    found = probe_store(
+        ProbeStoreConfig((oracle["train"].path,), (oracle["val"].path,), "semantickitti", kitti_root, tmp_path / "o")
+    )  # noqa: E501
+    random = run(stores, kitti_root, tmp_path / "r", "grid")
+    seen = [
+        c for c, n in found["visible_points"]["train"].items() if n >= 300 and found["visible_points"]["val"][c] >= 300
+    ]
+    assert seen and all(found["per_class_iou"][c] >= 0.6 for c in seen), (seen, found["per_class_iou"])  # 0.69-0.94
+    assert found["miou"] >= random["miou"] + 0.2 and found["accuracy"] >= 0.8, (
+        found["miou"],
+        random["miou"],
+    )  # 0.39, 0.06
+
+
+def test_the_oracle_refuses_data_without_class_maps(kitti_copy, tmp_path):
+    shutil.rmtree(kitti_copy / ".scalr-classes")
+    result = CliRunner().invoke(
+        main,
+        [
+            str(a)
+            for a in (
+                "extract-features",
+                "--dataset",
+                "semantickitti",
+                "--root",
+                kitti_copy,
+                "--teacher",
+                "oracle",
+                "--random-init",
+                "--out",
+                tmp_path / "s.zarr",
+            )
+        ],
+    )  # noqa: E501
+    assert result.exit_code == 1 and "teacher oracle sees the class maps only the synthetic rigs have" in result.output

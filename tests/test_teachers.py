@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from stages.extract.registry import TEACHERS
-from stages.extract.teachers import load_teacher
-from stages.extract.weights import WeightsError
+from stages.extract.teachers import build_teacher, load_teacher
+from stages.extract.weights import WeightsError, resolve_weights
 from stages.runtime import seeded
 from storage.targets import sample_grid
 
 SMALL = ["test-vit", "dino-vits8", "dinov2-vits14", "dinov2-vits14-reg4", "mae-vitb16", "maskclip-vitb16"]
 
 
-@pytest.mark.parametrize("name", sorted(TEACHERS))
+@pytest.mark.parametrize("name", sorted(n for n, spec in TEACHERS.items() if spec.timm_name != "-"))
 def test_registry_entry_matches_its_architecture(name):
     """Every entry's dim and patch are those of the timm architecture (built on the meta device)."""
     spec = TEACHERS[name]
@@ -130,3 +130,27 @@ def test_original_dinov2_checkpoint_layout_is_converted(tmp_path):
     teacher = load_teacher("dinov2-vits14", (224, 448), weights_dir=tmp_path)
     assert teacher.model.pos_embed.shape == (1, 1 + 16 * 32, 384)
     assert torch.equal(teacher.model.blocks[3].attn.qkv.weight, original["blocks.3.attn.qkv.weight"])
+
+
+def test_the_oracle_gives_the_mean_class_embedding_of_each_patch():
+    teacher = load_teacher("oracle", (28, 42), random_init=True, seed=5)
+    classes = torch.full((1, 1, 28, 42), 255, dtype=torch.uint8)  # sky
+    classes[..., :14, :14] = 7  # a patch of cars
+    classes[..., 14:, 14:21] = 0  # half a patch of road, half sky
+    grid = teacher(classes)
+    e = teacher.embeddings  # 16 fixed rows: classes 0-13, "other", sky
+    assert grid.shape == (1, 64, 2, 3)
+    torch.testing.assert_close(grid[0, :, 0, 0], e[7])
+    torch.testing.assert_close(grid[0, :, 1, 1], (e[0] + e[15]) / 2)
+    torch.testing.assert_close(grid[0, :, 0, 2], e[15])
+    again = load_teacher("oracle", (28, 42), random_init=True, seed=5)
+    assert torch.equal(again(classes), grid) and not torch.equal(
+        load_teacher("oracle", (28, 42), random_init=True, seed=6)(classes), grid
+    )
+    noisy = build_teacher(
+        TEACHERS["oracle"], (28, 42), resolve_weights(TEACHERS["oracle"], None, None, True, 5), noise=0.5
+    )
+    a, b = noisy(classes), noisy(classes)
+    assert (
+        torch.equal(a, b) and 0.3 < (a - grid).std() < 0.7
+    )  # seeded by the class map: the same noise for the same map

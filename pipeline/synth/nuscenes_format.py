@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline.datasets import nuscenes as nus
 from pipeline.geometry import matrix_to_quaternion, rigid, yaw_matrix
+from pipeline.synth.pixel_classes import save_class_map
 from pipeline.synth.rig import SynthConfig, scene_setup, token
 from pipeline.synth.sensors import LidarSpec, render, sweep
 from pipeline.synth.world import Cls
@@ -177,8 +178,9 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
                     )
                 else:
                     k = _intrinsics(f * w / REAL_IMAGE[1], w, h)
-                    image = render(world, k, (h, w), ego_pose @ camera_to_ego(yaw, pos))
+                    image, classes = render(world, k, (h, w), ego_pose @ camera_to_ego(yaw, pos))
                     Image.fromarray(image).save(out / filename, quality=95, subsampling=0)
+                    save_class_map(out, out / filename, classes)
                 pose_token = token(seed, "ego_pose", sd_token)
                 g = world_to_global @ ego_pose
                 tables["ego_pose"].append(

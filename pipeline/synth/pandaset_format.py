@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.datasets.pandaset import ALL_CAMERAS
 from pipeline.geometry import matrix_to_quaternion, rigid, yaw_matrix
+from pipeline.synth.pixel_classes import save_class_map
 from pipeline.synth.rig import SynthConfig, scene_setup
 from pipeline.synth.sensors import LidarSpec, render, sweep
 from pipeline.synth.world import Cls
@@ -120,9 +121,10 @@ def write(out: Path, cfg: SynthConfig, progress=None) -> dict:
                 f = focal * w / REAL_IMAGE[1]
                 k = np.array([[f, 0.0, w / 2], [0.0, f, h / 2], [0.0, 0.0, 1.0]])
                 camera_to_world = ego_pose @ rigid(yaw_matrix(np.deg2rad(yaw)) @ CAMERA_AXES, (1.2, 0.0, 1.6))
-                Image.fromarray(render(world, k, (h, w), camera_to_world)).save(
-                    folder / "camera" / cam / f"{i:02d}.jpg", quality=95, subsampling=0
-                )
+                image, classes = render(world, k, (h, w), camera_to_world)
+                image_path = folder / "camera" / cam / f"{i:02d}.jpg"
+                Image.fromarray(image).save(image_path, quality=95, subsampling=0)
+                save_class_map(out, image_path, classes)
                 camera_poses[cam].append(_pose_record(camera_to_world))
                 if i == 0:
                     (folder / "camera" / cam / "intrinsics.json").write_text(

@@ -11,6 +11,7 @@ from PIL import Image
 
 from pipeline.datasets import semantickitti as kitti
 from pipeline.geometry import invert_rigid, rigid
+from pipeline.synth.pixel_classes import save_class_map
 from pipeline.synth.rig import SynthConfig, scene_setup
 from pipeline.synth.sensors import LidarSpec, render, sweep
 from pipeline.synth.world import Cls
@@ -111,8 +112,9 @@ def write(out: Path, cfg: SynthConfig, progress=None, layout: Layout = KITTI) ->
             (raw_of[lidar.cls] | (instance << 16)).astype(np.uint32).tofile(folder / "labels" / f"{i:06d}.label")
             cam0_to_world = velo_to_world @ invert_rigid(velo_to_cam0)
             if layout.with_camera:
-                image = render(world, k, (h, w), cam0_to_world @ invert_rigid(cam0_to_cam2))
+                image, classes = render(world, k, (h, w), cam0_to_world @ invert_rigid(cam0_to_cam2))
                 Image.fromarray(image).save(folder / "image_2" / f"{i:06d}.png")
+                save_class_map(out, folder / "image_2" / f"{i:06d}.png", classes)
             cam0_first = cam0_to_world if cam0_first is None else cam0_first
             poses.append(" ".join(f"{v:.12e}" for v in (invert_rigid(cam0_first) @ cam0_to_world)[:3].ravel()))
             times.append(f"{i * FRAME_S:.6e}")

@@ -112,8 +112,9 @@ def _pixel_blocks(k: np.ndarray, size: tuple[int, int], world_to_camera: np.ndar
 
 def render(
     world: World, k: np.ndarray, size: tuple[int, int], camera_to_world: np.ndarray, max_range: float = 250.0
-) -> np.ndarray:
-    """(H, W, 3) uint8 image; the ray of pixel (row j, column i) passes through (i + 0.5, j + 0.5)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """((H, W, 3) uint8 image, (H, W) class of each pixel, -1 where nothing is hit); the ray of pixel
+    (row j, column i) passes through (i + 0.5, j + 0.5)."""
     h, w = size
     u, v = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
     rays = np.stack([u, v, np.ones_like(u)], axis=-1) @ np.linalg.inv(k).T
@@ -123,4 +124,4 @@ def render(
     hits = cast(world, grid, max_range)
     points = _hit_points(grid, hits)
     cls = surface_class(world, hits, points)
-    return shade_colours(world, hits, points, cls, dirs)
+    return shade_colours(world, hits, points, cls, dirs), cls.reshape(h, w)

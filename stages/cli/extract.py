@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.config import apply, parse_sets
 from stages.cli.options import DATASET, ROOT, SPLIT, device_option, image_size_option, precision_option
 from stages.extract.extract import RECIPES, ExtractConfig, extract
 from stages.extract.registry import TEACHERS
@@ -104,11 +105,14 @@ def teachers_command():
     help="Compute again the committed parts whose dataset files changed since (size or modification time); "
     "without it, resuming over changed files is refused.",
 )
-def extract_features_command(**options):
+@click.option(
+    "--set", "sets", multiple=True, help="Set any field of the extraction config, e.g. --set oracle_noise=0.5."
+)
+def extract_features_command(sets, **options):
     """Stage 1: run a frozen teacher over every camera image and write its targets into a Zarr
     feature store keyed by (scan, camera). Rerunning the same command finishes an interrupted
     store. Under torchrun, each rank takes parts rank::world."""
-    store = extract(ExtractConfig(**options))
+    store = extract(apply(ExtractConfig(**options), parse_sets(list(sets))))
     click.echo("\n".join(summary_lines(store)))
 
 

@@ -48,7 +48,7 @@ class ProbeStoreConfig:
     out: Path
     fraction: float = 1.0  # of the scans of each store, sampled evenly (terabyte stores)
     epochs: int = 30
-    batch_points: int = 65536
+    batch_points: int = 65536  # at most; at least 20 batches an epoch on small stores
     lr: float = 1e-2
     weight_decay: float = 1e-4
     device: str = "auto"
@@ -118,10 +118,11 @@ def fit_linear(
     y = torch.from_numpy(train.labels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     order_rng = torch.Generator().manual_seed(cfg.seed)
+    batch = max(256, min(cfg.batch_points, -(-len(y) // 20)))  # enough steps to converge on a small store
     for epoch in range(cfg.epochs):
         order, total, t0 = torch.randperm(len(y), generator=order_rng), 0.0, time.time()
-        for start in range(0, len(y), cfg.batch_points):
-            rows = order[start : start + cfg.batch_points]
+        for start in range(0, len(y), batch):
+            rows = order[start : start + batch]
             loss = F.cross_entropy(model(x[rows].to(device)), y[rows].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -26,9 +26,10 @@ from pipeline import __version__
 from pipeline.datasets import LidarDataset, open_dataset
 from pipeline.datasets.base import file_stats
 from pipeline.errors import ConfigError, DatasetError
+from pipeline.synth.pixel_classes import FOLDER
 from stages.extract.images import ScanImages
 from stages.extract.registry import get_spec
-from stages.extract.teachers import POS_EMBED, Teacher, build_teacher, pos_embed_rule
+from stages.extract.teachers import POS_EMBED, TeacherModel, build_teacher, pos_embed_rule
 from stages.extract.weights import TeacherWeights, resolve_weights
 from stages.extract.writer import BackgroundWriter, lower_priority
 from stages.runtime import Launch, Loader, autocast, pick_device
@@ -92,6 +93,7 @@ class ExtractConfig:
     quantize: str = "none"  # none, or int8 (grid layout only: a float32 scale per token)
     recipe: str = "cvpr"  # cvpr (the released CVPR code) or scalr-plus: image resize, DINOv2 position embeddings
     redo_changed: bool = False  # recompute committed parts whose input files changed (else refuse to resume)
+    oracle_noise: float = 0.0  # the oracle teacher's noise (std, in units of its class embeddings)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -105,17 +107,24 @@ class ExtractConfig:
             raise ConfigError("--quantize int8 needs --layout grid (per-point features are stored as float16)")
 
 
-def recipe_teacher(cfg: ExtractConfig, weights: TeacherWeights) -> Teacher:
+LAYERS = {  # what a teacher's targets are, where it is not the usual last block
+    "maskclip-value": "maskclip-value: last block's value path (no residual, no MLP), ln_post, visual projection",
+    "oracle": "oracle: per patch, the mean of seeded random embeddings of its pixels' classes",
+}
+
+
+def recipe_teacher(cfg: ExtractConfig, weights: TeacherWeights) -> TeacherModel:
     """The configured teacher, with resolved `weights` and the recipe's position-embedding rule."""
-    return build_teacher(get_spec(cfg.teacher), cfg.image_size, weights, RECIPES[cfg.recipe].pos_embed)
+    return build_teacher(
+        get_spec(cfg.teacher), cfg.image_size, weights, RECIPES[cfg.recipe].pos_embed, cfg.oracle_noise
+    )
 
 
 def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str], weights: TeacherWeights) -> dict:
     """Provenance of a store; the IDENTITY_KEYS among them must match for a rerun to continue it."""
     spec = get_spec(cfg.teacher)
-    data_cfg = timm.get_pretrained_cfg(spec.timm_name)
+    data_cfg = timm.get_pretrained_cfg(spec.timm_name) if spec.dense != "oracle" else None
     data_cfg = data_cfg.to_dict() if data_cfg is not None else {}
-    maskclip = "maskclip-value: last block's value path (no residual, no MLP), ln_post, visual projection"
     meta = ds.meta
     return {
         "format": FORMAT,
@@ -126,16 +135,21 @@ def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str], wei
             "timm_name": spec.timm_name,
             "dim": spec.dim,
             "patch": spec.patch,
-            "layer": maskclip
-            if spec.dense == "maskclip-value"
-            else "last block, before the final norm, prefix tokens removed",
+            "layer": LAYERS.get(spec.dense, "last block, before the final norm, prefix tokens removed"),
             "dense": spec.dense,
-            "pos_embed": POS_EMBED[pos_embed_rule(spec, RECIPES[cfg.recipe].pos_embed)],
+            "pos_embed": None
+            if spec.dense == "oracle"
+            else POS_EMBED[pos_embed_rule(spec, RECIPES[cfg.recipe].pos_embed)],
             "weights": weights.label,
             "random_init": weights.random_init,
             "hub": weights.hub,  # by name from the Hugging Face cache: repository, revision, file
             "mean": list(data_cfg.get("mean", ())),
             "std": list(data_cfg.get("std", ())),
+            **(
+                {"inputs": "class maps of the synthetic rigs", "noise": cfg.oracle_noise}
+                if spec.dense == "oracle"
+                else {}
+            ),
         },
         "teacher_weights_path": None if weights.random_init else str(Path(weights.path).resolve()),
         "image_size": list(cfg.image_size),
@@ -172,7 +186,7 @@ def intensity_attributes(ds: LidarDataset) -> dict:
     return {"max": meta.intensity_max, "mean": meta.intensity_mean, "std": meta.intensity_std}
 
 
-def run_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+def run_teacher(teacher: TeacherModel, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
     with autocast(device, precision):
         return teacher(images.to(device, non_blocking=True))
 
@@ -180,7 +194,7 @@ def run_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device, pr
 def extract_parts(
     cfg: ExtractConfig,
     store: FeatureStore,
-    teacher: Teacher,
+    teacher: TeacherModel,
     ds: LidarDataset,
     parts: list[int],
     device: torch.device,
@@ -190,7 +204,7 @@ def extract_parts(
     """Compute and commit `parts` of the plan, in order."""
     plan = store.plan
     indices = [i for p in parts for i in plan.scans_of(p)]
-    images = ScanImages(ds, indices, cfg.image_size, RECIPES[cfg.recipe].antialias)
+    images = ScanImages(ds, indices, cfg.image_size, RECIPES[cfg.recipe].antialias, get_spec(cfg.teacher).inputs)
     loader = Loader(
         images,
         list,
@@ -303,7 +317,12 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
     scans = ds.scan_ids if cfg.max_scans is None else ds.scan_ids[: cfg.max_scans]
     if not scans:
         raise DatasetError(cfg.root, f"split {cfg.split} has no scans")
-    weights = resolve_weights(get_spec(cfg.teacher), cfg.weights, cfg.weights_dir, cfg.random_init, cfg.seed)
+    spec = get_spec(cfg.teacher)
+    if spec.inputs == "class-map" and not (Path(ds.root) / FOLDER).is_dir():
+        raise DatasetError(
+            ds.root, f"teacher {spec.name} sees the class maps only the synthetic rigs have (scalr synth)"
+        )
+    weights = resolve_weights(spec, cfg.weights, cfg.weights_dir, cfg.random_init, cfg.seed)
     store = FeatureStore.create_or_open(cfg.out, store_attributes(cfg, ds, scans, weights))
     plan = store.plan
     done = set(store.committed_parts()) - set(changed_parts(cfg, store, ds))

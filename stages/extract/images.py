@@ -16,6 +16,8 @@ from pipeline.datasets import LidarDataset
 from pipeline.errors import DatasetError
 from pipeline.files import check_regular
 from pipeline.geometry import resize_pixels
+from pipeline.scan import Camera
+from pipeline.synth.pixel_classes import class_map_path, load_class_map
 
 UNIT_FLOAT = (np.arange(256) / 255.0).astype(np.float32)  # uint8 -> float32(x / 255 in float64), as the released code
 
@@ -44,12 +46,31 @@ def load_resized(
         raise DatasetError(path, f"corrupt or unreadable image ({err})") from None
 
 
+def load_class_map_resized(root: Path, camera: Camera, size_hw: tuple[int, int]) -> torch.Tensor:
+    """A camera's class map (synthetic rigs), nearest-resized to `size_hw`: (1, H, W) uint8."""
+    classes = load_class_map(root, camera.image_path)
+    if classes.shape != tuple(camera.image_size):
+        raise DatasetError(
+            class_map_path(root, camera.image_path), f"class map is {classes.shape}, its image {camera.image_size}"
+        )
+    resized = F.interpolate(torch.from_numpy(classes)[None, None].float(), size=tuple(size_hw), mode="nearest")
+    return resized[0].to(torch.uint8)
+
+
 class ScanImages(torch.utils.data.Dataset):
     """One item per scan: its points, and per camera the resized image and the visible points'
     indices and pixels; an unreadable scan or image is an `error` (path, problem) in the item."""
 
-    def __init__(self, ds: LidarDataset, indices: list[int], image_size: tuple[int, int], antialias: bool = False):
+    def __init__(
+        self,
+        ds: LidarDataset,
+        indices: list[int],
+        image_size: tuple[int, int],
+        antialias: bool = False,
+        inputs: str = "image",
+    ):
         self.ds, self.indices, self.image_size, self.antialias = ds, indices, image_size, antialias
+        self.inputs = inputs  # "image", or "class-map" (the oracle teacher: the synthetic rigs' class maps)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -65,13 +86,20 @@ class ScanImages(torch.utils.data.Dataset):
         for camera in scan.cameras:
             entry = {"camera": camera.name, "image_size": camera.image_size}
             try:
-                image = load_resized(camera.image_path, camera.image_size, self.image_size, self.antialias)
+                image = self.teacher_input(camera)
             except DatasetError as err:
                 item["cameras"].append({**entry, "error": (err.path, err.problem)})
                 continue
             proj = self.ds.project(scan, camera.name)
-            entry["image"] = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+            entry["image"] = image
             entry["point_index"] = proj.point_index.astype(np.int32)
             entry["pixel"] = resize_pixels(proj.uv, camera.image_size, self.image_size)
             item["cameras"].append(entry)
         return item
+
+    def teacher_input(self, camera: Camera) -> torch.Tensor:
+        """What the teacher sees of a camera: its resized image (3, H, W), or its class map (1, H, W)."""
+        if self.inputs == "class-map":
+            return load_class_map_resized(self.ds.root, camera, self.image_size)
+        image = load_resized(camera.image_path, camera.image_size, self.image_size, self.antialias)
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous()

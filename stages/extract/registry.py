@@ -16,8 +16,9 @@ class TeacherSpec:
     patch: int  # patch size in pixels
     weights_file: str  # documented file name inside a --weights-dir
     weights_source: str  # where such weights come from (for error messages and the README)
-    dense: str = "last-block-pre-norm"  # or "maskclip-value"
+    dense: str = "last-block-pre-norm"  # or "maskclip-value", "oracle"
     random_init_only: bool = False
+    inputs: str = "image"  # what it sees of a camera: its image, or (the oracle) its class map
 
 
 _DINOV2 = "DINOv2 checkpoints from the facebookresearch/dinov2 release (original .pth or timm's state dict)"
@@ -94,6 +95,17 @@ TEACHERS: dict[str, TeacherSpec] = {
         ),
         TeacherSpec(
             "test-vit", "test_vit", 64, 16, "", "none: a tiny architecture for tests and demos", random_init_only=True
+        ),
+        TeacherSpec(  # what a perfect teacher would give: the synthetic rigs only (they have class maps)
+            "oracle",
+            "-",
+            64,
+            14,
+            "",
+            "none: the synthetic rigs' class maps and seeded random class embeddings",
+            dense="oracle",
+            random_init_only=True,
+            inputs="class-map",
         ),
     )
 }

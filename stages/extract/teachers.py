@@ -14,6 +14,7 @@ path (`dinov2_cvpr_tokens`), leaving timm's model as timm built it.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.synth.pixel_classes import NONE
 from stages.extract.registry import TeacherSpec, get_spec
 from stages.extract.weights import TeacherWeights, load_weights, resolve_weights
 from stages.runtime import seeded
@@ -56,6 +58,41 @@ class Teacher(nn.Module):
             return dinov2_cvpr_tokens(self.model, x)
         (grid,) = self.model.forward_intermediates(x, indices=1, norm=False, output_fmt="NCHW", intermediates_only=True)
         return grid.float()
+
+
+ORACLE_SLOTS = 16  # class-map values: world.Cls ids 0-13, then anything else, then NONE (the sky)
+
+
+class OracleTeacher(nn.Module):
+    """A teacher that knows the classes: it sees a camera's class map (the synthetic rigs only) and
+    gives, per patch of `spec.patch` pixels of its input, the mean of fixed random class embeddings
+    (seeded), plus Gaussian noise of std `noise` seeded by the patch grid's content. A random ViT
+    has little to teach; this one has everything, so a student distilled from it must learn the
+    classes if the path from pixels to points is right."""
+
+    def __init__(self, spec: TeacherSpec, seed: int, noise: float, provenance: dict):
+        super().__init__()
+        self.spec, self.pos_embed, self.noise = spec, "timm", noise
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("embeddings", torch.randn(ORACLE_SLOTS, spec.dim, generator=generator), persistent=False)
+        self.provenance = {**asdict(spec), **provenance, "noise": noise}
+
+    @torch.no_grad()
+    def forward(self, class_maps: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) uint8 class maps -> (B, D, H/p, W/p) float32 token grids."""
+        values = class_maps[:, 0].long()
+        slots = torch.where(values == NONE, ORACLE_SLOTS - 1, values.clamp(max=ORACLE_SLOTS - 2))
+        fractions = F.avg_pool2d(F.one_hot(slots, ORACLE_SLOTS).permute(0, 3, 1, 2).float(), self.spec.patch)
+        grids = torch.einsum("bkhw,kd->bdhw", fractions, self.embeddings.to(fractions.device))
+        if self.noise > 0:
+            for i, grid in enumerate(grids):
+                seed = zlib.crc32(class_maps[i].cpu().numpy().tobytes())
+                noise = torch.randn(grid.shape, generator=torch.Generator().manual_seed(seed))
+                grids[i] = grid + self.noise * noise.to(grid.device)
+        return grids.float()
+
+
+TeacherModel = Teacher | OracleTeacher  # what build_teacher gives: images or class maps in, token grids out
 
 
 def maskclip_dense(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -113,13 +150,16 @@ def pos_embed_rule(spec: TeacherSpec, wanted: str) -> str:
 
 
 def build_teacher(
-    spec: TeacherSpec, image_size: tuple[int, int], weights: TeacherWeights, pos_embed: str = "timm"
-) -> Teacher:
+    spec: TeacherSpec, image_size: tuple[int, int], weights: TeacherWeights, pos_embed: str = "timm", noise: float = 0.0
+) -> Teacher | OracleTeacher:
     """A frozen teacher for images of `image_size` (H, W) with resolved `weights`. `pos_embed`:
-    "timm" or "dinov2-cvpr" (see POS_EMBED; DINOv2 without registers only)."""
+    "timm" or "dinov2-cvpr" (see POS_EMBED; DINOv2 without registers only); `noise`: the oracle's."""
     h, w = image_size
     if h % spec.patch or w % spec.patch:
         raise ConfigError(f"image size {h}x{w} is not a multiple of {spec.name}'s patch size {spec.patch}")
+    if spec.dense == "oracle":
+        provenance = {"weights": weights.label, "weights_sha256": None, "random_init": True}
+        return OracleTeacher(spec, weights.seed, noise, provenance)
     rule = pos_embed_rule(spec, pos_embed)
     kwargs = {"img_size": (h, w), "num_classes": spec.dim if spec.dense == "maskclip-value" else 0}
     if rule == "dinov2-cvpr":  # keep the 518 px table; interpolate it at every forward

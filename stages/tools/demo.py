@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.synth import SynthConfig, generate
 from stages.downstream.evaluate import EvaluateConfig, evaluate
+from stages.downstream.probe_store import ProbeStoreConfig, probe_store
 from stages.downstream.segment import SegmentConfig, train_segmentation
 from stages.extract.extract import ExtractConfig, extract
 from stages.student.pretrain import PretrainConfig, pretrain
@@ -33,6 +34,7 @@ from storage.runs import RunFolder
 
 # (dataset, synthetic format, train split, validation split): four lidars; PandaSet's two sensors
 # come from the same synthetic PandaSet-format folder.
+ORACLE = "oracle"  # the teacher that knows the classes (synthetic rigs only): the path's upper bound
 RIGS = (
     ("nuscenes", "nuscenes", "mini_train", "mini_val"),
     ("semantickitti", "semantickitti", "train", "val"),
@@ -66,10 +68,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     roots = synthetic_datasets(cfg)
     check_datasets(cfg, roots)
-    stores = extract_stores(cfg, roots)
-    distilled, untrained = pretrain_students(cfg, stores)
-    results = probe_students(cfg, roots, distilled, untrained)
-    _say("6/6 pictures of the cached targets and of the students")
+    teachers = f"{cfg.teacher} (RANDOM INIT: the demo downloads nothing) and the oracle"
+    _say(f"3/7 teacher features, extracted once per rig: {teachers}")
+    stores = extract_stores(cfg, roots, cfg.teacher)
+    oracle_stores = extract_stores(cfg, roots, ORACLE)
+    _say(f"4/7 pretraining {cfg.student} on the mix of the four lidars (cached targets only), from each teacher")
+    distilled = pretrain_student(cfg, stores, "distilled")
+    untrained = pretrain_student(cfg, stores, "random-init", max_steps=0)  # the same student, untrained
+    oracle_student = pretrain_student(cfg, oracle_stores, "oracle")
+    results = probe_students(cfg, roots, {"random-init": untrained, "distilled": distilled, "oracle": oracle_student})
+    _say("6/7 what the oracle can teach: probe-store on its own stores")
+    for name, row in results.items():
+        row["oracle-store"] = oracle_probe_store(cfg, roots, oracle_stores, name)
+    _say("7/7 pictures of the cached targets and of the students")
     for name, _, train, _ in RIGS:
         store = stores[name]
         first = store.manifest().to_pylist()[0]
@@ -83,7 +94,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def synthetic_datasets(cfg: DemoConfig) -> dict[str, Path]:
     """dataset -> its synthetic root, written unless a previous run left it (a stamp says so)."""
-    _say("1/6 synthetic datasets in the nuScenes, SemanticKITTI and PandaSet formats")
+    _say("1/7 synthetic datasets in the nuScenes, SemanticKITTI and PandaSet formats")
     folders = {fmt: cfg.data / f"synth-{fmt}" for _, fmt, *_ in RIGS}
     for fmt, folder in folders.items():
         stamp = folder / ".done"
@@ -96,20 +107,22 @@ def synthetic_datasets(cfg: DemoConfig) -> dict[str, Path]:
 
 
 def check_datasets(cfg: DemoConfig, roots: dict[str, Path]) -> None:
-    _say("2/6 dataset check and projection overlays")
+    _say("2/7 dataset check and projection overlays")
     for name, _, train, _ in RIGS:
         report = check_dataset(CheckConfig(name, roots[name], train, plot_dir=cfg.out / "projection"))
         print("\n".join(report.lines()[:3]))
 
 
-def extract_stores(cfg: DemoConfig, roots: dict[str, Path]) -> dict[str, FeatureStore]:
-    _say(f"3/6 teacher features, extracted once per rig ({cfg.teacher}, RANDOM INIT: the demo downloads nothing)")
+def extract_stores(
+    cfg: DemoConfig, roots: dict[str, Path], teacher: str, split: int = 2, rigs=RIGS
+) -> dict[str, FeatureStore]:
+    """rig -> the store of `teacher` on its training split (`split` 2: RIGS' column; 3: validation)."""
     stores = {}
-    for name, _, train, _ in RIGS:
-        path = cfg.stores / f"{name}-{train}-{cfg.teacher}.zarr"
+    for rig in rigs:
+        name, path = rig[0], cfg.stores / f"{rig[0]}-{rig[split]}-{teacher}.zarr"
         existed = path.exists()
         ecfg = ExtractConfig(
-            name, roots[name], train, cfg.teacher, path, random_init=True, seed=cfg.seed, num_workers=2
+            name, roots[name], rig[split], teacher, path, random_init=True, seed=cfg.seed, num_workers=2
         )
         stores[name] = extract(ecfg)
         points = sum(r["count"] for r in stores[name].manifest().to_pylist())
@@ -117,26 +130,27 @@ def extract_stores(cfg: DemoConfig, roots: dict[str, Path]) -> dict[str, Feature
     return stores
 
 
-def pretrain_students(cfg: DemoConfig, stores: dict[str, FeatureStore]) -> tuple[RunFolder, RunFolder]:
-    """(the student distilled on the mix of rigs, the same student untrained)."""
-    _say(f"4/6 pretraining {cfg.student} on the mix of the four lidars (cached targets only)")
-    distilled = RunFolder(cfg.runs / f"demo-{cfg.student}-distilled")
-    pre = PretrainConfig(tuple(s.path for s in stores.values()), distilled.path, cfg.student).resolved()
-    train = TrainConfig(batch_size=cfg.batch_size, epochs=cfg.pretrain_epochs, seed=cfg.seed, log_every=1)
+def pretrain_student(
+    cfg: DemoConfig, stores: dict[str, FeatureStore], label: str, max_steps: int | None = None
+) -> RunFolder:
+    """The demo's student pretrained on the mix of rigs from `stores` (`max_steps` 0: untrained)."""
+    run = RunFolder(cfg.runs / f"demo-{cfg.student}-{label}")
+    pre = PretrainConfig(tuple(s.path for s in stores.values()), run.path, cfg.student).resolved()
+    train = TrainConfig(
+        batch_size=cfg.batch_size, epochs=cfg.pretrain_epochs, seed=cfg.seed, log_every=1, max_steps=max_steps
+    )
     pre = dataclasses.replace(pre, optim=dataclasses.replace(pre.optim, warmup_iters=10), train=train)
-    print(f"{distilled.path}: {pretrain(pre)}")
-    untrained = RunFolder(cfg.runs / f"demo-{cfg.student}-random-init")
-    pretrain(dataclasses.replace(pre, out=untrained.path, train=dataclasses.replace(pre.train, max_steps=0)))
-    return distilled, untrained
+    print(f"{run.path}: {pretrain(pre)}")
+    return run
 
 
-def probe_students(cfg: DemoConfig, roots: dict[str, Path], distilled: RunFolder, untrained: RunFolder) -> dict:
+def probe_students(cfg: DemoConfig, roots: dict[str, Path], students: dict[str, RunFolder]) -> dict:
     """Per rig: the validation mIoU of a linear probe of each student (and of the reference)."""
-    _say("5/6 linear probing per rig: distilled student vs the same student at random init")
+    _say("5/7 linear probing per rig: the student at random init, distilled from each teacher")
     results = {}
     for name, _, train, val in RIGS:
         row = {}
-        for label, run in (("random-init", untrained), ("distilled", distilled)):
+        for label, run in students.items():
             out = cfg.runs / f"{run.name}-probe-{name}"
             probe = SegmentConfig.for_mode(
                 "probe", dataset=name, root=roots[name], split=train, out=out, checkpoint=run.checkpoint
@@ -150,6 +164,14 @@ def probe_students(cfg: DemoConfig, roots: dict[str, Path], distilled: RunFolder
             row["scratch"] = trained_miou(cfg, scratch, roots[name], val)
         results[name] = row
     return results
+
+
+def oracle_probe_store(cfg: DemoConfig, roots: dict[str, Path], train: dict[str, FeatureStore], name: str) -> float:
+    """The oracle's linear-probe mIoU on a rig's validation points, from its stores alone."""
+    (val,) = extract_stores(cfg, {name: roots[name]}, ORACLE, split=3, rigs=[r for r in RIGS if r[0] == name]).values()
+    out = cfg.runs / f"demo-oracle-probe-store-{name}"
+    shutil.rmtree(out, ignore_errors=True)  # a run is written whole: redone on a rerun (seconds)
+    return probe_store(ProbeStoreConfig((train[name].path,), (val.path,), name, roots[name], out))["miou"]
 
 
 def trained_miou(cfg: DemoConfig, seg: SegmentConfig, root: Path, val: str) -> float:
@@ -189,20 +211,40 @@ def report(
 
 
 def table(results: dict, cfg: DemoConfig) -> list[str]:
-    header = f"{'linear probing mIoU %':<24}{'random-init':>13}{'distilled':>11}{'gap':>8}" + (
-        f"{'from scratch*':>15}" if cfg.scratch else ""
-    )
-    lines = [
-        f"Synthetic rigs, {cfg.student} pretrained on all rigs together with ScaLR from a random-init {cfg.teacher}:",
-        header,
-    ]
+    """The probes' validation mIoU per rig: the student untrained, distilled from the random ViT and
+    from the oracle (with their gains over untrained), the oracle's own probe-store mIoU, and the
+    supervised reference."""
+    columns = (("random-init", 13), ("distilled", 11), ("gap", 8), ("oracle", 9), ("gap", 8), ("oracle store", 14))
+    header = f"{'linear probing mIoU %':<24}" + "".join(f"{name:>{width}}" for name, width in columns)
+    header += f"{'from scratch*':>15}" if cfg.scratch else ""
+    lines = [f"Synthetic rigs, {cfg.student} pretrained on all rigs together with ScaLR, from each teacher:", header]
     for name, row in results.items():
-        untrained, distilled = 100 * row["random-init"], 100 * row["distilled"]
-        line = f"{name + ' rig (val)':<24}{untrained:>13.1f}{distilled:>11.1f}{distilled - untrained:>+8.1f}"
-        if "scratch" in row:
-            line += f"{100 * row['scratch']:>15.1f}"
-        lines.append(line)
+        value = {k: 100 * v for k, v in row.items() if v is not None}
+        base = value["random-init"]
+        cells = [
+            f"{base:>13.1f}",
+            _cell(value, "distilled", 11),
+            _gap(value, "distilled", base),
+            _cell(value, "oracle", 9),
+            _gap(value, "oracle", base),
+            _cell(value, "oracle-store", 14),
+        ]
+        lines.append(
+            f"{name + ' rig (val)':<24}" + "".join(cells) + (_cell(value, "scratch", 15) if cfg.scratch else "")
+        )
+    lines.append(
+        f"distilled: from a random-init {cfg.teacher}, which has little to teach; oracle: from a teacher that sees the "
+        "classes (synthetic rigs only), the upper bound of the path from pixels to points; oracle store: that "
+        "teacher's own linear probe (scalr probe-store)"
+    )
     if cfg.scratch:
         lines.append("* supervised from scratch, all weights trained on the labels: a reference, not a probe")
-    lines.append("A random-init teacher has little to teach: use real weights (README) for the paper's gains.")
     return lines
+
+
+def _cell(value: dict, key: str, width: int) -> str:
+    return f"{value[key]:>{width}.1f}" if key in value else f"{'-':>{width}}"
+
+
+def _gap(value: dict, key: str, base: float) -> str:
+    return f"{value[key] - base:>+8.1f}" if key in value else f"{'-':>8}"
