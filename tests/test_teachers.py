@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.extract.registry import TEACHERS
-from stages.extract.teachers import build_teacher, load_teacher
+from stages.extract.teachers import Teacher, build_teacher, load_teacher
 from stages.extract.weights import WeightsError, resolve_weights
 from stages.runtime import seeded
 from storage.targets import sample_grid
@@ -37,6 +37,34 @@ def test_teacher_gives_a_token_grid(name):
     assert torch.isfinite(grid).all()
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.model.training
     assert teacher.provenance["random_init"] and teacher.provenance["weights"] == "random-init seed 1"
+
+
+PREFIX_TOKENS = {"dinov3": 5, "siglip2": 0, "reg4": 5, "dinov2": 1, "dino-": 1, "mae": 1, "maskclip": 1}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in TEACHERS.items() if spec.timm_name not in ("-", "test_vit")))
+def test_every_teacher_gives_its_token_grid_with_tiny_shapes(name):
+    """Every registered architecture, one block deep, on a 2 x 4 patch image: its true number of
+    prefix tokens removed, a (dim, 2, 4) grid of the block before the final norm, normalised with
+    the mean and std of timm's pretrained config (the satellite DINOv3's own)."""
+    spec = TEACHERS[name]
+    h, w = 2 * spec.patch, 4 * spec.patch
+    extra = {"num_classes": spec.dim} if spec.dense == "maskclip-value" else {"num_classes": 0}
+    with seeded(0):
+        model = timm.create_model(spec.timm_name, pretrained=False, img_size=(h, w), depth=1, **extra)
+    assert model.num_prefix_tokens == next(v for k, v in PREFIX_TOKENS.items() if k in name)
+    teacher = Teacher(spec, model, "timm", {})
+    cfg = timm.get_pretrained_cfg(spec.timm_name)
+    assert teacher.provenance["mean"] == list(cfg.mean) and teacher.provenance["std"] == list(cfg.std)
+    grid = teacher(torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8))
+    assert grid.shape == (1, spec.dim, 2, 4) and torch.isfinite(grid).all()
+    if spec.dense != "maskclip-value":  # timm's whole forward with the final norm taken out
+        images = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8)
+        x = (images.float() / 255 - teacher.mean) / teacher.std
+        model.norm = torch.nn.Identity()
+        tokens = model.forward_features(x)[:, model.num_prefix_tokens :]
+        expected = tokens.reshape(1, 2, 4, spec.dim).permute(0, 3, 1, 2)
+        torch.testing.assert_close(teacher(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_last_block_before_norm_without_prefix_tokens():

@@ -22,6 +22,11 @@ class TeacherSpec:
 
 
 _DINOV2 = "DINOv2 checkpoints from the facebookresearch/dinov2 release (original .pth or timm's state dict)"
+_DINOV3 = (
+    "DINOv3 checkpoints from the facebookresearch/dinov3 release (original .pth without its hash suffix, or timm's "
+    "state dict)"
+)
+_SIGLIP2 = "SigLIP 2 weights as timm's state dict (its Hugging Face repository of the .v2_webli tag)"
 _CLIP = "OpenAI CLIP ViT-B/16 as an open_clip or timm state dict (open_clip_pytorch_model.bin)"
 TEACHERS: dict[str, TeacherSpec] = {
     spec.name: spec
@@ -75,6 +80,29 @@ TEACHERS: dict[str, TeacherSpec] = {
             14,
             "dinov2_vitg14_reg4_pretrain.pth",
             _DINOV2,
+        ),
+        # DINOv3 (timm's eva.py): patch 16, RoPE instead of absolute position embeddings, class + 4
+        # register tokens; ImageNet mean/std, except the satellite (.sat493m) weights' own.
+        *(
+            TeacherSpec(f"dinov3-{name}", f"vit_{arch}_patch16_dinov3.{tag}", dim, 16, file, _DINOV3)
+            for name, arch, tag, dim, file in (
+                ("vits16", "small", "lvd1689m", 384, "dinov3_vits16_pretrain_lvd1689m.pth"),
+                ("vits-plus16", "small_plus", "lvd1689m", 384, "dinov3_vits16plus_pretrain_lvd1689m.pth"),
+                ("vitb16", "base", "lvd1689m", 768, "dinov3_vitb16_pretrain_lvd1689m.pth"),
+                ("vitl16", "large", "lvd1689m", 1024, "dinov3_vitl16_pretrain_lvd1689m.pth"),
+                ("vith-plus16", "huge_plus", "lvd1689m", 1280, "dinov3_vith16plus_pretrain_lvd1689m.pth"),
+                ("vitl16-sat", "large", "sat493m", 1024, "dinov3_vitl16_pretrain_sat493m.pth"),
+            )
+        ),
+        # SigLIP 2 (timm's .v2_webli tags): no class token (no prefix tokens), mean/std 0.5; the
+        # smallest table of each (timm resizes it to the image size at load).
+        *(
+            TeacherSpec(f"siglip2-{name}", f"{arch}.v2_webli", dim, patch, f"{arch}.v2_webli.safetensors", _SIGLIP2)
+            for name, arch, dim, patch in (
+                ("vitb16", "vit_base_patch16_siglip_224", 768, 16),
+                ("vitl16", "vit_large_patch16_siglip_256", 1024, 16),
+                ("so400m14", "vit_so400m_patch14_siglip_224", 1152, 14),
+            )
         ),
         TeacherSpec(
             "mae-vitb16",

@@ -9,6 +9,7 @@ hashed once per extraction, not once per reader. Random initialisation is explic
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import pickle
 import re
@@ -19,7 +20,6 @@ import timm
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from timm.models import load_state_dict
-from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from pipeline.errors import ScalrError
@@ -127,6 +127,8 @@ def load_weights(model: nn.Module, spec: TeacherSpec, path: Path) -> None:
     with torch's weights-only unpickler (tensors, containers and numbers): a file that would need
     any other object is refused, so no code in a weights file ever runs."""
     failures = (RuntimeError, KeyError, ValueError, OSError, EOFError, AttributeError, pickle.UnpicklingError)
+    # the converter of the model's own timm module (vision_transformer.py, eva.py for DINOv3)
+    checkpoint_filter_fn = importlib.import_module(type(model).__module__).checkpoint_filter_fn
     try:
         state = checkpoint_filter_fn(load_state_dict(str(path), weights_only=True), model)
         result = model.load_state_dict(state, strict=False)
