@@ -11,6 +11,8 @@ export TRANSFORMERS_OFFLINE := 1
 DATA ?= data
 OUT  ?= out
 SEED ?= 0
+# The released recipe: cvpr (ScaLR, CVPR 2024) or scalr-plus (ScaLR+). make demo RECIPE=scalr-plus
+RECIPE ?= cvpr
 
 # Stage 1 defaults: the synthetic nuScenes-format set with a tiny random-init teacher. Real data:
 #   make extract-features DATASET=nuscenes ROOT=/data/nuscenes SPLIT=train TEACHER=dinov2-vitl14 WEIGHTS=/weights/dinov2_vitl14_pretrain.pth
@@ -19,7 +21,7 @@ ROOT    ?= $(DATA)/synth-nuscenes
 SPLIT   ?= mini_train
 TEACHER ?= test-vit
 WEIGHTS ?=
-STORE   ?= stores/$(DATASET)-$(SPLIT)-$(TEACHER).zarr
+STORE   ?= stores/$(DATASET)-$(SPLIT)-$(TEACHER)$(if $(filter-out cvpr,$(RECIPE)),-$(RECIPE)).zarr
 TEACHER_FLAGS = $(if $(WEIGHTS),--weights $(WEIGHTS),--random-init)
 EXTRACT_FLAGS ?=
 
@@ -82,7 +84,7 @@ check-dataset: synth
 
 # Resumable: rerunning computes only the parts that are not committed yet.
 extract-features: install $(if $(filter $(DATA)/%,$(ROOT)),synth)
-	$(SCALR) extract-features --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --teacher $(TEACHER) $(TEACHER_FLAGS) --out $(STORE) $(EXTRACT_FLAGS)
+	$(SCALR) extract-features --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --teacher $(TEACHER) $(TEACHER_FLAGS) --recipe $(RECIPE) --out $(STORE) $(EXTRACT_FLAGS)
 	$(SCALR) verify $(STORE)
 
 # Resumes from $(RUN)/checkpoints/last.pt when it exists.
@@ -115,7 +117,7 @@ bench-extract: install synth
 
 # The whole method on the synthetic rigs, four lidars (about 13 minutes on 2 CPU cores); reruns reuse what is there.
 demo: install
-	$(SCALR) demo --data $(DATA) --out $(OUT)/demo
+	$(SCALR) demo --data $(DATA) --out $(OUT)/demo$(if $(filter-out cvpr,$(RECIPE)),-$(RECIPE)) --recipe $(RECIPE)
 
 clean:
 	rm -rf $(DATA) $(OUT) stores runs

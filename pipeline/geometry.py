@@ -12,6 +12,7 @@ Pixel convention (every dataset, every stage):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,35 @@ def transform_points(t: np.ndarray, xyz: np.ndarray) -> np.ndarray:
     return xyz @ t[:3, :3].T + t[:3, 3]
 
 
+def devkit_rotation(q_wxyz) -> np.ndarray:
+    """A (w, x, y, z) quaternion's rotation matrix as the nuScenes devkit gets it (pyquaternion's
+    `rotation_matrix`): normalised only when its squared norm is 1e-14 or more away from 1, then the
+    product of its left and right multiplication matrices, lower-right 3 x 3."""
+    q = np.array([float(v) for v in q_wxyz])
+    if abs(1.0 - np.dot(q, q)) >= 1e-14:
+        q = q / math.sqrt(np.dot(q, q))
+    w, x, y, z = q
+    left = np.array([[w, -x, -y, -z], [x, w, -z, y], [y, z, w, -x], [z, -y, x, w]])
+    right = np.array([[w, -x, -y, -z], [x, w, z, -y], [y, -z, w, x], [z, y, -x, w]])
+    return np.dot(left, right.conj().transpose())[1:][:, 1:]
+
+
+def float32_steps(xyz: np.ndarray, steps) -> np.ndarray:
+    """(N, 3) points moved by a camera's `steps` as the nuScenes devkit's LidarPointCloud moves its
+    float32 points: `rotate` multiplies in float64 and stores float32; `translate` adds the
+    translation cast to float32, in float32 (numpy 1.x's rule for a float64 scalar and a float32
+    array, which the released code ran on). Returns float32."""
+    p = np.asarray(xyz, dtype=np.float32)[:, :3]
+    for kind, value in steps:
+        if kind == "rotate":
+            p = (p.astype(np.float64) @ np.asarray(value, np.float64).T).astype(np.float32)
+        elif kind == "translate":
+            p = p + np.asarray(value, np.float64).astype(np.float32)
+        else:
+            raise ValueError(f"unknown transform step {kind!r}")
+    return p
+
+
 def yaw_matrix(angle: float) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
@@ -111,10 +141,15 @@ class Projection:
         return int(self.point_index.shape[0])
 
 
-def project(points_xyz: np.ndarray, camera: Camera, rule: VisibilityRule) -> Projection:
-    """Project lidar-frame points into `camera` and keep those visible under `rule`."""
+def project(points_xyz: np.ndarray, camera: Camera, rule: VisibilityRule, float64: bool = False) -> Projection:
+    """Project lidar-frame points into `camera` and keep those visible under `rule`: through the
+    camera's released `steps` where it has them (rounded as the released code rounds), else (or
+    with `float64`) in one float64 transform. Pixels are computed in float64 either way."""
     xyz = np.asarray(points_xyz, dtype=np.float64)[:, :3]
-    cam = transform_points(camera.lidar_to_camera, xyz)
+    if camera.steps and not float64:
+        cam = float32_steps(points_xyz, camera.steps).astype(np.float64)
+    else:
+        cam = transform_points(camera.lidar_to_camera, xyz)
     depth = cam[:, 2]
     keep = depth > rule.min_depth if rule.min_depth is not None else np.ones(len(depth), dtype=bool)
     if rule.min_lidar_x is not None:

@@ -45,6 +45,10 @@ class Camera:
     image_size: tuple[int, int]  # (height, width) of the original image, in pixels
     intrinsics: np.ndarray  # (3, 3) float64
     lidar_to_camera: np.ndarray  # (4, 4) float64, rigid
+    # The released code's own steps from the lidar to this camera, where it rounds between them
+    # (nuScenes: the devkit's chain on float32 points): ("rotate", (3, 3)) or ("translate", (3,)),
+    # in order (pipeline.geometry.float32_steps). Empty: one float64 transform, lidar_to_camera.
+    steps: tuple[tuple[str, np.ndarray], ...] = ()
 
 
 @dataclass
@@ -52,7 +56,10 @@ class Scan:
     """A lidar scan: points in the lidar frame, optional labels, and its cameras."""
 
     scan_id: str
-    points: np.ndarray  # (N, 4) float32: x, y, z, intensity (dataset's own intensity units)
+    # (N, 4) x, y, z, intensity (the dataset's own intensity units), in the number type the released
+    # code reads and computes in: float32 (nuScenes, SemanticKITTI, SemanticPOSS binaries) or float64
+    # (PandaSet's pickled tables); voxels, crops, cells and neighbours are cut in that type.
+    points: np.ndarray
     cameras: tuple[Camera, ...]
     raw_labels: np.ndarray | None = None  # (N,) int64, the dataset's own label ids
     labels: np.ndarray | None = None  # (N,) uint8, benchmark class index or IGNORE_INDEX
@@ -97,6 +104,9 @@ class DatasetMeta:
         (-64.0, -64.0, -8.0),
         (64.0, 64.0, 8.0),
     )
+    # How the released code's projection rounds (the cameras' `steps`); None: one float64 transform.
+    projection_steps: str | None = None
+    points_dtype: str = "float32"  # the number type of the scans' points (Scan.points)
 
     @property
     def intensity_norm(self) -> tuple[float, float]:

@@ -1,6 +1,7 @@
 """Point-cloud transforms of a training sample, as in ScaLR/WaffleIron. Every function takes an
 explicit numpy Generator, so a sample is a pure function of its seed. Transforms that drop points
-return the indices they keep, so targets, labels and points stay paired."""
+return the indices they keep, so targets, labels and points stay paired. They compute in the
+points' own number type (float32, or PandaSet's float64), as the released code does."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from pykdtree.kdtree import KDTree  # ~1.6x scipy's cKDTree here for 16 neighbou
 def voxel_downsample(xyz: np.ndarray, voxel: float, rng: np.random.Generator | None) -> np.ndarray:
     """Indices (sorted) of one point per occupied voxel: a random one, or with `rng` None the
     first in scan order (the released evaluation code's choice). Voxels as the released code
-    cuts them: int((p - min p) / voxel) in float32, the cloud's own minimum as origin."""
+    cuts them: int((p - min p) / voxel) in the points' number type, the cloud's own minimum as
+    origin."""
     if len(xyz) == 0 or voxel <= 0:
         return np.arange(len(xyz))
-    xyz = np.asarray(xyz, dtype=np.float32)
-    cells = ((xyz - xyz.min(axis=0)) / np.float32(voxel)).astype(np.int64)
+    xyz = _floats(xyz)
+    cells = ((xyz - xyz.min(axis=0)) / xyz.dtype.type(voxel)).astype(np.int64)
     span = cells.max(axis=0) + 1
     order = rng.permutation(len(xyz)) if rng is not None else np.arange(len(xyz))
     if float(np.prod(span, dtype=np.float64)) < 2.0**62:  # one int64 per voxel: a 1-D unique, ~5x faster
@@ -26,6 +28,12 @@ def voxel_downsample(xyz: np.ndarray, voxel: float, rng: np.random.Generator | N
     else:
         _, first = np.unique(cells[order], axis=0, return_index=True)
     return np.sort(order[first])
+
+
+def _floats(a: np.ndarray) -> np.ndarray:
+    """`a` in its own float type (float32 or float64); anything else as float32."""
+    a = np.asarray(a)
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)
 
 
 def crop_nearest(xyz: np.ndarray, max_points: int, rng: np.random.Generator) -> np.ndarray:
@@ -58,7 +66,7 @@ class Augment:
     separate_features: bool = False
 
     def __call__(self, xyz: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        xyz = xyz.astype(np.float32, copy=True)
+        xyz = _floats(xyz).copy()
         if self.rotate:
             xyz[:, :2] = xyz[:, :2] @ _rotation(rng)
         self._flip(xyz, rng)
@@ -69,7 +77,7 @@ class Augment:
     def apart(self, xyz: np.ndarray, feats: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(coordinates, inputs) augmented separately (`separate_features`); `feats` are the five
         inputs (intensity, x, y, z, radius) of the original points."""
-        xyz, feats = xyz.astype(np.float32, copy=True), feats.astype(np.float32, copy=True)
+        xyz, feats = _floats(xyz).copy(), _floats(feats).copy()
         if self.rotate:
             xyz[:, :2] = xyz[:, :2] @ _rotation(rng)
             feats[:, 1:3] = feats[:, 1:3] @ _rotation(rng)
@@ -102,10 +110,12 @@ class Grid:
         return tuple(int(round((high - low) / self.cell)) for low, high in zip(self.lo, self.hi))
 
     def inside(self, xyz: np.ndarray) -> np.ndarray:
-        """Points strictly inside the field of view shrunk by 1e-4 m, as the released code's crop."""
-        lo = np.asarray(self.lo, np.float64) + FOV_EPS
-        hi = np.asarray(self.hi, np.float64) - FOV_EPS
-        return ((xyz > lo.astype(np.float32)) & (xyz < hi.astype(np.float32))).all(axis=1)
+        """Points strictly inside the field of view shrunk by 1e-4 m, as the released code's crop
+        (its bounds compared in the points' number type)."""
+        xyz = _floats(xyz)
+        lo = (np.asarray(self.lo, np.float64) + FOV_EPS).astype(xyz.dtype)
+        hi = (np.asarray(self.hi, np.float64) - FOV_EPS).astype(xyz.dtype)
+        return ((xyz > lo) & (xyz < hi)).all(axis=1)
 
     def cells(self, xyz: np.ndarray) -> np.ndarray:
         """(N, 3) integer cell coordinates of points inside the field of view: int((p - lo) / res)
@@ -117,11 +127,14 @@ class Grid:
 
 
 def student_features(xyz: np.ndarray, intensity: np.ndarray, norm: tuple[float, float]) -> np.ndarray:
-    """WaffleIron's 5 input channels, as the released ScaLR code computes them: intensity
-    standardised with the dataset's (mean, std), x, y, z, and the 3-D range sqrt(x^2+y^2+z^2)."""
+    """WaffleIron's 5 input channels, as the released ScaLR code computes them (in the points'
+    number type; the network gets them as float32): intensity standardised with the dataset's
+    (mean, std), x, y, z, and the 3-D range sqrt(x^2+y^2+z^2)."""
     mean, std = norm
+    xyz = _floats(xyz)
     radius = np.linalg.norm(xyz[:, :3], axis=1, keepdims=True)
-    return np.concatenate([((intensity - mean) / std)[:, None], xyz, radius], axis=1).astype(np.float32)
+    intensity = np.asarray(intensity).astype(xyz.dtype, copy=False)
+    return np.concatenate([((intensity - mean) / std)[:, None], xyz, radius], axis=1)
 
 
 def knn(xyz: np.ndarray, k: int) -> np.ndarray:

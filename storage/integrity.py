@@ -153,11 +153,10 @@ def read_root_attributes(path: Path) -> dict:
             f"{path}: not a scalr feature store (format {attrs.get('format') if isinstance(attrs, dict) else attrs!r})"
         )
     if attrs.get("format_version") != FORMAT_VERSION:
-        why = (
-            " (its targets use scalr 0.1's pixel, border and resize rules, not the released code's)"
-            if attrs.get("format_version") == 2
-            else ""
-        )
+        why = {
+            2: " (its targets use scalr 0.1's pixel, border and resize rules, not the released code's)",
+            3: " (float32 PandaSet points and float64 nuScenes projection, not the released code's number types)",
+        }.get(attrs.get("format_version"), "")
         raise StoreError(
             f"{path}: store format version {attrs.get('format_version')!r}{why}, this scalr reads version "
             f"{FORMAT_VERSION}; extract it again with this scalr into a new --out"

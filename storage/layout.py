@@ -6,7 +6,8 @@ layout's arrays with their chunking and codecs, and the plan of parts. No I/O he
       parts/part-NNNNNN/             written by exactly one writer, never changed after commit
         features     (N, D) float16  teacher feature of each visible point (points layout)
         grids        (G, D, h, w)    each entry's token grid (grid layout; int8 + grid_scale when quantized)
-        points       (N, 4) float32  x, y, z, intensity in the lidar frame (the student's input)
+        points       (N, 4) float32  x, y, z, intensity in the lidar frame (the student's input);
+                                     float64 where the dataset's released code reads float64 (PandaSet)
         point_index  (N,)   int32    index of the point in the raw scan
         pixel        (N, 2) float32  (column, row) in the resized image
       manifest/part-NNNNNN.parquet   one row per (scan, camera) of the part, and in its schema
@@ -24,10 +25,12 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 from pipeline.errors import ScalrError
 
 FORMAT = "scalr-feature-store"
+# 4: each dataset's number types as the released code's: PandaSet points float64 (`points_dtype`),
+#    nuScenes pixels through the devkit's float32 transform chain (`projection`).
 # 3: targets as the released code computes them (pixel floor twice, its border rules, a float
 #    image resize without PIL, DINOv2's own position-embedding interpolation; `recipe`).
 # 2: CRC-32C per chunk, a per-part integrity record, the grid layout (1 had none).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 LAYOUTS = ("points", "grid")  # per-point features, or each entry's token grid (sampled when read)
 QUANTIZE = ("none", "int8")  # int8: grid layout only, a float32 scale per token
 POINT_ARRAYS = ("points", "point_index", "pixel")  # every layout, one row per visible point
@@ -62,12 +65,14 @@ IDENTITY_KEYS = (
     "quantize",
     "grid_size",
     "recipe",
+    "points_dtype",
 )
 # Of those, what stores of several teachers must share to be joined into one target: the same
 # scans and points, seen through the same resized images (the teachers and layouts may differ).
-JOIN_KEYS = ("dataset", "image_size", "projection", "plan", "recipe")
+JOIN_KEYS = ("dataset", "image_size", "projection", "plan", "recipe", "points_dtype")
 REQUIRED_KEYS = IDENTITY_KEYS + ("cameras", "intensity_max")
 GRID_POINT_CHUNK_ROWS = 1 << 13  # grid layout: per-point arrays (28 bytes a row); an entry's read decodes ~2 chunks
+POINTS_DTYPES = ("float32", "float64")  # of the `points` array: the dataset's own number type
 
 
 class StoreError(ScalrError):
@@ -120,7 +125,7 @@ def array_layout(attrs: dict) -> dict[str, ArraySpec]:
         features = ArraySpec(
             (dim,), attrs.get("dtype", "float16"), rows, "point"
         )  # float32: student stores of `scalr embed --dtype float32`
-        return {"features": features, **_point_arrays(rows)}
+        return {"features": features, **_point_arrays(rows, attrs)}
     h, w = attrs["grid_size"]
     if attrs.get("quantize") == "int8":
         arrays = {
@@ -129,13 +134,16 @@ def array_layout(attrs: dict) -> dict[str, ArraySpec]:
         }
     else:
         arrays = {"grids": ArraySpec((dim, h, w), "float16", 1, "grid")}  # one grid a chunk: one read per entry
-    return {**arrays, **_point_arrays(GRID_POINT_CHUNK_ROWS)}
+    return {**arrays, **_point_arrays(GRID_POINT_CHUNK_ROWS, attrs)}
 
 
-def _point_arrays(rows: int) -> dict[str, ArraySpec]:
+def _point_arrays(rows: int, attrs: dict) -> dict[str, ArraySpec]:
     """The per-point arrays every layout stores beside its targets."""
+    points = attrs.get("points_dtype", "float32")
+    if points not in POINTS_DTYPES:
+        raise StoreError(f"points_dtype {points!r}: one of {', '.join(POINTS_DTYPES)}")
     return {
-        "points": ArraySpec((4,), "float32", rows, "point", columns=True, zstd_level=5, shuffle="shuffle"),
+        "points": ArraySpec((4,), points, rows, "point", columns=True, zstd_level=5, shuffle="shuffle"),
         "point_index": ArraySpec((), "int32", rows, "point", zstd_level=5, shuffle="shuffle"),
         "pixel": ArraySpec((2,), "float32", rows, "point", columns=True, zstd_level=5, shuffle="shuffle"),
     }

@@ -295,15 +295,19 @@ def test_a_store_of_an_older_format_is_refused(store, tmp_path):
     meta = json.loads((path / "zarr.json").read_text())
     meta["attributes"]["format_version"] = 1
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="store format version 1, this scalr reads version 3; extract it again"):
+    with pytest.raises(StoreError, match="store format version 1, this scalr reads version 4; extract it again"):
         FeatureStore(path)
     meta["attributes"]["format_version"] = 2  # the old pixel, border and resize rules
     (path / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(
         StoreError,
         match=r"version 2 \(its targets use scalr 0.1's pixel, border and resize rules, not the released code's\), "
-        r"this scalr reads version 3",
+        r"this scalr reads version 4",
     ):
+        FeatureStore(path)
+    meta["attributes"]["format_version"] = 3  # the number types before the released code's
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"version 3 \(float32 PandaSet points and float64 nuScenes projection"):
         FeatureStore(path)
 
 

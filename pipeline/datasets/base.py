@@ -77,9 +77,10 @@ class LidarDataset(abc.ABC):
         except ValueError:
             raise NotFoundError(f"no scan {scan_id!r} in {self.meta.name} {self.split} at {self.root}") from None
 
-    def project(self, scan: Scan, camera_name: str) -> Projection:
-        """Visible points of `scan` in one camera, with this dataset's visibility rule."""
-        return project(scan.points, scan.camera(camera_name), self.meta.visibility)
+    def project(self, scan: Scan, camera_name: str, float64: bool = False) -> Projection:
+        """Visible points of `scan` in one camera, with this dataset's visibility rule, rounded as
+        the released code rounds (or, with `float64`, in float64 throughout)."""
+        return project(scan.points, scan.camera(camera_name), self.meta.visibility, float64)
 
     def fingerprint(self, scan: Scan) -> dict[str, list[int]]:
         """Size and modification time (ns) of every file a scan was read from, by its path under

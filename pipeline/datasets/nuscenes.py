@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.datasets.base import LidarDataset, read_labels, read_point_records
 from pipeline.datasets.records import Record, read_json, records
 from pipeline.errors import DatasetError
-from pipeline.geometry import check_intrinsics, check_rigid, invert_rigid, pose_matrix
+from pipeline.geometry import check_intrinsics, check_rigid, devkit_rotation, invert_rigid, pose_matrix
 from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRule
 
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
@@ -124,6 +124,10 @@ META = DatasetMeta(
     intensity_max=255.0,
     intensity_mean=18.742355,
     intensity_std=22.04632,
+    # datasets/im_pc_dataset.py + nuscenes_for_scalr.py: the devkit's LidarPointCloud (float32)
+    # rotated and translated lidar -> ego -> global -> ego -> camera, each step stored as float32.
+    projection_steps="nuScenes devkit chain lidar -> ego -> global -> ego -> camera on float32 points, each step "
+    "rounded to float32; pixels in float64",
 )
 
 
@@ -167,6 +171,7 @@ class _CameraRecord:
     size: tuple[int, int]
     intrinsics: np.ndarray
     global_to_camera: np.ndarray  # camera-timestamp ego pose and camera extrinsics, inverted
+    steps: tuple = ()  # global -> camera as the released code's devkit calls take it (pipeline.geometry)
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,17 @@ class _ScanRecord:
     lidarseg: str | None
     lidar_to_global: np.ndarray
     cameras: tuple[_CameraRecord, ...]
+    steps: tuple = ()  # lidar -> global, the same way
+
+
+def devkit_steps(record: Record, inverse: bool = False) -> tuple:
+    """One calibrated_sensor or ego_pose record as the released code applies it with the devkit's
+    LidarPointCloud: rotate then translate; its inverse translates by -t then rotates by R^T."""
+    rotation = devkit_rotation(record.array("rotation", (4,)))
+    translation = record.array("translation", (3,))
+    if inverse:
+        return (("translate", -translation), ("rotate", rotation.T))
+    return (("rotate", rotation), ("translate", translation))
 
 
 class NuScenes(LidarDataset):
@@ -298,9 +314,15 @@ class NuScenes(LidarDataset):
                 raise DatasetError(
                     sd.path, f"sample_data {sd.str('token')}: image size {size[1]}x{size[0]} is not positive"
                 )
-            cameras.append(_CameraRecord(name, sd.str("filename"), size, k, global_to_camera))
+            steps = devkit_steps(pose, inverse=True) + devkit_steps(cs, inverse=True)
+            cameras.append(_CameraRecord(name, sd.str("filename"), size, k, global_to_camera, steps))
         return _ScanRecord(
-            lidar.str("token"), lidar.str("filename"), lidarseg.get(lidar.str("token")), lidar_to_global, tuple(cameras)
+            lidar.str("token"),
+            lidar.str("filename"),
+            lidarseg.get(lidar.str("token")),
+            lidar_to_global,
+            tuple(cameras),
+            devkit_steps(lidar_cs) + devkit_steps(lidar_pose),
         )
 
     def _check_categories(self, categories: list[Record] | None) -> None:
@@ -330,6 +352,7 @@ class NuScenes(LidarDataset):
                 image_size=c.size,
                 intrinsics=c.intrinsics,
                 lidar_to_camera=c.global_to_camera @ rec.lidar_to_global,
+                steps=rec.steps + c.steps,
             )
             for c in rec.cameras
         )

@@ -10,8 +10,9 @@ Layout under ROOT, one folder per sequence (e.g. 001/):
     SEQ/meta/gps.json                   per frame: {"lat", "long", ...}
 Scan id: "SEQ/NN". Points are moved from the world frame to the frame of the lidar pose and shifted
 by z - 1.6 m (as the released ScaLR code), so that every dataset's points are ego-centred; the
-camera transforms account for that. Split by the latitude of the sequence's first GPS fix:
-> 37.6 train, <= 37.6 val.
+camera transforms account for that. They stay float64, as the released code reads the tables and
+moves, voxelises and crops them. Split by the latitude of the sequence's first GPS fix: > 37.6
+train, <= 37.6 val.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from pipeline.datasets.base import LidarDataset, image_size
 from pipeline.datasets.records import Record, read_json, records
 from pipeline.errors import DatasetError
-from pipeline.geometry import check_intrinsics, check_rigid, invert_rigid, pose_matrix, rigid
+from pipeline.geometry import check_intrinsics, check_rigid, invert_rigid, rigid
 from pipeline.safe_pickle import load_dataframe
 from pipeline.scan import IGNORE_INDEX, Camera, DatasetMeta, Scan, VisibilityRule
 
@@ -121,6 +122,7 @@ def _meta(name: str, cameras: tuple[str, ...], intensity_mean: float, intensity_
         intensity_mean=intensity_mean,
         intensity_std=intensity_std,
         field_of_view=((-128.0, -128.0, -8.0), (128.0, 128.0, 8.0)),
+        points_dtype="float64",  # datasets/pandaset_for_scalr.py: the pickled tables' float64, kept
     )
 
 
@@ -145,9 +147,26 @@ def _poses(path: Path) -> list[Record]:
 
 
 def _pose(record: Record, what: str) -> np.ndarray:
+    """A pose record as the released code composes it (`heading_position_to_mat`, after the
+    PandaSet devkit: transforms3d's quat2mat of the unnormalised heading, then the position)."""
     h, p = record.record("heading"), record.record("position")
+    w, x, y, z = (h.number(k) for k in "wxyz")
     with np.errstate(all="ignore"):
-        t = pose_matrix([h.number(k) for k in "wxyz"], [p.number(k) for k in "xyz"])
+        norm2 = w * w + x * x + y * y + z * z
+        if norm2 < np.finfo(np.float64).eps:
+            rotation = np.eye(3)
+        else:
+            s = 2.0 / norm2
+            sx, sy, sz = x * s, y * s, z * s
+            wx, wy, wz, xx, xy, xz, yy, yz, zz = w * sx, w * sy, w * sz, x * sx, x * sy, x * sz, y * sy, y * sz, z * sz
+            rotation = np.array(
+                [
+                    [1.0 - (yy + zz), xy - wz, xz + wy],
+                    [xy + wz, 1.0 - (xx + zz), yz - wx],
+                    [xz - wy, yz + wx, 1.0 - (xx + yy)],
+                ]
+            )
+        t = rigid(rotation, [p.number(k) for k in "xyz"])
     return check_rigid(t, record.path, what)
 
 
@@ -218,10 +237,14 @@ class _PandaSet(LidarDataset):
         world = np.stack([table[c][mine] for c in ("x", "y", "z")], axis=1).astype(np.float64)
         poses_path = folder / "lidar" / "poses.json"
         lidar_to_world = _frame_pose(poses_path, _poses(poses_path), number, f"lidar pose {frame}")
-        # points in the scan frame: lidar-pose frame shifted by EGO_Z_SHIFT
+        # points in the scan frame: the lidar-pose frame shifted by EGO_Z_SHIFT, in float64 and in the
+        # released code's operations (the inverse pose by np.linalg.inv)
         scan_to_world = lidar_to_world @ rigid(np.eye(3), (0.0, 0.0, -EGO_Z_SHIFT))
-        xyz = (world - scan_to_world[:3, 3]) @ scan_to_world[:3, :3]
-        points = np.concatenate([xyz, table["i"][mine][:, None]], axis=1).astype(np.float32)
+        world_to_lidar = np.linalg.inv(lidar_to_world)
+        xyz = world @ world_to_lidar[:3, :3].T
+        xyz += world_to_lidar[:3, [3]].T
+        xyz[:, 2] += EGO_Z_SHIFT
+        points = np.concatenate([xyz, table["i"][mine][:, None].astype(np.float64)], axis=1)
         raw_labels = labels = None
         label_path = folder / "annotations" / "semseg" / f"{frame}.pkl.gz"
         if (folder / "annotations" / "semseg").is_dir():

@@ -10,23 +10,38 @@ import click
 from pipeline.config import layered
 from pipeline.corruptions import CORRUPTIONS
 from pipeline.datasets import READERS
-from stages.cli.options import CHECKPOINT, DATASET, ROOT, SPLIT, device_option, precision_option
+from stages.cli.options import (
+    CHECKPOINT,
+    DATASET,
+    MIXED_RECIPES,
+    ROOT,
+    SPLIT,
+    STUDENT_RECIPE,
+    device_option,
+    precision_option,
+    recipe_option,
+)
 from stages.cli.student import CONFIG_FILE, CONTINUE_WITH_CHANGES, FLAG_KEYS, SEED, config_flags
 from stages.downstream.embed import EmbedConfig, embed
 from stages.downstream.evaluate import EvaluateConfig, evaluate, table_lines
 from stages.downstream.probe_store import ProbeStoreConfig, probe_store, result_lines
 from stages.downstream.segment import SegmentConfig, train_segmentation
+from stages.student.checkpoints import checkpoint_recipe
 from stages.student.waffleiron import STUDENTS
 
 PROBE_HELP = (
     "Linear probing: frozen pretrained backbone (eval mode), train a BatchNorm + linear head (AdamW lr 1e-3, wd 3e-3, "
-    "20 epochs (PandaSet 50), warm-up 2 epochs, cosine to 1e-5, as the released configs)."
+    "20 epochs (PandaSet 50), warm-up 2 epochs, cosine to 1e-5 (scalr-plus: to 0, bf16), as the released configs)."
 )
 FINETUNE_HELP = (
-    "Finetune a pretrained backbone with a new head: drop-path 0.2, layer-wise lr decay (0.99 at 100% labels, "
-    "0.95 below), "
-    "AdamW lr 2e-3, wd 0, CE + Lovasz; 25 epochs, 2 warm-up (SemanticKITTI 10, 1; 1%/10% labels 45, 4), cosine to 0, "
-    "as the released configs."
+    "Finetune a pretrained backbone with a new head: drop-path 0.2, layer-wise lr decay, AdamW wd 0, CE + Lovasz, "
+    "cosine to 0, as the released configs. cvpr: lr 2e-3, decay 0.99 at 100% labels, 0.95 below; 25 epochs, 2 of "
+    "warm-up (SemanticKITTI 10, 1; 1%/10% labels 45, 4). scalr-plus: lr 1e-4, decay 0.99, bf16; 25 epochs, 2 of "
+    "warm-up (1%/10% labels 45, 4)."
+)
+RECIPE = recipe_option(
+    "The released recipe of the downstream settings: cvpr or scalr-plus. Default: the checkpoint's (cvpr for "
+    "training from scratch, and for a released file that does not show it)."
 )
 FRAMES_HELP = (
     "The labelled scans: a text file of scan ids (one a line) or a released ScaLR .npy list (e.g. "
@@ -61,9 +76,14 @@ def segment_command(mode: str, name: str, help_text: str, *extra_options):
     @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out.")
     @CONTINUE_WITH_CHANGES
     @SEED
-    def command(labels_fraction, config_file, sets, fresh, continue_with_changes, **fields):
+    @RECIPE
+    @MIXED_RECIPES
+    def command(labels_fraction, config_file, sets, fresh, continue_with_changes, recipe, **fields):
         flags = config_flags({name: fields.pop(name) for name in list(fields) if name in FLAG_KEYS})
-        cfg = SegmentConfig.for_mode(mode, labels_fraction=int(labels_fraction) / 100, **fields)
+        if recipe is None:  # the checkpoint's (a missing one is reported in its turn, after the labels)
+            checkpoint = fields.get("checkpoint")
+            recipe = checkpoint_recipe(checkpoint) if checkpoint and Path(checkpoint).is_file() else "cvpr"
+        cfg = SegmentConfig.for_mode(mode, recipe, labels_fraction=int(labels_fraction) / 100, **fields)
         cfg = layered(cfg, config_file, sets, flags)
         summary = train_segmentation(cfg, resume=not fresh, accept_changes=continue_with_changes)
         ckpt = summary["checkpoint"]
@@ -115,6 +135,7 @@ train_scratch_command = segment_command(
     default=None,
     help="Across datasets: the shared-class map (default: the one registered for the two datasets).",
 )
+@STUDENT_RECIPE
 def evaluate_command(corruptions, **fields):
     """mIoU (NaN-mean over classes) and accuracy of a segmentation model: predictions on the
     voxelised cloud, every point labelled by its nearest kept point, one confusion matrix. With
@@ -152,6 +173,7 @@ def evaluate_command(corruptions, **fields):
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored feature type.")
 @device_option()
 @click.option("--max-scans", type=int, default=None, help="Only the first N scans of the split.")
+@STUDENT_RECIPE
 def embed_command(**fields):
     """Write a student backbone's per-point features for every scan of a split into a feature
     store (one entry per scan, camera "lidar": the kept points, their point_index into the raw

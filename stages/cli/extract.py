@@ -8,8 +8,16 @@ from pathlib import Path
 import click
 
 from pipeline.config import apply, parse_sets
-from stages.cli.options import DATASET, ROOT, SPLIT, device_option, image_size_option, precision_option
-from stages.extract.extract import RECIPES, ExtractConfig, extract
+from stages.cli.options import (
+    DATASET,
+    ROOT,
+    SPLIT,
+    device_option,
+    image_size_option,
+    precision_option,
+    recipe_option,
+)
+from stages.extract.extract import PROJECTIONS, ExtractConfig, extract
 from stages.extract.registry import TEACHERS
 from stages.tools.inspect import summary_lines
 from storage.layout import LAYOUTS, QUANTIZE
@@ -29,13 +37,11 @@ QUANTIZE_OPTION = click.option(
     help="int8 grids with a float32 scale per token (grid layout; 0.54x the float16 grid store, targets within cosine "
     "0.999).",
 )
-RECIPE = click.option(
-    "--recipe",
-    type=click.Choice(list(RECIPES)),
+RECIPE = recipe_option(
+    "The released recipe's stage 1: cvpr (224x448, resize without antialias, DINOv2's 518-px position embeddings "
+    "interpolated at every forward) or scalr-plus (448x896, antialiased resize, position embeddings resized once by "
+    "timm).",
     default="cvpr",
-    help="Where the released CVPR code and ScaLR+ differ: cvpr resizes images without antialias and interpolates "
-    "DINOv2's 518-px position embeddings at every forward; scalr-plus antialiases and resizes the embeddings once "
-    "(timm).",
 )
 
 
@@ -75,7 +81,9 @@ def teachers_command():
     "--random-init", is_flag=True, help="Random teacher weights, for tests and demos only; recorded in the store."
 )
 @click.option("--seed", default=0, help="Seed of --random-init.")
-@image_size_option("HEIGHTxWIDTH the images are resized to (ScaLR+: 448x896).")
+@image_size_option(
+    "HEIGHTxWIDTH the images are resized to. Default: the recipe's (cvpr 224x448, scalr-plus 448x896).", default=None
+)
 @device_option()
 @precision_option(help_text="Autocast precision of the teacher.")
 @click.option("--batch-size", default=12, help="Images per teacher forward pass.")
@@ -104,6 +112,13 @@ def teachers_command():
     is_flag=True,
     help="Compute again the committed parts whose dataset files changed since (size or modification time); "
     "without it, resuming over changed files is refused.",
+)
+@click.option(
+    "--projection",
+    type=click.Choice(PROJECTIONS),
+    default="released",
+    help="released: points moved to each camera as the released code does, rounding where it rounds (nuScenes: the "
+    "devkit's float32 steps); float64: one float64 transform (pixels up to ~0.1 px apart on nuScenes).",
 )
 @click.option(
     "--set", "sets", multiple=True, help="Set any field of the extraction config, e.g. --set oracle_noise=0.5."

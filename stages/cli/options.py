@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.datasets import READERS
+from stages.recipes import RECIPES
 from stages.runtime import PRECISIONS
 
 DATASET = click.option("--dataset", type=click.Choice(sorted(READERS)), required=True, help="Dataset format of ROOT.")
@@ -50,5 +51,30 @@ def parse_size(text: str) -> tuple[int, int]:
         raise click.BadParameter(f"{text!r} is not HEIGHTxWIDTH, e.g. 224x448") from None
 
 
-def image_size_option(help_text: str):
-    return click.option("--image-size", default="224x448", callback=lambda c, p, v: parse_size(v), help=help_text)
+def image_size_option(help_text: str, default: str | None = "224x448"):
+    return click.option(
+        "--image-size",
+        default=default,
+        callback=lambda c, p, v: None if v is None else parse_size(v),
+        help=help_text,
+    )
+
+
+def recipe_option(help_text: str, default: str | None = None):
+    """--recipe cvpr|scalr-plus (stages/recipes.py); None: what the command's inputs record."""
+    return click.option("--recipe", type=click.Choice(RECIPES), default=default, help=help_text)
+
+
+MIXED_RECIPES = click.option(
+    "--mixed-recipes",
+    is_flag=True,
+    default=None,
+    help="Allow inputs made with the other recipe (stores, a pretrained checkpoint); recorded in the run. Without "
+    "it, mixing recipes is refused.",
+)
+
+STUDENT_RECIPE = recipe_option(
+    "The recipe that made the checkpoint: its activation (cvpr ReLU, scalr-plus GELU) for a released file that does "
+    "not show it; checked against a scalr checkpoint's record. Default: the record's, or what the file shows, else "
+    "cvpr."
+)

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from pipeline.config import layered
-from stages.cli.options import device_option, precision_option
+from stages.cli.options import MIXED_RECIPES, STUDENT_RECIPE, device_option, precision_option, recipe_option
 from stages.student.checkpoints import convert_checkpoint
-from stages.student.pretrain import PretrainConfig, pretrain
+from stages.student.pretrain import PretrainConfig, pretrain, stores_recipe
 from stages.student.waffleiron import STUDENTS
 from storage.runs import RunFolder
 
@@ -73,11 +73,17 @@ CONTINUE_WITH_CHANGES = click.option(
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out instead of resuming from it.")
 @SEED
 @CONTINUE_WITH_CHANGES
-def pretrain_command(stores, out, student, config_file, sets, fresh, continue_with_changes, **options):
+@recipe_option(
+    "The released recipe to pretrain with: cvpr (WarmupCosine, 25 epochs, ReLU, linear head) or scalr-plus (GELU, "
+    "LayerNorm, drop path 0.2, MLP head, bf16, reciprocal-sqrt schedule, 65 epochs). Default: the stores' recipe."
+)
+@MIXED_RECIPES
+def pretrain_command(stores, out, student, config_file, sets, fresh, continue_with_changes, recipe, **options):
     """Stage 2: train a WaffleIron student against cached teacher targets (no teacher, images or
     raw dataset needed). Resumes from --out's last checkpoint. Multi-GPU:
     torchrun --nproc-per-node N --no-python scalr pretrain ..."""
-    cfg = layered(PretrainConfig(tuple(stores), out, student).resolved(), config_file, sets, config_flags(options))
+    preset = PretrainConfig.preset(stores, out, student, recipe or stores_recipe(stores))
+    cfg = layered(preset, config_file, sets, config_flags(options))
     summary = pretrain(cfg, resume=not fresh, accept_changes=continue_with_changes)
     loss_curve = RunFolder(out).loss_plot
     click.echo(f"pretrained {summary['steps']} steps; checkpoint {summary['checkpoint']}; loss curve {loss_curve}")
@@ -93,6 +99,7 @@ FLAG_KEYS = {
     "num_workers": "train.num_workers",
     "seed": "train.seed",
     "loss": "loss.kind",
+    "mixed_recipes": "mixed_recipes",
 }
 
 
@@ -107,10 +114,11 @@ def config_flags(options: dict) -> dict:
 @click.option(
     "--to", type=click.Choice(["auto", "scalr", "released"]), default="auto", help="auto: the other format than SRC's."
 )
-def convert_command(src, dst, to):
+@STUDENT_RECIPE
+def convert_command(src, dst, to, recipe):
     """Convert a student checkpoint between the released ScaLR code's format (`model_points` /
     `net` state dicts of its WaffleIron segmenter; the published checkpoints) and scalr's. The
     weights are moved and reshaped, never changed: a round trip is bitwise. probe, finetune,
     evaluate and plot-features also read released checkpoints directly."""
-    written = convert_checkpoint(src, dst, to)
+    written = convert_checkpoint(src, dst, to, recipe)
     click.echo(f"{dst}: {written} checkpoint written from {src}")

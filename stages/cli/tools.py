@@ -9,7 +9,17 @@ from pathlib import Path
 import click
 
 from stages.cli.extract import LAYOUT, QUANTIZE_OPTION, RECIPE
-from stages.cli.options import DATASET, JSON_OUT, ROOT, SPLIT, device_option, image_size_option, precision_option
+from stages.cli.options import (
+    DATASET,
+    JSON_OUT,
+    ROOT,
+    SPLIT,
+    STUDENT_RECIPE,
+    device_option,
+    image_size_option,
+    precision_option,
+    recipe_option,
+)
 from stages.extract.extract import ExtractConfig
 from stages.tools.bench_extract import BenchExtractConfig, bench_extract, bench_open, open_report_lines, report_lines
 from stages.tools.bench_pretrain import BenchPretrainConfig, bench_pretrain, pretrain_report_lines
@@ -85,6 +95,7 @@ def inspect_command(**fields):
 @click.option("--port", type=int, default=8080)
 @click.option("--scan", default=None, help="Scan shown first (default: the store's first).")
 @click.option("--point-size", type=float, default=0.12, help="Point size in metres.")
+@STUDENT_RECIPE
 def view_command(**fields):
     """A live feature viewer in the browser: pick a scan and a camera, see its points in 3D
     coloured by the PCA of the cached features (or of a student's), click a point to colour the
@@ -116,11 +127,12 @@ def view_command(**fields):
     "--point", type=int, default=None, help="Query point: its index in the raw scan (it must survive the voxelisation)."
 )
 @click.option("--class", "class_name", default=None, help="Query a point of this class (default: a car).")
-def plot_features_command(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):
+@STUDENT_RECIPE
+def plot_features_command(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name, recipe):
     """A student's feature correlation map (cosine similarity to a query point, as the paper's
     Fig. 1) and PCA of its features on a scan, in bird's-eye view and on the camera images (PCA
     fitted once for the checkpoint, on the split's first scan)."""
-    for path in plot_student(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name):
+    for path in plot_student(checkpoint, dataset, root, split, scan_id, camera, out, point, class_name, recipe):
         click.echo(f"plot: {path}")
 
 
@@ -158,6 +170,8 @@ def runs_command(paths, plot, json_out):
 @click.option("--pretrain-epochs", default=8)
 @click.option("--probe-epochs", default=10)
 @click.option("--no-scratch", is_flag=True, help="Skip the supervised-from-scratch reference.")
+@recipe_option("The released recipe of every step: cvpr (ScaLR) or scalr-plus (ScaLR+).", default="cvpr")
+@precision_option(default="fp32", help_text="Autocast precision of training (bf16 is slow on most CPUs).")
 def demo_command(no_scratch, **fields):
     """The whole method on the synthetic rigs: data, extraction, pretraining on the mix, linear
     probing of the distilled vs random-init student, a results table and pictures. Reruns reuse

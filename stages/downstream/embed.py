@@ -25,7 +25,13 @@ from pipeline.transforms import Grid
 from stages.extract.extract import dataset_attributes, intensity_attributes
 from stages.extract.weights import sha256_file
 from stages.runtime import pick_device
-from stages.student.checkpoints import build_backbone, read_student_checkpoint, recorded_student
+from stages.student.checkpoints import (
+    build_backbone,
+    check_recipe_of,
+    read_student_checkpoint,
+    recipe_of,
+    recorded_student,
+)
 from stages.student.infer import released_eval_sample, run_on_scan
 from stages.student.samples import SampleConfig
 from stages.student.waffleiron import WaffleIron
@@ -49,6 +55,7 @@ class EmbedConfig:
     device: str = "auto"
     max_scans: int | None = None
     scans_per_part: int = 16
+    recipe: str | None = None  # the recipe that made the student (None: its record's, or what a released file shows)
 
     def __post_init__(self):
         if self.dtype not in ("float16", "float32"):
@@ -63,7 +70,9 @@ def embed(cfg: EmbedConfig) -> FeatureStore:
     scans = ds.scan_ids if cfg.max_scans is None else ds.scan_ids[: cfg.max_scans]
     if not scans:
         raise DatasetError(cfg.root, f"split {cfg.split} has no scans")
-    state = read_student_checkpoint(cfg.checkpoint)
+    state = read_student_checkpoint(cfg.checkpoint, cfg.recipe)
+    if cfg.recipe is not None:
+        check_recipe_of(cfg.checkpoint, state["config"], cfg.recipe, what="this evaluation")
     sample = released_eval_sample(ds.meta)
     neighbours = recorded_student(cfg.checkpoint, state["config"]).neighbours
     voxel = sample.voxel if cfg.voxel_size is None else cfg.voxel_size
@@ -109,6 +118,7 @@ def student_store_attributes(
             "stage": record.get("stage"),
             "depth": student.depth,
             "norm": student.norm,
+            "activation": student.activation,
         },
         "image_size": None,
         "dataset": dataset_attributes(ds, cfg.split, scans),
@@ -129,7 +139,8 @@ def student_store_attributes(
         "layout": "points",
         "quantize": "none",
         "grid_size": None,
-        "recipe": None,
+        "points_dtype": ds.meta.points_dtype,
+        "recipe": recipe_of(record),  # the student's: the store's data is its evaluation grid, the same in both
     }
 
 
@@ -156,7 +167,7 @@ def _entry(
             f"student features of {scan.scan_id} overflow float16 (|x| > 65504); use --dtype float32"
         )
     return row, {
-        "points": scan.points[keep].astype(np.float32),
+        "points": scan.points[keep],  # in the dataset's number type (the store's points_dtype)
         "point_index": keep.astype(np.int32),
         "pixel": np.full((len(keep), 2), NO_PIXEL, dtype=np.float32),
         "features": features.astype(dtype),

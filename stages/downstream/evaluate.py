@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError, DatasetError
 from pipeline.scan import IGNORE_INDEX
 from stages.downstream.segmenter import build_segmenter, segmenter_classes
 from stages.runtime import pick_device
-from stages.student.checkpoints import read_student_checkpoint
+from stages.student.checkpoints import check_recipe_of, read_student_checkpoint
 from stages.student.infer import run_on_scan, trained_sample_config
 from stages.student.samples import SampleConfig
 from stages.student.train import tensorboard_writer
@@ -49,6 +49,7 @@ class EvaluateConfig:
     corruptions: tuple[str, ...] = ()  # names from pipeline.corruptions.CORRUPTIONS, each at severities 1-3
     seed: int = 0  # corruptions are deterministic for a seed
     class_map: str | None = None  # across datasets: a map of pipeline.class_maps (found automatically)
+    recipe: str | None = None  # the recipe that made the model (None: its record's, or what a released file shows)
 
 
 def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -126,7 +127,9 @@ def evaluated_model(cfg: EvaluateConfig, state: dict, ds: LidarDataset) -> tuple
 
 @torch.no_grad()
 def evaluate(cfg: EvaluateConfig) -> dict:
-    state = read_student_checkpoint(cfg.checkpoint)
+    state = read_student_checkpoint(cfg.checkpoint, cfg.recipe)
+    if cfg.recipe is not None:
+        check_recipe_of(cfg.checkpoint, state["config"], cfg.recipe, what="this evaluation")
     segmenter_classes(cfg.checkpoint, state["config"])  # a segmentation model, before reading any data
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     model, record, sample = evaluated_model(cfg, state, ds)

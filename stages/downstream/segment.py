@@ -1,5 +1,5 @@
-"""Downstream training, one trainer for three recipes: linear probing (probe.py), finetuning and
-training from scratch (finetune.py).
+"""Downstream training, one trainer for three modes: linear probing, finetuning (finetune.py) and
+training from scratch, each with its released recipe's settings (stages/recipes.py).
 
 Data flow: a dataset reader (labels) -> labelled samples (labelled.py: voxelise, crop, augment,
 student inputs) -> the pretrained backbone (frozen in eval mode for probing; layer-wise
@@ -22,11 +22,12 @@ from pipeline.config import to_dict
 from pipeline.datasets import READERS, LidarDataset, open_dataset
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.transforms import Augment, Grid
-from stages.downstream import finetune, probe
+from stages.downstream import finetune
 from stages.downstream.labelled import LabelledScans, frames_from_file, label_subset
 from stages.downstream.segmenter import SegmentationModel
+from stages.recipes import DownstreamRules, check_recipe, downstream_rules, pretrain_settings
 from stages.runtime import seeded
-from stages.student.checkpoints import load_backbone
+from stages.student.checkpoints import build_backbone, check_recipe_of, read_student_checkpoint
 from stages.student.losses import segmentation_loss
 from stages.student.samples import EpochSampler, SampleConfig, collate
 from stages.student.train import OptimConfig, TrainConfig, fit
@@ -34,8 +35,7 @@ from stages.student.waffleiron import STUDENTS, WaffleIron
 
 log = logging.getLogger(__name__)
 
-# mode -> its recipe: lr, weight decay, drop path, epochs, warm-up epochs, final lr for a dataset and label fraction
-MODES = {"probe": probe.recipe, "finetune": finetune.recipe, "scratch": finetune.recipe}
+MODES = ("probe", "finetune", "scratch")  # scratch: the supervised baseline, trained as finetuning
 CROP_POINTS = 20000  # training samples: the points nearest a random point, as the released code
 
 
@@ -50,30 +50,34 @@ class SegmentConfig:
     student: str = "WI-48-256"  # scratch only: the preset to train
     labels_fraction: float = 1.0  # 1.0, 0.1 or 0.01: every (1/fraction)-th scan of the sorted list
     frames_file: Path | None = None  # the labelled scans instead: a text list of scan ids or a released .npy list
-    layer_decay: float | None = None  # finetune: None = 0.99 at 100% labels, 0.95 below
-    drop_path: float | None = None  # None = the mode's (0.2 for finetune/scratch)
+    layer_decay: float | None = None  # finetune: None = the recipe's (CVPR 0.99 at 100% labels, 0.95 below)
+    drop_path: float | None = None  # None = the recipe's (0.2 for finetune/scratch)
     warmup_epochs: float = 2.0
     sample: SampleConfig = field(
         default_factory=lambda: SampleConfig(max_points=CROP_POINTS)
     )  # `for_mode`: the dataset's
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str = "cvpr"  # the released recipe of these settings (stages/recipes.py), recorded
+    mixed_recipes: bool = False  # allow a checkpoint pretrained with the other recipe
 
     @classmethod
-    def for_mode(cls, mode: str, **kw) -> SegmentConfig:
-        """The mode's released recipe for the dataset and label fraction, with `kw` on top."""
+    def for_mode(cls, mode: str, recipe: str = "cvpr", **kw) -> SegmentConfig:
+        """The mode's settings in `recipe` for the dataset and label fraction, with `kw` on top."""
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}: {', '.join(MODES)}")
-        r = MODES[mode](kw.get("dataset"), kw.get("labels_fraction", 1.0))
+        r = downstream_rules(check_recipe(recipe), mode, kw.get("dataset"), kw.get("labels_fraction", 1.0))
         if "dataset" in kw and "sample" not in kw:
             sample = downstream_sample(kw["dataset"], mode)
         else:
             sample = kw.pop("sample", SampleConfig(max_points=CROP_POINTS))
-        optim = OptimConfig(lr=r["lr"], weight_decay=r["weight_decay"], min_lr=r["min_lr"])
-        warmup = kw.pop("warmup_epochs", r["warmup_epochs"])
-        return cls(
-            mode=mode, optim=optim, train=TrainConfig(epochs=r["epochs"]), warmup_epochs=warmup, sample=sample, **kw
-        )
+        optim = OptimConfig(lr=r.lr, weight_decay=r.weight_decay, min_lr=r.min_lr)
+        warmup = kw.pop("warmup_epochs", r.warmup_epochs)
+        train = TrainConfig(epochs=r.epochs, precision=r.precision)
+        return cls(mode=mode, optim=optim, train=train, warmup_epochs=warmup, sample=sample, recipe=recipe, **kw)
+
+    def rules(self) -> DownstreamRules:
+        return downstream_rules(self.recipe, self.mode, self.dataset, self.labels_fraction)
 
 
 def downstream_sample(dataset: str, mode: str = "probe") -> SampleConfig:
@@ -87,19 +91,28 @@ def downstream_sample(dataset: str, mode: str = "probe") -> SampleConfig:
 
 
 def segmentation_model(cfg: SegmentConfig, num_classes: int) -> SegmentationModel:
-    """The model a mode trains: a pretrained backbone (probe, finetune) or a preset at random
-    initialisation (scratch), on the sample grid, with a new head."""
-    drop = MODES[cfg.mode](cfg.dataset, cfg.labels_fraction)["drop_path"] if cfg.drop_path is None else cfg.drop_path
+    """The model a mode trains: a pretrained backbone (probe, finetune; made with the run's recipe
+    unless `mixed_recipes`) or a preset at random initialisation (scratch, as the recipe builds its
+    students), on the sample grid, with a new head."""
+    drop = cfg.rules().drop_path if cfg.drop_path is None else cfg.drop_path
     grid = cfg.sample.grid.shape
     if cfg.mode == "scratch":
         if cfg.checkpoint is not None:
             raise ConfigError("training from scratch takes no --checkpoint")
+        preset = STUDENTS[cfg.student]
+        model = {
+            k[len("model.") :]: v
+            for k, v in pretrain_settings(cfg.recipe, preset.width).items()
+            if k.startswith("model.")
+        }
         with seeded(cfg.train.seed):
-            backbone = WaffleIron(dataclasses.replace(STUDENTS[cfg.student], drop_path=drop, grid_shape=grid))
+            backbone = WaffleIron(dataclasses.replace(preset, **{**model, "drop_path": drop, "grid_shape": grid}))
     else:
         if cfg.checkpoint is None:
             raise ConfigError(f"{cfg.mode} needs --checkpoint (a pretraining run's checkpoints/last.pt)")
-        backbone, _ = load_backbone(cfg.checkpoint, grid, drop)  # WaffleIron's weights do not depend on the grid
+        state = read_student_checkpoint(cfg.checkpoint, cfg.recipe)
+        check_recipe_of(cfg.checkpoint, state["config"], cfg.recipe, cfg.mixed_recipes, f"this {cfg.mode} run")
+        backbone = build_backbone(cfg.checkpoint, state, grid, drop)  # WaffleIron's weights do not depend on the grid
     with seeded(cfg.train.seed):
         return SegmentationModel(backbone, num_classes, frozen=cfg.mode == "probe")
 
@@ -107,7 +120,7 @@ def segmentation_model(cfg: SegmentConfig, num_classes: int) -> SegmentationMode
 def parameter_groups(cfg: SegmentConfig, model: SegmentationModel) -> list[dict]:
     """Finetuning: one group per layer with its decayed lr; otherwise the trainable parameters."""
     if cfg.mode == "finetune":
-        decay = cfg.layer_decay if cfg.layer_decay is not None else finetune.default_layer_decay(cfg.labels_fraction)
+        decay = cfg.layer_decay if cfg.layer_decay is not None else cfg.rules().layer_decay
         return finetune.layer_decay_groups(model, cfg.optim.lr, decay)
     return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
@@ -133,7 +146,7 @@ def train_segmentation(cfg: SegmentConfig, resume: bool = True, accept_changes: 
     steps_per_epoch = len(indices) // cfg.train.batch_size
     if steps_per_epoch == 0:
         raise DatasetError(cfg.root, f"{len(indices)} labelled scans cannot fill one batch of {cfg.train.batch_size}")
-    optim = dataclasses.replace(cfg.optim, warmup_iters=max(1, int(cfg.warmup_epochs * steps_per_epoch)))
+    optim = dataclasses.replace(cfg.optim, warmup_epochs=cfg.warmup_epochs)  # warm-up end: epochs x steps an epoch
     backbone = model.backbone.cfg
     record = {
         "stage": cfg.mode,

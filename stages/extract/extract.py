@@ -32,6 +32,7 @@ from stages.extract.registry import get_spec
 from stages.extract.teachers import POS_EMBED, TeacherModel, build_teacher, pos_embed_rule
 from stages.extract.weights import TeacherWeights, resolve_weights
 from stages.extract.writer import BackgroundWriter, lower_priority
+from stages.recipes import IMAGES, check_recipe
 from stages.runtime import Launch, Loader, autocast, pick_device
 from storage.feature_store import FeatureStore, PartWriter, StorePlan
 from storage.layout import FORMAT, FORMAT_VERSION, LAYOUTS, QUANTIZE
@@ -42,24 +43,8 @@ log = logging.getLogger(__name__)
 SAMPLING = "bilinear, align_corners=True, at pixel (floor(floor(u) W'/W), floor(floor(v) H'/H)) of the resized image"
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Where the released CVPR code (main) and ScaLR+ (branch scalr_plus) differ in stage 1."""
-
-    antialias: bool  # of the bilinear image resize
-    pos_embed: str  # stages.extract.teachers.POS_EMBED
-
-
-RECIPES = {
-    # torchvision 0.12's resize of a float tensor (no antialias); DINOv2's own interpolation.
-    "cvpr": Recipe(antialias=False, pos_embed="dinov2-cvpr"),
-    # torchvision >= 0.17 (antialias on); timm's position embeddings resized at load.
-    "scalr-plus": Recipe(antialias=True, pos_embed="timm"),
-}
-
-
 def resize_rule(recipe: str) -> str:
-    antialias = "on" if RECIPES[recipe].antialias else "off"
+    antialias = "on" if IMAGES[recipe].antialias else "off"
     return (
         f"float image in [0, 1] (uint8 / 255), bilinear, align_corners=False, antialias {antialias} "
         "(torchvision resize of a tensor); aspect ratio not kept"
@@ -77,7 +62,7 @@ class ExtractConfig:
     weights_dir: Path | None = None  # a folder holding the registry's documented file names
     random_init: bool = False  # tests and demos only; recorded in the store
     seed: int = 0  # random-init seed
-    image_size: tuple[int, int] = (224, 448)  # (H, W) the images are resized to
+    image_size: tuple[int, int] | None = None  # (H, W) the images are resized to; None: the recipe's
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: str = "fp32"  # fp32, bf16, fp16 (autocast)
     batch_size: int = 12  # images per teacher forward
@@ -91,13 +76,17 @@ class ExtractConfig:
     max_scans: int | None = None  # only the first N scans of the split
     layout: str = "grid"  # grid: each image's token grid, sampled when read; points: per-point features
     quantize: str = "none"  # none, or int8 (grid layout only: a float32 scale per token)
-    recipe: str = "cvpr"  # cvpr (the released CVPR code) or scalr-plus: image resize, DINOv2 position embeddings
+    recipe: str = "cvpr"  # stages/recipes.py: image size, resize antialias, position embeddings
     redo_changed: bool = False  # recompute committed parts whose input files changed (else refuse to resume)
     oracle_noise: float = 0.0  # the oracle teacher's noise (std, in units of its class embeddings)
+    projection: str = "released"  # released: rounded as the released code (nuScenes: float32 steps); or float64
 
     def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"recipe {self.recipe!r}: one of {', '.join(RECIPES)}")
+        if self.image_size is None:  # frozen: set once, here
+            object.__setattr__(self, "image_size", IMAGES[check_recipe(self.recipe)].image_size)
+        check_recipe(self.recipe)
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"projection {self.projection!r}: one of {', '.join(PROJECTIONS)}")
         if self.layout not in LAYOUTS or self.quantize not in QUANTIZE:
             raise ConfigError(
                 f"layout {self.layout!r} / quantize {self.quantize!r}: layout is one of {LAYOUTS}, quantize one "
@@ -113,11 +102,19 @@ LAYERS = {  # what a teacher's targets are, where it is not the usual last block
 }
 
 
+PROJECTIONS = ("released", "float64")
+
+
+def projection_rule(meta, projection: str) -> str:
+    """A store's `projection` attribute: the dataset's visibility rule and how points were moved."""
+    if projection == "float64" or meta.projection_steps is None:
+        return f"{meta.visibility.name}; one float64 transform"
+    return f"{meta.visibility.name}; {meta.projection_steps}"
+
+
 def recipe_teacher(cfg: ExtractConfig, weights: TeacherWeights) -> TeacherModel:
     """The configured teacher, with resolved `weights` and the recipe's position-embedding rule."""
-    return build_teacher(
-        get_spec(cfg.teacher), cfg.image_size, weights, RECIPES[cfg.recipe].pos_embed, cfg.oracle_noise
-    )
+    return build_teacher(get_spec(cfg.teacher), cfg.image_size, weights, IMAGES[cfg.recipe].pos_embed, cfg.oracle_noise)
 
 
 def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str], weights: TeacherWeights) -> dict:
@@ -139,7 +136,7 @@ def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str], wei
             "dense": spec.dense,
             "pos_embed": None
             if spec.dense == "oracle"
-            else POS_EMBED[pos_embed_rule(spec, RECIPES[cfg.recipe].pos_embed)],
+            else POS_EMBED[pos_embed_rule(spec, IMAGES[cfg.recipe].pos_embed)],
             "weights": weights.label,
             "random_init": weights.random_init,
             "hub": weights.hub,  # by name from the Hugging Face cache: repository, revision, file
@@ -163,7 +160,8 @@ def store_attributes(cfg: ExtractConfig, ds: LidarDataset, scans: list[str], wei
         "intensity_max": meta.intensity_max,
         "intensity": intensity_attributes(ds),
         "plan": {"scans": len(scans), "scans_per_part": cfg.scans_per_part},
-        "projection": meta.visibility.name,
+        "projection": projection_rule(meta, cfg.projection),
+        "points_dtype": meta.points_dtype,
         "dtype": "float16",
         "layout": cfg.layout,
         "quantize": cfg.quantize,
@@ -204,7 +202,9 @@ def extract_parts(
     """Compute and commit `parts` of the plan, in order."""
     plan = store.plan
     indices = [i for p in parts for i in plan.scans_of(p)]
-    images = ScanImages(ds, indices, cfg.image_size, RECIPES[cfg.recipe].antialias, get_spec(cfg.teacher).inputs)
+    images = ScanImages(
+        ds, indices, cfg.image_size, IMAGES[cfg.recipe].antialias, get_spec(cfg.teacher).inputs, cfg.projection
+    )
     loader = Loader(
         images,
         list,

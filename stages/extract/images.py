@@ -68,9 +68,11 @@ class ScanImages(torch.utils.data.Dataset):
         image_size: tuple[int, int],
         antialias: bool = False,
         inputs: str = "image",
+        projection: str = "released",
     ):
         self.ds, self.indices, self.image_size, self.antialias = ds, indices, image_size, antialias
         self.inputs = inputs  # "image", or "class-map" (the oracle teacher: the synthetic rigs' class maps)
+        self.float64 = projection == "float64"  # else rounded as the released code (nuScenes: float32 steps)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -90,7 +92,7 @@ class ScanImages(torch.utils.data.Dataset):
             except DatasetError as err:
                 item["cameras"].append({**entry, "error": (err.path, err.problem)})
                 continue
-            proj = self.ds.project(scan, camera.name)
+            proj = self.ds.project(scan, camera.name, self.float64)
             entry["image"] = image
             entry["point_index"] = proj.point_index.astype(np.int32)
             entry["pixel"] = resize_pixels(proj.uv, camera.image_size, self.image_size)

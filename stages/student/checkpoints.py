@@ -13,7 +13,14 @@ import logging
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from stages.student.released import architecture, from_released, released_key, released_record, to_released
+from stages.student.released import (
+    architecture,
+    from_released,
+    released_key,
+    released_recipe,
+    released_record,
+    to_released,
+)
 from stages.student.waffleiron import STUDENT_INPUTS, WaffleIron, WaffleIronConfig
 from storage.checkpoint import CheckpointError, load_checkpoint, load_weights, read_checkpoint_file, save_checkpoint
 
@@ -22,25 +29,58 @@ log = logging.getLogger(__name__)
 SEGMENTER_STAGES = ("probe", "finetune", "scratch", "released-segmenter")  # run records of segmentation models
 
 
-def read_student_checkpoint(path: Path) -> dict:
+def read_student_checkpoint(path: Path, recipe: str | None = None) -> dict:
     """A scalr checkpoint dict (`model`, `config`) from a scalr or a released-format file. A
-    released one is converted in memory; its record says so ("stage": "released-...")."""
+    released one is converted in memory, with the architecture its tensors show and the activation
+    of the recipe that made it (what the file shows, else `recipe`, else cvpr); its record says so
+    ("stage": "released-...", "recipe_source"). Whether that recipe is the one asked for is the
+    caller's check (`check_recipe_of`)."""
     path = Path(path)
     state = read_checkpoint_file(path)
     key = released_key(state)
     if key is None:
         return load_checkpoint(path, state)
-    weights = from_released({_unprefixed(k): v for k, v in state[key].items()}, path)
-    cfg, head = architecture(weights, path)
+    raw = {_unprefixed(k): v for k, v in state[key].items()}
+    made = released_recipe(raw, state, path, recipe)
+    weights = from_released(raw, path)
+    cfg, head = architecture(weights, path, made[0])
     log.info(
-        "%s: released ScaLR checkpoint, WaffleIron depth %d, width %d, %s norm, head %s",
+        "%s: released ScaLR checkpoint of the %s recipe (%s), WaffleIron depth %d, width %d, %s norm, %s, head %s",
         path,
+        made[0],
+        made[1],
         cfg.depth,
         cfg.width,
         cfg.norm,
+        cfg.activation,
         head["kind"],
     )
-    return {"model": weights, "config": released_record(cfg, head, path, state)}
+    return {"model": weights, "config": released_record(cfg, head, path, state, made)}
+
+
+def recipe_of(record: dict) -> str:
+    """The recipe a run record (or a released file's record) was made with; cvpr before recipes."""
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    return config.get("recipe") or "cvpr"
+
+
+def checkpoint_recipe(path: Path) -> str:
+    """The recipe the checkpoint at `path` was made with (see `recipe_of`)."""
+    return recipe_of(read_student_checkpoint(path)["config"])
+
+
+def check_recipe_of(path: Path, record: dict, recipe: str, mixed: bool = False, what: str = "this run") -> None:
+    """Refuse a checkpoint made with another recipe than `recipe` unless `mixed` (the caller
+    records it): its student would be used with the other recipe's settings."""
+    made = recipe_of(record)
+    if made == recipe or mixed:
+        return
+    why = record.get("recipe_source") or "its run record"
+    raise CheckpointError(
+        path,
+        f"made with the {made} recipe ({why}), but {what} follows {recipe}: leave --recipe out (the checkpoint's is "
+        f"used) or pass --recipe {made}" + (", or --mixed-recipes on purpose" if what.endswith(" run") else ""),
+    )
 
 
 def _unprefixed(key: str) -> str:
@@ -92,14 +132,15 @@ def build_backbone(
 
 
 def load_backbone(
-    path: Path, grid_shape: tuple[int, int, int] | None = None, drop_path: float = 0.0
+    path: Path, grid_shape: tuple[int, int, int] | None = None, drop_path: float = 0.0, recipe: str | None = None
 ) -> tuple[WaffleIron, dict]:
-    """(the backbone of the checkpoint at `path`, see `build_backbone`; its run record)."""
-    state = read_student_checkpoint(path)
+    """(the backbone of the checkpoint at `path`, see `build_backbone`; its run record). `recipe`:
+    what made a released file that does not show it (see `read_student_checkpoint`)."""
+    state = read_student_checkpoint(path, recipe)
     return build_backbone(path, state, grid_shape, drop_path), state["config"]
 
 
-def convert_checkpoint(src: Path, dst: Path, to: str = "auto") -> str:
+def convert_checkpoint(src: Path, dst: Path, to: str = "auto", recipe: str | None = None) -> str:
     """Write `src` in the other format (or the one `to` names): a released checkpoint becomes a
     scalr checkpoint, a scalr one a released one (`model_points`, or `net` for a segmenter; the
     key and "module." prefix it came with). Returns the format written."""
@@ -112,7 +153,10 @@ def convert_checkpoint(src: Path, dst: Path, to: str = "auto") -> str:
     if target == "scalr":
         if not is_released:
             raise CheckpointError(src, "is already a scalr checkpoint")
-        save_checkpoint(dst, read_student_checkpoint(src))
+        state = read_student_checkpoint(src, recipe)
+        if recipe is not None:
+            check_recipe_of(src, state["config"], recipe, what="this conversion")
+        save_checkpoint(dst, state)
         return target
     if is_released:
         raise CheckpointError(src, "is already a released-format checkpoint")

@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 
 from pipeline import __version__
-from pipeline.config import to_dict
-from pipeline.errors import ConfigError
+from pipeline.config import apply, to_dict
+from pipeline.errors import ConfigError, ScalrError
+from stages.recipes import check_recipe, pretrain_settings
 from stages.runtime import seeded
 from stages.student.losses import cosine_distance_loss, ppkt_loss
 from stages.student.samples import DistillationData, EpochSampler, SampleConfig, collate
 from stages.student.train import OptimConfig, TrainConfig, fit
 from stages.student.waffleiron import STUDENTS, Student, WaffleIron, WaffleIronConfig, make_head
+from storage.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,40 @@ class PretrainConfig:
     balanced: bool = False  # sample datasets equally instead of in proportion to their size
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str = "cvpr"  # the released recipe these settings follow (stages/recipes.py), recorded
+    mixed_recipes: bool = False  # allow stores extracted with the other recipe's stage-1 rules
+
+    @classmethod
+    def preset(cls, stores, out: Path, student: str = "WI-48-256", recipe: str = "cvpr") -> PretrainConfig:
+        """The `student` preset pretrained as `recipe` prescribes: architecture, head, optimiser,
+        schedule, epochs, batch and precision (stages/recipes.py); overrides go on top."""
+        cfg = cls(tuple(Path(p) for p in stores), Path(out), student, recipe=check_recipe(recipe)).resolved()
+        return apply(cfg, pretrain_settings(recipe, cfg.model.width))
 
     def resolved(self) -> PretrainConfig:
         if self.student not in STUDENTS:
             raise ConfigError(f"unknown student {self.student!r}; presets: {', '.join(STUDENTS)}")
         return self if self.model is not None else dataclasses.replace(self, model=STUDENTS[self.student])
+
+
+def stores_recipe(paths) -> str:
+    """The recipe the first of these stores was extracted with (pretraining checks them all);
+    cvpr when it cannot be opened here (pretraining opens it again and says why)."""
+    try:
+        return FeatureStore(Path(next(iter(paths)))).attrs.get("recipe", "cvpr")
+    except ScalrError:
+        return "cvpr"
+
+
+def check_stores_recipe(cfg: PretrainConfig, stores: list[FeatureStore]) -> None:
+    """Stores extracted with another recipe's stage-1 rules are refused unless `mixed_recipes`."""
+    other = [s for s in stores if s.attrs.get("recipe", "cvpr") != cfg.recipe]
+    if other and not cfg.mixed_recipes:
+        raise ConfigError(
+            f"{other[0].path}: extracted with the {other[0].attrs.get('recipe', 'cvpr')} recipe, but this pretraining "
+            f"follows {cfg.recipe}: use stores of the {cfg.recipe} recipe, or pass --mixed-recipes to mix them on "
+            "purpose (recorded in the run)"
+        )
 
 
 def build_student(model_cfg: WaffleIronConfig, target_dim: int, head: str, hidden: int, teachers: int) -> Student:
@@ -62,6 +93,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, accept_changes: bool = Fa
     cfg = cfg.resolved()
     data = DistillationData(list(cfg.stores), cfg.sample)
     groups = data.groups
+    check_stores_recipe(cfg, [s for g in groups for s in g.stores])
     if cfg.model.grid_shape != cfg.sample.grid.shape:
         raise ConfigError(
             f"model.grid_shape {cfg.model.grid_shape} differs from the sample grid's {cfg.sample.grid.shape}"

@@ -7,8 +7,10 @@ carry DistributedDataParallel's "module." prefix. Its Segmenter holds `embed`, `
 finetuning BatchNorm1d + conv). scalr's modules are the same computation with Linear layers and
 per-channel LayerScale vectors: a key maps to a key and a tensor is reshaped, never changed.
 
-The architecture (depth, width, norm, head) is read from the tensors. The grid is not in them
-(WaffleIron's weights do not depend on it): it comes from the dataset's recipe.
+The architecture (depth, width, norm, head) is read from the tensors; the activation (ReLU in the
+CVPR code, GELU in ScaLR+) is not in them: it comes from the recipe, which the file itself often
+shows (`recipe_evidence`), else from `--recipe`. The grid is not in them either (WaffleIron's
+weights do not depend on it): it comes from the dataset's released configs.
 """
 
 from __future__ import annotations
@@ -109,8 +111,50 @@ def to_released(weights: dict, path: Path) -> dict:
     return _convert(weights, path, to_scalr=False)
 
 
-def architecture(weights: dict, path: Path) -> tuple[WaffleIronConfig, dict]:
-    """(student configuration, head description) read from scalr-named weights."""
+ACTIVATIONS = {"cvpr": "relu", "scalr-plus": "gelu"}  # of each recipe's WaffleIron mixes
+CELL_MEANS = {"cvpr": "weights", "scalr-plus": "divide"}  # how each recipe's WaffleIron averages a cell
+
+
+def recipe_evidence(weights: dict, state: dict) -> list[tuple[str, str]]:
+    """(recipe, what shows it) for each sign in a released file (`weights`: its state dict, keys
+    without "module.") of which code made it: BatchNorm in the mixes (only the CVPR code's
+    WaffleIron has it), an MLP distillation head (only ScaLR+'s segmenter), the fields of the
+    saved learning-rate schedule (the CVPR code's WarmupCosine has `max_iter`, ScaLR+'s schedules
+    `max_it`)."""
+    signs = []
+    batch_norm = next((k for k in weights if _LAYER_KEY.match(k) and k.endswith(".norm.running_mean")), None)
+    if batch_norm:
+        signs.append(("cvpr", f"{batch_norm}: BatchNorm in the mixes, which only the CVPR code's WaffleIron has"))
+    if "classif.0.weight" in weights and "classif.2.weight" in weights:
+        signs.append(("scalr-plus", "classif.0.weight, classif.2.weight: an MLP distillation head, only ScaLR+'s"))
+    scheduler = state.get("scheduler")
+    lambdas = scheduler.get("lr_lambdas") if isinstance(scheduler, dict) else None
+    fields = lambdas[0] if isinstance(lambdas, (list, tuple)) and lambdas and isinstance(lambdas[0], dict) else {}
+    if "max_iter" in fields:
+        signs.append(("cvpr", "scheduler.lr_lambdas[0].max_iter: the CVPR code's WarmupCosine"))
+    elif "max_it" in fields:
+        signs.append(("scalr-plus", "scheduler.lr_lambdas[0].max_it: a ScaLR+ schedule"))
+    return signs
+
+
+def released_recipe(weights: dict, state: dict, path: Path, told: str | None) -> tuple[str, str]:
+    """(the recipe that made a released file, why scalr says so): what the file shows, else what
+    the caller was told (`--recipe`), else cvpr (the format's first release). A file whose signs
+    disagree is refused, naming them."""
+    signs = recipe_evidence(weights, state)
+    shown = {recipe for recipe, _ in signs}
+    if len(shown) > 1:
+        raise CheckpointError(path, f"shows both recipes: {'; '.join(why for _, why in signs)}")
+    if signs:
+        return signs[0][0], signs[0][1]
+    if told is not None:
+        return told, "--recipe (the file does not show it)"
+    return "cvpr", "assumed: the file does not show it (pass --recipe scalr-plus for a ScaLR+ file)"
+
+
+def architecture(weights: dict, path: Path, recipe: str = "cvpr") -> tuple[WaffleIronConfig, dict]:
+    """(student configuration, head description) read from scalr-named weights, with what the
+    tensors cannot show from the `recipe`: the activation and the cell mean."""
     try:
         point = weights["backbone.embedding.point.weight"]
     except KeyError:
@@ -118,7 +162,14 @@ def architecture(weights: dict, path: Path) -> tuple[WaffleIronConfig, dict]:
     width, in_channels = point.shape
     depth = len({int(k.split(".")[2]) for k in weights if k.startswith("backbone.channel.")})
     norm = "batch" if "backbone.channel.0.norm.running_mean" in weights else "layer"
-    cfg = WaffleIronConfig(depth=depth, width=width, in_channels=in_channels, norm=norm)
+    cfg = WaffleIronConfig(
+        depth=depth,
+        width=width,
+        in_channels=in_channels,
+        norm=norm,
+        activation=ACTIVATIONS[recipe],
+        cell_mean=CELL_MEANS[recipe],
+    )
     if "head.weight" in weights:
         head = {"kind": "linear", "out": int(weights["head.weight"].shape[0])}
     elif "head.2.weight" in weights:
@@ -134,14 +185,16 @@ def architecture(weights: dict, path: Path) -> tuple[WaffleIronConfig, dict]:
     return cfg, head
 
 
-def released_record(cfg: WaffleIronConfig, head: dict, path: Path, state: dict) -> dict:
-    """A scalr run record for weights that came without one; it keeps the released key and
-    "module." prefix so `convert` writes the same file layout back."""
+def released_record(cfg: WaffleIronConfig, head: dict, path: Path, state: dict, recipe: tuple[str, str]) -> dict:
+    """A scalr run record for weights that came without one: the architecture, the recipe that
+    made them and why scalr says so; it keeps the released key and "module." prefix so `convert`
+    writes the same file layout back."""
     key = released_key(state)
     stage = "released-segmenter" if head["kind"] == "segmentation" else "released-pretrain"
     return {
         "stage": stage,
-        "config": {"model": asdict(cfg)},
+        "config": {"model": asdict(cfg), "recipe": recipe[0]},
+        "recipe_source": recipe[1],
         "head": head,
         "released_from": str(path),
         "released_layout": {"key": key, "module_prefix": all(k.startswith("module.") for k in state[key])},

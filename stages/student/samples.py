@@ -214,12 +214,12 @@ def student_inputs(
             points[keep, :3], student_features(points[keep, :3], points[keep, 3], intensity_norm), rng
         )
     else:
-        xyz = cfg.augment(points[keep, :3], rng) if train else points[keep, :3].astype(np.float32)
+        xyz = cfg.augment(points[keep, :3], rng) if train else points[keep, :3]
         feats = student_features(xyz, points[keep, 3], intensity_norm)
     inside = cfg.grid.inside(xyz)
     keep, xyz, feats = keep[inside], xyz[inside], feats[inside]
     return keep, {
-        "feats": feats,
+        "feats": feats.astype(np.float32),  # the network's inputs: float32, as the released collate
         "cells": cfg.grid.cells(xyz),
         "neighbours": knn(xyz, cfg.neighbours),
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from pipeline.errors import ConfigError, ScalrError
 from stages.runtime import Launch, Loader, autocast, peak_memory_mib, pick_device, to_device
 from stages.student.checkpoints import inputs_problem
+from stages.student.schedules import SCHEDULES, check_rsqrt_cooldown, rsqrt_cooldown, warmup_cosine
 from storage.atomic import disk_errors, write_atomically
 from storage.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, write_json
 from storage.runs import RunFolder
@@ -38,12 +38,35 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """AdamW (weight decay on every parameter, as the released code) and its per-iteration schedule
+    (stages/student/schedules.py)."""
+
     lr: float = 2e-3
     weight_decay: float = 0.03
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_iters: int = 3500  # linear warm-up, then cosine decay to min_lr, stepped per iteration
-    min_lr: float = 1e-5
+    schedule: str = "warmup-cosine"  # warmup-cosine (CVPR, every downstream run) or rsqrt-cooldown (ScaLR+)
+    warmup_iters: int = 3500  # linear warm-up ...
+    warmup_epochs: float | None = None  # ... or its length in epochs (then warmup_iters is not used)
+    min_lr: float = 1e-5  # warmup-cosine: the lr at the end
+    cooldown_epochs: float = 2.0  # rsqrt-cooldown: the linear cool-down over the run's last epochs (65: from 63)
+    timescale_epochs: float = 0.45  # rsqrt-cooldown: of the reciprocal square root
     grad_clip: float | None = None  # none in ScaLR
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule {self.schedule!r}: one of {', '.join(SCHEDULES)}")
+
+    def lr_factor(self, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+        """The schedule's factor of the base lr at each iteration of a run of `epochs` epochs."""
+        total = steps_per_epoch * epochs
+        warmup = self.warmup_iters if self.warmup_epochs is None else self.warmup_epochs * steps_per_epoch
+        if self.schedule == "warmup-cosine":
+            factor_min = self.min_lr / self.lr
+            return lambda it: warmup_cosine(it, warmup, total, factor_min)
+        cooldown = (epochs - self.cooldown_epochs) * steps_per_epoch
+        timescale = self.timescale_epochs * steps_per_epoch
+        check_rsqrt_cooldown(warmup, cooldown, total)
+        return lambda it: rsqrt_cooldown(it, warmup, cooldown, timescale, total)
 
 
 @dataclass(frozen=True)
@@ -102,14 +125,6 @@ def cpu_sync_batchnorm(module: nn.Module) -> nn.Module:
         else:
             cpu_sync_batchnorm(child)
     return module
-
-
-def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
-    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine to min_lr at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return (min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))) / base_lr
 
 
 def tensorboard_writer(run_dir: Path):
@@ -231,16 +246,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas
         )
-        factors = [self._lr_factor(g.get("lr", optim.lr), total) for g in self.optimizer.param_groups]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factors)
+        # one factor for every parameter group (each keeps its own base lr), as the released code
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, optim.lr_factor(self.steps_per_epoch, train.epochs)
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         self.position = Position()
         self.saved_step: int | None = None  # the step last written to the run's checkpoint
         self.rng_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-
-    def _lr_factor(self, base: float, total: int) -> Callable[[int], float]:
-        optim = self.optim
-        return lambda s: warmup_cosine(s, total, optim.warmup_iters, base, optim.min_lr * base / optim.lr)
 
     # ---- start: fresh or resumed ---------------------------------------------------------
     def start(self, resume: bool, accept_changes: bool) -> None:

@@ -2,8 +2,9 @@
 spatial mix on one of three 2D planes with a channel mix, and a head.
 
 Points are packed: a batch is one (N, C) tensor over all its samples (no padding), with the
-sample of each point in `batch`. The per-cell mean of a spatial mix is a scatter-add of the
-points' features weighted by their cell's precomputed inverse count.
+sample of each point in `batch`. The per-cell mean of a spatial mix is computed as the released
+code of the recipe computes it (`cell_mean`): a scatter-add of the points' features weighted by
+1 / (n + 1e-6) (WaffleIron 0.3, under the CVPR code), or a scatter-add divided by n (ScaLR+).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class WaffleIronConfig:
     in_channels: int = 5  # intensity, x, y, z, radius
     neighbours: int = 16
     norm: str = "batch"  # "batch", or "layer" (used at width 768: BatchNorm NaNs under mixed precision)
+    activation: str = "relu"  # of the channel-mix MLP and the spatial-mix FFN: "relu", or "gelu" (ScaLR+)
+    cell_mean: str = "weights"  # a cell's mean: "weights" (x / (n + 1e-6), summed: CVPR) or "divide" (sum / n: ScaLR+)
     drop_path: float = 0.0  # same rate on every layer
     grid_shape: tuple[int, int, int] = (256, 256, 32)  # cells along x, y, z (0.5 m over 128 x 128 x 16 m)
     checkpointing: bool = False  # recompute each layer in the backward pass (wide students)
@@ -54,22 +57,39 @@ def param_count_closed_form(width: int, depth: int, in_channels: int = 5) -> int
     return embedding + depth * (2 * c * c + 28 * c)
 
 
+CELL_MEANS = ("weights", "divide")
+
+
 @dataclass
 class Plane:
-    """Where each point falls on one plane, for a whole batch."""
+    """Where each point falls on one plane, for a whole batch, and how its cell's mean is taken."""
 
     index: torch.Tensor  # (N,) flat cell index in [0, B * Sa * Sb)
-    inv_count: torch.Tensor  # (N, 1) 1 / number of points in the point's cell
     shape: tuple[int, int, int]  # (B, Sa, Sb)
+    weight: torch.Tensor | None  # "weights": (N, 1) 1 / (n + 1e-6), n the points in the point's cell
+    count: torch.Tensor | None  # "divide": (B * Sa * Sb, 1) points in each cell (1 where none)
+
+    def cell_means(self, y: torch.Tensor) -> torch.Tensor:
+        """(B * Sa * Sb, C) mean of the rows of `y` (N, C) in each cell (0 where none)."""
+        b, sa, sb = self.shape
+        grid = y.new_zeros(b * sa * sb, y.shape[1])
+        if self.weight is not None:
+            return grid.index_add_(0, self.index, y * self.weight.to(y.dtype))
+        return grid.index_add_(0, self.index, y) / self.count.to(y.dtype)
 
 
-def planes_of(cells: torch.Tensor, batch: torch.Tensor, batch_size: int, grid_shape) -> list[Plane]:
+def planes_of(cells: torch.Tensor, batch: torch.Tensor, batch_size: int, grid_shape, cell_mean: str) -> list[Plane]:
+    if cell_mean not in CELL_MEANS:
+        raise ConfigError(f"unknown cell_mean {cell_mean!r}: {' or '.join(CELL_MEANS)}")
     planes = []
     for a, b in PLANES:
         sa, sb = grid_shape[a], grid_shape[b]
         index = (batch * sa + cells[:, a].long()) * sb + cells[:, b].long()
-        counts = torch.bincount(index, minlength=batch_size * sa * sb)
-        planes.append(Plane(index, (1.0 / counts[index].float())[:, None], (batch_size, sa, sb)))
+        counts = torch.bincount(index, minlength=batch_size * sa * sb).float()
+        if cell_mean == "weights":
+            planes.append(Plane(index, (batch_size, sa, sb), (1.0 / (counts[index] + 1e-6))[:, None], None))
+        else:
+            planes.append(Plane(index, (batch_size, sa, sb), None, counts.clamp(min=1)[:, None]))
     return planes
 
 
@@ -81,12 +101,23 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ConfigError(f"unknown norm {kind!r}: batch or layer")
 
 
+def make_activation(kind: str) -> nn.Module:
+    """ReLU, or GELU (exact, not the tanh approximation) as ScaLR+'s backbone."""
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "gelu":
+        return nn.GELU()
+    raise ConfigError(f"unknown activation {kind!r}: relu or gelu")
+
+
 def drop_path(x: torch.Tensor, rate: float, batch: torch.Tensor, batch_size: int, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample (all points of a sample share the draw)."""
+    """Stochastic depth per sample (all points of a sample share the draw), computed as the
+    released DropPath: mask = floor(keep + U(0, 1)) with keep = 1 - rate, branch / keep * mask."""
     if rate == 0.0 or not training:
         return x
-    keep = (torch.rand(batch_size, device=x.device) >= rate).to(x.dtype) / (1 - rate)
-    return x * keep[batch][:, None]
+    keep = 1 - rate
+    mask = (keep + torch.rand(batch_size, dtype=x.dtype, device=x.device)).floor_()
+    return x.div(keep) * mask[batch][:, None]
 
 
 class LayerScale(nn.Module):
@@ -101,10 +132,10 @@ class LayerScale(nn.Module):
 
 
 class ChannelMix(nn.Module):
-    def __init__(self, c: int, norm: str, drop: float):
+    def __init__(self, c: int, norm: str, drop: float, activation: str = "relu"):
         super().__init__()
         self.norm, self.drop = make_norm(norm, c), drop
-        self.mlp = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, c))
+        self.mlp = nn.Sequential(nn.Linear(c, c), make_activation(activation), nn.Linear(c, c))
         self.scale = LayerScale(c)
 
     def forward(self, x, batch, batch_size):
@@ -112,18 +143,20 @@ class ChannelMix(nn.Module):
 
 
 class SpatialMix(nn.Module):
-    def __init__(self, c: int, norm: str, drop: float):
+    def __init__(self, c: int, norm: str, drop: float, activation: str = "relu"):
         super().__init__()
         self.norm, self.drop = make_norm(norm, c), drop
         self.ffn = nn.Sequential(
-            nn.Conv2d(c, c, 3, padding=1, groups=c), nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, padding=1, groups=c)
+            nn.Conv2d(c, c, 3, padding=1, groups=c),
+            make_activation(activation),
+            nn.Conv2d(c, c, 3, padding=1, groups=c),
         )
         self.scale = LayerScale(c)
 
     def forward(self, x, plane: Plane, batch, batch_size):
         b, sa, sb = plane.shape
         y = self.norm(x)
-        grid = y.new_zeros(b * sa * sb, y.shape[1]).index_add_(0, plane.index, y * plane.inv_count.to(y.dtype))
+        grid = plane.cell_means(y)
         grid = self.ffn(grid.view(b, sa, sb, -1).permute(0, 3, 1, 2))  # channels-last strides, no copy
         y = grid.permute(0, 2, 3, 1).reshape(b * sa * sb, -1)[plane.index]
         return x + drop_path(self.scale(y), self.drop, batch, batch_size, self.training)
@@ -158,29 +191,24 @@ class WaffleIron(nn.Module):
     def __init__(self, cfg: WaffleIronConfig):
         super().__init__()
         self.cfg = cfg
-        self.embedding = Embedding(cfg.in_channels, cfg.width)
-        self.spatial = nn.ModuleList(SpatialMix(cfg.width, cfg.norm, cfg.drop_path) for _ in range(cfg.depth))
-        self.channel = nn.ModuleList(ChannelMix(cfg.width, cfg.norm, cfg.drop_path) for _ in range(cfg.depth))
+        c, norm, drop, act = cfg.width, cfg.norm, cfg.drop_path, cfg.activation
+        self.embedding = Embedding(cfg.in_channels, c)
+        self.spatial = nn.ModuleList(SpatialMix(c, norm, drop, act) for _ in range(cfg.depth))
+        self.channel = nn.ModuleList(ChannelMix(c, norm, drop, act) for _ in range(cfg.depth))
 
     def forward(self, batch: dict) -> torch.Tensor:
         """(N, width) point features of a packed batch (see `stages.student.samples.collate`)."""
-        size = batch["batch_size"]
-        planes = planes_of(batch["cells"], batch["batch"], size, self.cfg.grid_shape)
+        size, samples = batch["batch_size"], batch["batch"]
+        planes = planes_of(batch["cells"], samples, size, self.cfg.grid_shape, self.cfg.cell_mean)
         x = self.embedding(batch["feats"], batch["neighbours"])
+        recompute = self.cfg.checkpointing and self.training  # each mix recomputed in the backward pass
         for d, (spatial, channel) in enumerate(zip(self.spatial, self.channel)):
-            layer = _Layer(spatial, channel, planes[d % 3], batch["batch"], size)
-            x = checkpoint(layer, x, use_reentrant=False) if self.cfg.checkpointing and self.training else layer(x)
+            if recompute:
+                x = checkpoint(spatial, x, planes[d % 3], samples, size, use_reentrant=False)
+                x = checkpoint(channel, x, samples, size, use_reentrant=False)
+            else:
+                x = channel(spatial(x, planes[d % 3], samples, size), samples, size)
         return x
-
-
-class _Layer:
-    """One layer bound to its plane, so it can be checkpointed as a function of x alone."""
-
-    def __init__(self, spatial, channel, plane, batch, size):
-        self.spatial, self.channel, self.plane, self.batch, self.size = spatial, channel, plane, batch, size
-
-    def __call__(self, x):
-        return self.channel(self.spatial(x, self.plane, self.batch, self.size), self.batch, self.size)
 
 
 def make_head(width: int, out: int, kind: str, hidden: int = 2048) -> nn.Module:

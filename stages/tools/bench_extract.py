@@ -19,7 +19,6 @@ import torch
 
 from pipeline.datasets import LidarDataset, open_dataset
 from stages.extract.extract import (
-    RECIPES,
     ExtractConfig,
     extract_parts,
     part_batches,
@@ -31,6 +30,7 @@ from stages.extract.images import ScanImages
 from stages.extract.registry import get_spec
 from stages.extract.teachers import Teacher
 from stages.extract.weights import resolve_weights
+from stages.recipes import IMAGES
 from stages.runtime import pick_device, sync
 from stages.tools.inspect import disk_bytes
 from stages.tools.scan_features import StoreScans
@@ -94,7 +94,7 @@ def bench_extract(cfg: BenchExtractConfig) -> dict:
 
 def teacher_batches(cfg: ExtractConfig, ds: LidarDataset, plan: StorePlan) -> list[torch.Tensor]:
     """The images of every scan of the plan, decoded and resized, in extraction's own batches."""
-    items = ScanImages(ds, list(range(plan.scans)), cfg.image_size, RECIPES[cfg.recipe].antialias)
+    items = ScanImages(ds, list(range(plan.scans)), cfg.image_size, IMAGES[cfg.recipe].antialias)
     batches = part_batches(plan, list(range(plan.parts)), cfg.batch_size, len(ds.meta.camera_names))
     return [torch.stack([c["image"] for i in batch for c in items[i]["cameras"] if "image" in c]) for batch in batches]
 

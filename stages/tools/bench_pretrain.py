@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from pipeline.datasets import open_dataset
-from stages.extract.extract import RECIPES, run_teacher
+from stages.extract.extract import run_teacher
 from stages.extract.images import load_resized
 from stages.extract.teachers import Teacher, load_teacher
+from stages.recipes import IMAGES
 from stages.runtime import Loader, autocast, peak_memory_mib, pick_device, seeded, sync, to_device
 from stages.student.losses import cosine_distance_loss
 from stages.student.pretrain import build_student
@@ -145,7 +146,7 @@ def online_against_cached(
     step (one backbone, a head per target width)."""
     attrs = store.attrs
     size = tuple(attrs["image_size"])
-    recipe = RECIPES[attrs.get("recipe") or "cvpr"]
+    recipe = IMAGES[attrs.get("recipe") or "cvpr"]
     images = batch_images(attrs, batches, recipe.antialias)
     teachers = {
         name: load_teacher(name, size, random_init=True, pos_embed=recipe.pos_embed).to(steps.device)

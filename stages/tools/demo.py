@@ -24,7 +24,6 @@ from stages.downstream.probe_store import ProbeStoreConfig, probe_store
 from stages.downstream.segment import SegmentConfig, train_segmentation
 from stages.extract.extract import ExtractConfig, extract
 from stages.student.pretrain import PretrainConfig, pretrain
-from stages.student.train import TrainConfig
 from stages.tools.check_dataset import CheckConfig, check_dataset
 from stages.tools.pictures import plot_entry, plot_student
 from stages.tools.runs import find_runs, run_row
@@ -57,6 +56,13 @@ class DemoConfig:
     batch_size: int = 4
     scratch: bool = True  # also train the student from scratch with labels (reference)
     downstream_points: int = 20000  # training crop of probes/scratch runs (evaluation: whole scans)
+    recipe: str = "cvpr"  # the released recipe of every step (stages/recipes.py)
+    precision: str = "fp32"  # of training: bf16 autocast (ScaLR+'s) is emulated, slowly, on most CPUs
+
+    @property
+    def tag(self) -> str:
+        """Names of the stores and runs of a recipe other than cvpr carry it (they never mix)."""
+        return "" if self.recipe == "cvpr" else f"-{self.recipe}"
 
 
 def _say(step: str) -> None:
@@ -119,10 +125,18 @@ def extract_stores(
     """rig -> the store of `teacher` on its training split (`split` 2: RIGS' column; 3: validation)."""
     stores = {}
     for rig in rigs:
-        name, path = rig[0], cfg.stores / f"{rig[0]}-{rig[split]}-{teacher}.zarr"
+        name, path = rig[0], cfg.stores / f"{rig[0]}-{rig[split]}-{teacher}{cfg.tag}.zarr"
         existed = path.exists()
         ecfg = ExtractConfig(
-            name, roots[name], rig[split], teacher, path, random_init=True, seed=cfg.seed, num_workers=2
+            name,
+            roots[name],
+            rig[split],
+            teacher,
+            path,
+            random_init=True,
+            seed=cfg.seed,
+            num_workers=2,
+            recipe=cfg.recipe,
         )
         stores[name] = extract(ecfg)
         points = sum(r["count"] for r in stores[name].manifest().to_pylist())
@@ -134,10 +148,16 @@ def pretrain_student(
     cfg: DemoConfig, stores: dict[str, FeatureStore], label: str, max_steps: int | None = None
 ) -> RunFolder:
     """The demo's student pretrained on the mix of rigs from `stores` (`max_steps` 0: untrained)."""
-    run = RunFolder(cfg.runs / f"demo-{cfg.student}-{label}")
-    pre = PretrainConfig(tuple(s.path for s in stores.values()), run.path, cfg.student).resolved()
-    train = TrainConfig(
-        batch_size=cfg.batch_size, epochs=cfg.pretrain_epochs, seed=cfg.seed, log_every=1, max_steps=max_steps
+    run = RunFolder(cfg.runs / f"demo-{cfg.student}{cfg.tag}-{label}")
+    pre = PretrainConfig.preset([s.path for s in stores.values()], run.path, cfg.student, cfg.recipe)
+    train = dataclasses.replace(
+        pre.train,
+        batch_size=cfg.batch_size,
+        epochs=cfg.pretrain_epochs,
+        seed=cfg.seed,
+        log_every=1,
+        max_steps=max_steps,
+        precision=cfg.precision,
     )
     pre = dataclasses.replace(pre, optim=dataclasses.replace(pre.optim, warmup_iters=10), train=train)
     print(f"{run.path}: {pretrain(pre)}")
@@ -153,13 +173,13 @@ def probe_students(cfg: DemoConfig, roots: dict[str, Path], students: dict[str, 
         for label, run in students.items():
             out = cfg.runs / f"{run.name}-probe-{name}"
             probe = SegmentConfig.for_mode(
-                "probe", dataset=name, root=roots[name], split=train, out=out, checkpoint=run.checkpoint
+                "probe", cfg.recipe, dataset=name, root=roots[name], split=train, out=out, checkpoint=run.checkpoint
             )
             row[label] = trained_miou(cfg, probe, roots[name], val)
         if cfg.scratch:
-            out = cfg.runs / f"demo-{cfg.student}-scratch-{name}"
+            out = cfg.runs / f"demo-{cfg.student}{cfg.tag}-scratch-{name}"
             scratch = SegmentConfig.for_mode(
-                "scratch", dataset=name, root=roots[name], split=train, out=out, student=cfg.student
+                "scratch", cfg.recipe, dataset=name, root=roots[name], split=train, out=out, student=cfg.student
             )
             row["scratch"] = trained_miou(cfg, scratch, roots[name], val)
         results[name] = row
@@ -169,7 +189,7 @@ def probe_students(cfg: DemoConfig, roots: dict[str, Path], students: dict[str, 
 def oracle_probe_store(cfg: DemoConfig, roots: dict[str, Path], train: dict[str, FeatureStore], name: str) -> float:
     """The oracle's linear-probe mIoU on a rig's validation points, from its stores alone."""
     (val,) = extract_stores(cfg, {name: roots[name]}, ORACLE, split=3, rigs=[r for r in RIGS if r[0] == name]).values()
-    out = cfg.runs / f"demo-oracle-probe-store-{name}"
+    out = cfg.runs / f"demo-oracle{cfg.tag}-probe-store-{name}"
     shutil.rmtree(out, ignore_errors=True)  # a run is written whole: redone on a rerun (seconds)
     return probe_store(ProbeStoreConfig((train[name].path,), (val.path,), name, roots[name], out))["miou"]
 
@@ -177,7 +197,9 @@ def oracle_probe_store(cfg: DemoConfig, roots: dict[str, Path], train: dict[str,
 def trained_miou(cfg: DemoConfig, seg: SegmentConfig, root: Path, val: str) -> float:
     """Train `seg` for the demo's epochs on short crops (the dataset's released grid; the crop keeps
     the CPU demo short, evaluation sees whole scans) and return its validation mIoU."""
-    train = dataclasses.replace(seg.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1)
+    train = dataclasses.replace(
+        seg.train, epochs=cfg.probe_epochs, batch_size=cfg.batch_size, log_every=1, precision=cfg.precision
+    )
     sample = dataclasses.replace(seg.sample, max_points=cfg.downstream_points)
     seg = dataclasses.replace(seg, train=train, warmup_epochs=1, sample=sample)
     checkpoint = Path(train_segmentation(seg)["checkpoint"])
@@ -217,7 +239,8 @@ def table(results: dict, cfg: DemoConfig) -> list[str]:
     columns = (("random-init", 13), ("distilled", 11), ("gap", 8), ("oracle", 9), ("gap", 8), ("oracle store", 14))
     header = f"{'linear probing mIoU %':<24}" + "".join(f"{name:>{width}}" for name, width in columns)
     header += f"{'from scratch*':>15}" if cfg.scratch else ""
-    lines = [f"Synthetic rigs, {cfg.student} pretrained on all rigs together with ScaLR, from each teacher:", header]
+    method = "ScaLR" if cfg.recipe == "cvpr" else "ScaLR+"
+    lines = [f"Synthetic rigs, {cfg.student} pretrained on all rigs together with {method}, from each teacher:", header]
     for name, row in results.items():
         value = {k: 100 * v for k, v in row.items() if v is not None}
         base = value["random-init"]

@@ -186,10 +186,11 @@ def plot_student(
     out_dir: Path,
     point: int | None = None,
     class_name: str | None = None,
+    recipe: str | None = None,
 ) -> list[Path]:
     """The same pictures for a student's backbone features on a raw scan (PCA fitted once for the
-    checkpoint, on the split's first scan)."""
-    scans = StudentScans(checkpoint, dataset, root, split)
+    checkpoint, on the split's first scan). `recipe`: see `StudentScans`."""
+    scans = StudentScans(checkpoint, dataset, root, split, recipe)
     scan = scans.load(scan_id)
     return _scan_pictures(
         scan if camera is None else scan.only(camera),

@@ -58,6 +58,7 @@ def run_row(run: Path) -> dict:
     return {
         "run": str(run),
         "stage": record.get("stage", "?"),
+        "recipe": cfg.get("recipe") or "-",  # cvpr or scalr-plus ("-": before recipes, or a teacher's probe)
         "student": f"WI-{model['depth']}-{model['width']}"
         if model.get("width")
         else cfg.get("student", "-"),  # what was built, preset or not; "-": a teacher (probe-store)
@@ -122,7 +123,8 @@ def _mean_std(values: list, scale: float) -> str:
 
 def table_lines(rows: list[dict]) -> list[str]:
     header = (
-        f"{'run':<42}{'stage':<10}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}{'datasets':<42}"
+        f"{'run':<42}{'stage':<10}{'recipe':<11}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}"
+        f"{'datasets':<42}"
         f"{'steps':>7}{'loss':>9}{'best mIoU':>11}{'wall':>8}"
     )
     lines = [header, "-" * len(header)]
@@ -139,7 +141,7 @@ def table_lines(rows: list[dict]) -> list[str]:
         miou = f"{100 * r['best_miou']:.1f}" if r["best_miou"] is not None else "-"
         wall = f"{r['wall_s'] / 60:.1f}m" if r["wall_s"] is not None else "-"
         lines.append(
-            f"{_fit(Path(r['run']).name, 41):<42}{r['stage']:<10}{r['student']:<12}{params:>9}  "
+            f"{_fit(Path(r['run']).name, 41):<42}{r['stage']:<10}{r['recipe']:<11}{r['student']:<12}{params:>9}  "
             f"{_fit(source, 27):<28}{_fit(_datasets(r['datasets']), 41):<42}{r['steps']:>7}{loss:>9}{miou:>11}{wall:>8}"
         )
     return lines + seed_lines(rows)

@@ -46,6 +46,7 @@ CACHED_SCANS = 4  # scans kept in memory (per source), for going back and forth
 class ViewConfig:
     store: Path
     checkpoint: Path | None = None  # a student checkpoint: its features on the store's raw scans
+    recipe: str | None = None  # the recipe that made the checkpoint (None: its record's, or what a released file shows)
     host: str = "127.0.0.1"
     port: int = 8080
     scan: str | None = None  # the scan shown first (default: the store's first)
@@ -105,7 +106,7 @@ class FeatureViewer:
         if cfg.checkpoint is not None:
             a = self.store.attrs
             self.sources["student"] = StudentScans(
-                cfg.checkpoint, a["dataset"]["name"], Path(a["dataset_root"]), a["dataset"]["split"]
+                cfg.checkpoint, a["dataset"]["name"], Path(a["dataset_root"]), a["dataset"]["split"], cfg.recipe
             )
         self.scan_ids = teacher.scan_ids
         if cfg.scan is not None and cfg.scan not in self.scan_ids:
