@@ -233,6 +233,8 @@ def test_the_released_checkpoint_runs_in_every_command(plus_file, kitti_root, tm
             main, ["evaluate", *data, "--checkpoint", str(out / "checkpoints/last.pt"), "--max-scans", "1"]
         )
         assert evaluated.exit_code == 0 and "mIoU" in evaluated.output, evaluated.output
+        (result,) = out.glob("eval-*.json")
+        assert json.loads(result.read_text())["recipe"] == "scalr-plus"
     assert json.loads((tmp_path / "finetune/config.json").read_text())["config"]["optim"]["lr"] == 1e-4
     pictures = CliRunner().invoke(
         main,

@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError, DatasetError
 from pipeline.scan import IGNORE_INDEX
 from stages.downstream.segmenter import build_segmenter, segmenter_classes
 from stages.runtime import pick_device
-from stages.student.checkpoints import check_recipe_of, read_student_checkpoint
+from stages.student.checkpoints import check_recipe_of, read_student_checkpoint, recipe_of
 from stages.student.infer import run_on_scan, trained_sample_config
 from stages.student.samples import SampleConfig
 from stages.student.train import tensorboard_writer
@@ -147,6 +147,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     clean = scores[("clean", 0)]
     result = {
         "checkpoint": str(cfg.checkpoint),
+        "recipe": recipe_of(record),  # of the evaluated model (its record, or what a released file shows)
         "dataset": ds.meta.name,
         "split": cfg.split,
         "scans": count,
