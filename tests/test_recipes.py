@@ -2,6 +2,7 @@
 schedules, the student's activation, drop path and cell mean, the presets of every command, and
 the refusal to mix recipes silently."""
 
+import dataclasses
 import json
 import math
 
@@ -14,8 +15,11 @@ from pipeline.errors import ConfigError
 from pipeline.transforms import Grid
 from stages.cli import main
 from stages.downstream.segment import SegmentConfig, segmentation_model
+from stages.extract.extract import ExtractConfig
 from stages.recipes import downstream_rules, pretrain_settings
-from stages.student.pretrain import PretrainConfig, pretrain
+from stages.runtime import seeded
+from stages.student.losses import cosine_distance_loss
+from stages.student.pretrain import PretrainConfig, build_student, pretrain
 from stages.student.samples import SampleConfig
 from stages.student.schedules import rsqrt_cooldown, warmup_cosine
 from stages.student.train import OptimConfig, TrainConfig
@@ -261,3 +265,43 @@ def test_scratch_students_are_built_as_the_recipe_builds_them(kitti_root, tmp_pa
         "layer",
         0.2,
     )
+
+
+def test_scalr_plus_head_loss_and_stage_one_defaults(tmp_path):
+    """The distillation head conv-ReLU-conv with biases (ReLU although the backbone has GELU),
+    the un-squared L2 distance of unit vectors averaged over the paired points, images of 448 x 896."""
+    plus = PretrainConfig.preset((tmp_path,), tmp_path, "WI-48-256", "scalr-plus")
+    student = build_student(plus.model, 1024, plus.head, plus.head_hidden, teachers=1)
+    head = student.head
+    assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert (head[0].in_features, head[0].out_features, head[2].out_features) == (256, 2048, 1024)
+    assert head[0].bias is not None and head[2].bias is not None
+    s = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    t = torch.tensor([[0.0, 2.0], [6.0, 8.0]])
+    assert cosine_distance_loss(s, t).tolist() == [float(torch.tensor(2.0).sqrt()), 0.0]  # mean: sqrt(2) / 2
+    assert ExtractConfig("nuscenes", tmp_path, "train", "dinov2-vitl14", tmp_path, recipe="scalr-plus").image_size == (
+        448,
+        896,
+    )
+    assert ExtractConfig("nuscenes", tmp_path, "train", "dinov2-vitl14", tmp_path).image_size == (224, 448)
+
+
+def test_checkpointing_each_mix_changes_no_number():
+    """Gradient checkpointing around each mix (ScaLR+) recomputes the same forward, drop path
+    included: the same loss and gradients as without."""
+    cfg = WaffleIronConfig(depth=2, width=8, norm="layer", activation="gelu", drop_path=0.2, grid_shape=(4, 4, 2))
+    batch = {
+        "feats": torch.randn(40, 5, generator=torch.Generator().manual_seed(0)),
+        "cells": torch.randint(0, 2, (40, 3), generator=torch.Generator().manual_seed(1)),
+        "neighbours": torch.randint(0, 40, (40, 16), generator=torch.Generator().manual_seed(2)),
+        "batch": torch.tensor([0] * 20 + [1] * 20),
+        "batch_size": 2,
+    }
+    grads = []
+    for checkpointing in (False, True):
+        with seeded(4):
+            model = WaffleIron(dataclasses.replace(cfg, checkpointing=checkpointing)).train()
+        with seeded(5):
+            model(batch).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
