@@ -97,11 +97,17 @@ class DownstreamRules:
     precision: str  # autocast of the released Finetuner
 
 
+def downstream_precision(recipe: str) -> str:
+    """Autocast of the released Finetuner, in training and in evaluation alike: ScaLR+'s
+    utils/finetuner.py runs both under bf16 unless --fp16; the CVPR code's default is fp32."""
+    return "bf16" if check_recipe(recipe) == "scalr-plus" else "fp32"
+
+
 def downstream_rules(recipe: str, mode: str, dataset: str | None, labels_fraction: float) -> DownstreamRules:
     """The recipe's settings for probing (`probe`) or finetuning (`finetune`, and `scratch`, which
     trains from a random initialisation the same way) `dataset` with a fraction of its labels."""
     plus = check_recipe(recipe) == "scalr-plus"
-    precision = "bf16" if plus else "fp32"  # ScaLR+ utils/finetuner.py: bf16 autocast unless --fp16
+    precision = downstream_precision(recipe)
     if mode == "probe":  # WI_768_linprob.yaml: frozen backbone, no drop path; the fraction changes nothing
         epochs = 50 if dataset in PANDASET else 20
         return DownstreamRules(1e-3, 3e-3, 0.0, epochs, 2.0, 0.0 if plus else 1e-5, None, precision)

@@ -234,7 +234,8 @@ def test_the_released_checkpoint_runs_in_every_command(plus_file, kitti_root, tm
         )
         assert evaluated.exit_code == 0 and "mIoU" in evaluated.output, evaluated.output
         (result,) = out.glob("eval-*.json")
-        assert json.loads(result.read_text())["recipe"] == "scalr-plus"
+        scored = json.loads(result.read_text())
+        assert scored["recipe"] == "scalr-plus" and scored["precision"] == "bf16"  # as its released evaluation
     assert json.loads((tmp_path / "finetune/config.json").read_text())["config"]["optim"]["lr"] == 1e-4
     pictures = CliRunner().invoke(
         main,

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from helpers import tiny_store
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import stages.downstream.evaluate as evaluate_module
 from pipeline.class_maps import NUSCENES_SEMANTICKITTI, ClassMap
 from pipeline.datasets import open_dataset
 from pipeline.datasets.nuscenes import CLASSES
@@ -227,6 +228,26 @@ def test_cli_probe_and_evaluate(kitti_root, pretrained, tmp_path):
         ],
     )
     assert "mIoU" in result.output and (out / "eval-semantickitti-val.json").is_file()
+
+
+def test_evaluate_runs_the_model_under_the_recipes_autocast(kitti_root, pretrained, tmp_path, monkeypatch):
+    """The released Finetuner evaluates under the autocast it trains with: fp32 for a cvpr model by
+    default, and what --precision says (bf16 is ScaLR+'s default: test_released_plus.py)."""
+    ckpt = train_segmentation(probe_cfg(kitti_root, tmp_path / "p", pretrained, epochs=1))["checkpoint"]
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return run_on_scan(*args, **kwargs)
+
+    run_on_scan = evaluate_module.run_on_scan
+    monkeypatch.setattr(evaluate_module, "run_on_scan", spy)
+    base = {"dataset": "semantickitti", "root": kitti_root, "checkpoint": Path(ckpt), "max_scans": 1, "device": "cpu"}
+    assert evaluate(EvaluateConfig(**base, out=tmp_path / "a.json"))["precision"] == "fp32"
+    assert seen == [None]
+    result = evaluate(EvaluateConfig(**base, out=tmp_path / "b.json", precision="bf16"))
+    assert result["precision"] == "bf16" and seen == [None, torch.bfloat16]
+    assert json.loads((tmp_path / "b.json").read_text())["precision"] == "bf16"
 
 
 def test_evaluate_with_corruptions(kitti_root, pretrained, tmp_path):

@@ -135,6 +135,11 @@ train_scratch_command = segment_command(
     default=None,
     help="Across datasets: the shared-class map (default: the one registered for the two datasets).",
 )
+@precision_option(
+    default=None,
+    help_text="Autocast precision (default: the model's recipe's, as its released "
+    "evaluation: fp32 for cvpr, bf16 for scalr-plus).",
+)
 @STUDENT_RECIPE
 def evaluate_command(corruptions, **fields):
     """mIoU (NaN-mean over classes) and accuracy of a segmentation model: predictions on the

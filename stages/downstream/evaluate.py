@@ -25,7 +25,8 @@ from pipeline.datasets import LidarDataset, open_dataset
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.scan import IGNORE_INDEX
 from stages.downstream.segmenter import build_segmenter, segmenter_classes
-from stages.runtime import pick_device
+from stages.recipes import downstream_precision
+from stages.runtime import autocast, pick_device
 from stages.student.checkpoints import check_recipe_of, read_student_checkpoint, recipe_of
 from stages.student.infer import run_on_scan, trained_sample_config
 from stages.student.samples import SampleConfig
@@ -50,6 +51,7 @@ class EvaluateConfig:
     seed: int = 0  # corruptions are deterministic for a seed
     class_map: str | None = None  # across datasets: a map of pipeline.class_maps (found automatically)
     recipe: str | None = None  # the recipe that made the model (None: its record's, or what a released file shows)
+    precision: str | None = None  # autocast (None: the model's recipe's, as its released evaluation: bf16 for ScaLR+)
 
 
 def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -142,12 +144,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if count == 0:
         raise DatasetError(cfg.root, f"split {cfg.split} is empty")
     device = pick_device(cfg.device)
-    cms = confusions(cfg, ds, count, model.to(device), sample, scoring, device)
+    precision = cfg.precision or downstream_precision(recipe_of(record))
+    with autocast(device, precision):
+        cms = confusions(cfg, ds, count, model.to(device), sample, scoring, device)
     scores = {v: iou_from_confusion(cm, len(scoring.class_names)) for v, cm in cms.items()}
     clean = scores[("clean", 0)]
     result = {
         "checkpoint": str(cfg.checkpoint),
         "recipe": recipe_of(record),  # of the evaluated model (its record, or what a released file shows)
+        "precision": precision,
         "dataset": ds.meta.name,
         "split": cfg.split,
         "scans": count,
@@ -224,7 +229,7 @@ def write_result(cfg: EvaluateConfig, ds: LidarDataset, result: dict) -> dict:
 def table_lines(result: dict) -> list[str]:
     lines = [
         f"{result['dataset']} {result['split']} ({result['scans']} scans), {result['trained_as']} model "
-        f"{result['checkpoint']}"
+        f"{result['checkpoint']} ({result['recipe']} recipe, {result['precision']})"
     ]
     for name, v in result["per_class_iou"].items():
         lines.append(f"  {name:<22}{'  n/a' if v is None else f'{100 * v:5.1f}'}")
