@@ -101,8 +101,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, accept_changes: bool = Fa
     with seeded(cfg.train.seed):
         model = build_student(cfg.model, data.target_dim, cfg.head, cfg.head_hidden, len(groups[0].teachers))
     log.info(
-        "student %s (%.2f M parameters), teachers %s (%d dims), %s: %d scans",
+        "student %s (%.2f M parameters; %.2f M with its distillation head), teachers %s (%d dims), %s: %d scans",
         cfg.student,
+        sum(p.numel() for p in model.backbone.parameters()) / 1e6,  # what `scalr runs` and the paper count
         sum(p.numel() for p in model.parameters()) / 1e6,
         groups[0].teachers,
         data.target_dim,
