@@ -115,7 +115,7 @@ bench-pretrain: extract-features
 bench-extract: install synth
 	$(SCALR) bench extract --dataset $(DATASET) --root $(ROOT) --split $(SPLIT) --teacher dinov2-vits14
 
-# The whole method on the synthetic rigs, four lidars (about 13 minutes on 2 CPU cores); reruns reuse what is there.
+# The whole method on the synthetic rigs, four lidars (about 16 minutes on 2 CPU cores, RECIPE=scalr-plus about 25); reruns reuse what is there.
 demo: install
 	$(SCALR) demo --data $(DATA) --out $(OUT)/demo$(if $(filter-out cvpr,$(RECIPE)),-$(RECIPE)) --recipe $(RECIPE)
 
