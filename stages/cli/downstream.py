@@ -20,6 +20,7 @@ from stages.cli.options import (
     device_option,
     precision_option,
     recipe_option,
+    stores_option,
 )
 from stages.cli.student import CONFIG_FILE, CONTINUE_WITH_CHANGES, FLAG_KEYS, SEED, config_flags
 from stages.downstream.embed import EmbedConfig, embed
@@ -192,22 +193,10 @@ def embed_command(**fields):
 
 
 @click.command("probe-store")
-@click.option(
-    "--train",
-    "train",
-    multiple=True,
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Store of the training split; repeat it for several teachers (their targets concatenated).",
+@stores_option(
+    "--train", "train", "Store of the training split; repeat it for several teachers (their targets concatenated)."
 )
-@click.option(
-    "--val",
-    "val",
-    multiple=True,
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Store of the validation split, the same teachers.",
-)
+@stores_option("--val", "val", "Store of the validation split, the same teachers.")
 @DATASET
 @ROOT
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (`scalr runs` lists it).")

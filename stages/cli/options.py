@@ -21,6 +21,11 @@ SPLIT = click.option(
 )
 
 
+def stores_option(flag: str, dest: str, help_text: str):
+    """A repeatable, required feature-store path (pretrain's --store, probe-store's --train / --val)."""
+    return click.option(flag, dest, multiple=True, required=True, type=click.Path(path_type=Path), help=help_text)
+
+
 def precision_option(default: str | None = "fp32", help_text: str = "Autocast precision."):
     """None: the config's (pretrain, probe, finetune layer flags over their config)."""
     return click.option("--precision", type=click.Choice(list(PRECISIONS)), default=default, help=help_text)

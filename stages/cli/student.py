@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from pipeline.config import layered
-from stages.cli.options import MIXED_RECIPES, STUDENT_RECIPE, device_option, precision_option, recipe_option
+from stages.cli.options import (
+    MIXED_RECIPES,
+    STUDENT_RECIPE,
+    device_option,
+    precision_option,
+    recipe_option,
+    stores_option,
+)
 from stages.student.checkpoints import convert_checkpoint
 from stages.student.pretrain import PretrainConfig, pretrain, stores_recipe
 from stages.student.waffleiron import STUDENTS
@@ -37,13 +44,10 @@ CONTINUE_WITH_CHANGES = click.option(
 
 
 @click.command("pretrain")
-@click.option(
+@stores_option(
     "--store",
     "stores",
-    multiple=True,
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Feature store; repeat it. Stores of one dataset split (one per teacher) are joined, stores of different "
+    "Feature store; repeat it. Stores of one dataset split (one per teacher) are joined, stores of different "
     "datasets mixed.",
 )
 @click.option(
