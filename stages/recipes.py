@@ -43,6 +43,23 @@ IMAGES = {
 }
 
 
+@dataclass(frozen=True)
+class MixRules:
+    """What a recipe's WaffleIron computes that its weights do not show (so a released file's
+    student is rebuilt from these too: stages/student/released.py)."""
+
+    activation: str  # of the channel-mix MLP and the spatial-mix FFN (the embedding keeps ReLU)
+    cell_mean: str  # how a spatial mix averages a cell: stages.student.waffleiron.CELL_MEANS
+
+
+MIXES = {
+    # valeoai/WaffleIron backbone.py: ReLU; helper_projection.py: occupied / (n + 1e-6) per point, summed
+    "cvpr": MixRules("relu", "weights"),
+    # scalr_plus waffleiron/backbone.py `gelu: True` (exact GELU); helper_projection.py scatter_reduce "mean"
+    "scalr-plus": MixRules("gelu", "divide"),
+}
+
+
 def pretrain_settings(recipe: str, width: int) -> dict:
     """Dotted keys of a PretrainConfig: the student's architecture, head, optimisation, schedule
     and precision of the recipe's distill.py and configs/pretrain/*.yaml, for a student `width`."""
@@ -51,8 +68,8 @@ def pretrain_settings(recipe: str, width: int) -> dict:
             # WI_768_pretrain.yaml `layernorm: True` at width 768 (BatchNorm NaNs under mixed
             # precision); the paper's narrower students use BatchNorm.
             "model.norm": "layer" if width == 768 else "batch",
-            "model.activation": "relu",  # waffleiron (valeoai/WaffleIron) backbone.py
-            "model.cell_mean": "weights",  # its helper_projection.py: occupied / (n + 1e-6) per point, summed
+            "model.activation": MIXES["cvpr"].activation,
+            "model.cell_mean": MIXES["cvpr"].cell_mean,
             "model.drop_path": 0.0,
             "head": "auto",  # one teacher: segmenter.py's 1x1 conv; several: an MLP (the paper)
             "optim.lr": 2e-3,  # WI_768_pretrain.yaml optim
@@ -65,8 +82,8 @@ def pretrain_settings(recipe: str, width: int) -> dict:
         }
     return {
         "model.norm": "layer",  # waffleiron/backbone.py: myLayerNorm in every mix
-        "model.activation": "gelu",  # `gelu: True`: exact GELU in the channel mix MLP and spatial mix FFN
-        "model.cell_mean": "divide",  # waffleiron/helper_projection.py: scatter_reduce "mean"
+        "model.activation": MIXES["scalr-plus"].activation,
+        "model.cell_mean": MIXES["scalr-plus"].cell_mean,
         "model.drop_path": 0.2,  # `drop_path: 0.2`, every residual branch, per sample
         "model.checkpointing": True,  # `checkpointing: True`, around each mix
         "head": "mlp",  # `mlp_classif: True`: conv 1x1 to `hidden`, ReLU, conv 1x1 (segmenter.py)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from stages.recipes import MIXES
 from stages.student.waffleiron import WaffleIronConfig
 from storage.checkpoint import CheckpointError
 
@@ -111,10 +112,6 @@ def to_released(weights: dict, path: Path) -> dict:
     return _convert(weights, path, to_scalr=False)
 
 
-ACTIVATIONS = {"cvpr": "relu", "scalr-plus": "gelu"}  # of each recipe's WaffleIron mixes
-CELL_MEANS = {"cvpr": "weights", "scalr-plus": "divide"}  # how each recipe's WaffleIron averages a cell
-
-
 def recipe_evidence(weights: dict, state: dict) -> list[tuple[str, str]]:
     """(recipe, what shows it) for each sign in a released file (`weights`: its state dict, keys
     without "module.") of which code made it: BatchNorm in the mixes (only the CVPR code's
@@ -167,8 +164,8 @@ def architecture(weights: dict, path: Path, recipe: str = "cvpr") -> tuple[Waffl
         width=width,
         in_channels=in_channels,
         norm=norm,
-        activation=ACTIVATIONS[recipe],
-        cell_mean=CELL_MEANS[recipe],
+        activation=MIXES[recipe].activation,
+        cell_mean=MIXES[recipe].cell_mean,
     )
     if "head.weight" in weights:
         head = {"kind": "linear", "out": int(weights["head.weight"].shape[0])}
