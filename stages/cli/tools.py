@@ -171,7 +171,9 @@ def runs_command(paths, plot, json_out):
 @click.option("--probe-epochs", default=10)
 @click.option("--no-scratch", is_flag=True, help="Skip the supervised-from-scratch reference.")
 @recipe_option("The released recipe of every step: cvpr (ScaLR) or scalr-plus (ScaLR+).", default="cvpr")
-@precision_option(default="fp32", help_text="Autocast precision of training (bf16 is slow on most CPUs).")
+@precision_option(
+    default="fp32", help_text="Autocast precision of training and evaluation (bf16 is slow on most CPUs)."
+)
 def demo_command(no_scratch, **fields):
     """The whole method on the synthetic rigs: data, extraction, pretraining on the mix, linear
     probing of the distilled vs random-init student, a results table and pictures. Reruns reuse

@@ -57,7 +57,7 @@ class DemoConfig:
     scratch: bool = True  # also train the student from scratch with labels (reference)
     downstream_points: int = 20000  # training crop of probes/scratch runs (evaluation: whole scans)
     recipe: str = "cvpr"  # the released recipe of every step (stages/recipes.py)
-    precision: str = "fp32"  # of training: bf16 autocast (ScaLR+'s) is emulated, slowly, on most CPUs
+    precision: str = "fp32"  # of training and evaluation: bf16 autocast (ScaLR+'s) is emulated, slowly, on most CPUs
 
     @property
     def tag(self) -> str:
@@ -203,7 +203,7 @@ def trained_miou(cfg: DemoConfig, seg: SegmentConfig, root: Path, val: str) -> f
     sample = dataclasses.replace(seg.sample, max_points=cfg.downstream_points)
     seg = dataclasses.replace(seg, train=train, warmup_epochs=1, sample=sample)
     checkpoint = Path(train_segmentation(seg)["checkpoint"])
-    return evaluate(EvaluateConfig(seg.dataset, root, checkpoint, split=val))["miou"]
+    return evaluate(EvaluateConfig(seg.dataset, root, checkpoint, split=val, precision=cfg.precision))["miou"]
 
 
 def report(
