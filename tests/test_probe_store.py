@@ -64,6 +64,17 @@ def test_teachers_join_and_a_fraction_samples_scans(stores, kitti_root, tmp_path
         )  # noqa: E501
 
 
+@pytest.mark.parametrize(
+    ("other", "key"), [({"seed": 1}, "teacher"), ({"image_size": (64, 128)}, "image_size")], ids=["weights", "size"]
+)
+def test_validation_stores_of_other_teaching_are_refused(stores, kitti_root, tmp_path, other, key):
+    """The same teacher name with other weights, or another image size, is not the same teaching."""
+    val = tiny_store(kitti_root, tmp_path / "val.zarr", split="val", **other)
+    cfg = ProbeStoreConfig((stores["grid"]["train"].path,), (val.path,), "semantickitti", kitti_root, tmp_path / "x")
+    with pytest.raises(ConfigError, match=f"val.zarr: its {key} differs"):
+        probe_store(cfg)
+
+
 def test_the_cli_writes_a_run_that_scalr_runs_lists(stores, kitti_root, tmp_path):
     out = tmp_path / "runs/teacher"
     args = ["probe-store", "--train", stores["int8"]["train"].path, "--val", stores["int8"]["val"].path]

@@ -32,7 +32,7 @@ from pipeline.scan import IGNORE_INDEX
 from stages.downstream.evaluate import confusion, iou_from_confusion
 from stages.runtime import pick_device, seeded
 from stages.student.samples import StoreGroup, group_stores
-from storage.atomic import write_atomically
+from storage.atomic import disk_errors, write_atomically
 from storage.checkpoint import write_json
 from storage.runs import RunFolder
 
@@ -136,7 +136,7 @@ def fit_linear(
             "time": time.time(),
             "seconds": time.time() - t0,
         }
-        with open(metrics, "a") as f:
+        with disk_errors(metrics), open(metrics, "a") as f:
             f.write(json.dumps(line) + "\n")
     return model.eval()
 
@@ -162,11 +162,27 @@ def score(model: torch.nn.Module, val: Points, classes: int, device: torch.devic
     return iou_from_confusion(confusion(predictions, val.labels, classes))
 
 
+def check_same_teaching(train: StoreGroup, val: StoreGroup) -> None:
+    """The validation stores hold the targets of the same teachers (weights, layer, position
+    embeddings), at the same image size and recipe, as the training stores: a probe fitted on one
+    teacher's features and scored on another's would be a number about neither."""
+    if train.teachers != val.teachers or train.dims != val.dims:
+        raise ConfigError(f"--train teachers {train.teachers} and --val teachers {val.teachers} differ")
+    for a, b in zip(train.stores, val.stores):
+        teacher_a, teacher_b = ({k: v for k, v in s.attrs["teacher"].items() if k != "hub"} for s in (a, b))
+        for key, x, y in (
+            ("teacher", teacher_a, teacher_b),
+            ("image_size", a.attrs.get("image_size"), b.attrs.get("image_size")),
+            ("recipe", a.attrs.get("recipe"), b.attrs.get("recipe")),
+        ):
+            if x != y:
+                raise ConfigError(f"{b.path}: its {key} differs from {a.path}'s ({y} vs {x}); probe like with like")
+
+
 def probe_store(cfg: ProbeStoreConfig) -> dict:
     """Fit on the training stores, score on the validation stores; write and return the result."""
     train_group, val_group = one_group(cfg.train_stores, "train"), one_group(cfg.val_stores, "val")
-    if train_group.teachers != val_group.teachers or train_group.dims != val_group.dims:
-        raise ConfigError(f"--train teachers {train_group.teachers} and --val teachers {val_group.teachers} differ")
+    check_same_teaching(train_group, val_group)
     train_ds = open_dataset(cfg.dataset, cfg.root, train_group.dataset["split"])
     val_ds = open_dataset(cfg.dataset, cfg.root, val_group.dataset["split"])
     run, classes, device = RunFolder(cfg.out), train_ds.meta.num_classes, pick_device(cfg.device)
