@@ -123,7 +123,7 @@ def _mean_std(values: list, scale: float) -> str:
 
 def table_lines(rows: list[dict]) -> list[str]:
     header = (
-        f"{'run':<42}{'stage':<10}{'recipe':<11}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}"
+        f"{'run':<42}{'stage':<12}{'recipe':<11}{'student':<12}{'params':>9}  {'teachers / pretrained':<28}"
         f"{'datasets':<42}"
         f"{'steps':>7}{'loss':>9}{'best mIoU':>11}{'wall':>8}"
     )
@@ -141,7 +141,7 @@ def table_lines(rows: list[dict]) -> list[str]:
         miou = f"{100 * r['best_miou']:.1f}" if r["best_miou"] is not None else "-"
         wall = f"{r['wall_s'] / 60:.1f}m" if r["wall_s"] is not None else "-"
         lines.append(
-            f"{_fit(Path(r['run']).name, 41):<42}{r['stage']:<10}{r['recipe']:<11}{r['student']:<12}{params:>9}  "
+            f"{_fit(Path(r['run']).name, 41):<42}{r['stage']:<12}{r['recipe']:<11}{r['student']:<12}{params:>9}  "
             f"{_fit(source, 27):<28}{_fit(_datasets(r['datasets']), 41):<42}{r['steps']:>7}{loss:>9}{miou:>11}{wall:>8}"
         )
     return lines + seed_lines(rows)
