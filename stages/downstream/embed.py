@@ -25,13 +25,7 @@ from pipeline.transforms import Grid
 from stages.extract.extract import dataset_attributes, intensity_attributes
 from stages.extract.weights import sha256_file
 from stages.runtime import pick_device
-from stages.student.checkpoints import (
-    build_backbone,
-    check_recipe_of,
-    read_student_checkpoint,
-    recipe_of,
-    recorded_student,
-)
+from stages.student.checkpoints import build_backbone, read_checkpoint_for, recipe_of, recorded_student
 from stages.student.infer import released_eval_sample, run_on_scan
 from stages.student.samples import SampleConfig
 from stages.student.waffleiron import WaffleIron
@@ -70,9 +64,7 @@ def embed(cfg: EmbedConfig) -> FeatureStore:
     scans = ds.scan_ids if cfg.max_scans is None else ds.scan_ids[: cfg.max_scans]
     if not scans:
         raise DatasetError(cfg.root, f"split {cfg.split} has no scans")
-    state = read_student_checkpoint(cfg.checkpoint, cfg.recipe)
-    if cfg.recipe is not None:
-        check_recipe_of(cfg.checkpoint, state["config"], cfg.recipe, what="this evaluation")
+    state = read_checkpoint_for(cfg.checkpoint, cfg.recipe, "this evaluation")
     sample = released_eval_sample(ds.meta)
     neighbours = recorded_student(cfg.checkpoint, state["config"]).neighbours
     voxel = sample.voxel if cfg.voxel_size is None else cfg.voxel_size

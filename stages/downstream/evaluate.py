@@ -27,7 +27,7 @@ from pipeline.scan import IGNORE_INDEX
 from stages.downstream.segmenter import build_segmenter, segmenter_classes
 from stages.recipes import downstream_precision
 from stages.runtime import autocast, pick_device
-from stages.student.checkpoints import check_recipe_of, read_student_checkpoint, recipe_of
+from stages.student.checkpoints import read_checkpoint_for, recipe_of
 from stages.student.infer import run_on_scan, trained_sample_config
 from stages.student.samples import SampleConfig
 from stages.student.train import tensorboard_writer
@@ -129,9 +129,7 @@ def evaluated_model(cfg: EvaluateConfig, state: dict, ds: LidarDataset) -> tuple
 
 @torch.no_grad()
 def evaluate(cfg: EvaluateConfig) -> dict:
-    state = read_student_checkpoint(cfg.checkpoint, cfg.recipe)
-    if cfg.recipe is not None:
-        check_recipe_of(cfg.checkpoint, state["config"], cfg.recipe, what="this evaluation")
+    state = read_checkpoint_for(cfg.checkpoint, cfg.recipe, "this evaluation")
     segmenter_classes(cfg.checkpoint, state["config"])  # a segmentation model, before reading any data
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     model, record, sample = evaluated_model(cfg, state, ds)

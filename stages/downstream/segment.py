@@ -27,7 +27,7 @@ from stages.downstream.labelled import LabelledScans, frames_from_file, label_su
 from stages.downstream.segmenter import SegmentationModel
 from stages.recipes import DownstreamRules, check_recipe, downstream_rules, pretrain_settings
 from stages.runtime import seeded
-from stages.student.checkpoints import build_backbone, check_recipe_of, read_student_checkpoint
+from stages.student.checkpoints import build_backbone, read_checkpoint_for
 from stages.student.losses import segmentation_loss
 from stages.student.samples import EpochSampler, SampleConfig, collate
 from stages.student.train import OptimConfig, TrainConfig, fit
@@ -110,8 +110,7 @@ def segmentation_model(cfg: SegmentConfig, num_classes: int) -> SegmentationMode
     else:
         if cfg.checkpoint is None:
             raise ConfigError(f"{cfg.mode} needs --checkpoint (a pretraining run's checkpoints/last.pt)")
-        state = read_student_checkpoint(cfg.checkpoint, cfg.recipe)
-        check_recipe_of(cfg.checkpoint, state["config"], cfg.recipe, cfg.mixed_recipes, f"this {cfg.mode} run")
+        state = read_checkpoint_for(cfg.checkpoint, cfg.recipe, f"this {cfg.mode} run", cfg.mixed_recipes)
         backbone = build_backbone(cfg.checkpoint, state, grid, drop)  # WaffleIron's weights do not depend on the grid
     with seeded(cfg.train.seed):
         return SegmentationModel(backbone, num_classes, frozen=cfg.mode == "probe")

@@ -83,6 +83,15 @@ def check_recipe_of(path: Path, record: dict, recipe: str, mixed: bool = False, 
     )
 
 
+def read_checkpoint_for(path: Path, recipe: str | None, what: str, mixed: bool = False) -> dict:
+    """`read_student_checkpoint` for `what` (e.g. "this evaluation"), which follows `recipe` (None:
+    the checkpoint's own): a file made with another recipe is refused unless `mixed`."""
+    state = read_student_checkpoint(path, recipe)
+    if recipe is not None:
+        check_recipe_of(path, state["config"], recipe, mixed, what)
+    return state
+
+
 def _unprefixed(key: str) -> str:
     return key[len("module.") :] if key.startswith("module.") else key
 
@@ -153,10 +162,7 @@ def convert_checkpoint(src: Path, dst: Path, to: str = "auto", recipe: str | Non
     if target == "scalr":
         if not is_released:
             raise CheckpointError(src, "is already a scalr checkpoint")
-        state = read_student_checkpoint(src, recipe)
-        if recipe is not None:
-            check_recipe_of(src, state["config"], recipe, what="this conversion")
-        save_checkpoint(dst, state)
+        save_checkpoint(dst, read_checkpoint_for(src, recipe, "this conversion"))
         return target
     if is_released:
         raise CheckpointError(src, "is already a released-format checkpoint")

@@ -28,7 +28,7 @@ from pipeline.datasets import open_dataset
 from pipeline.datasets.base import load_image
 from pipeline.errors import NotFoundError, ScalrError
 from stages.extract.images import load_resized
-from stages.student.checkpoints import build_backbone, check_recipe_of, read_student_checkpoint
+from stages.student.checkpoints import build_backbone, read_checkpoint_for
 from stages.student.infer import run_on_scan, trained_sample_config
 from stages.tools.colours import PcaBasis, to_uint8
 from storage.feature_store import FeatureStore
@@ -218,9 +218,7 @@ class StudentScans:
 
     def __init__(self, checkpoint: Path, dataset: str, root: Path, split: str, recipe: str | None = None):
         self.checkpoint = Path(checkpoint)
-        state = read_student_checkpoint(self.checkpoint, recipe)  # recipe: of a released file that does not show it
-        if recipe is not None:
-            check_recipe_of(self.checkpoint, state["config"], recipe, what="this evaluation")
+        state = read_checkpoint_for(self.checkpoint, recipe, "this evaluation")
         self.record = state["config"]
         self.ds = open_dataset(dataset, root, split)
         self.sample = trained_sample_config(self.record, self.ds.meta)
